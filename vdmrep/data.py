@@ -1,0 +1,230 @@
+"""Data sources -> in-memory uint8 arrays -> deterministic batches.
+
+Sources (`config.data.source`):
+  digits       scikit-learn's bundled 8x8 digits (1,797 images, 0..16 mapped to 0..255)
+  tfds:<name>  a tensorflow-datasets image dataset (mnist, fashion_mnist, cifar10, ...)
+  idx:<dir>    MNIST-format idx(.gz) files; train-* and t10k-* if both exist, else the
+               t10k files split into train/eval with `split_seed`
+  npz:<file>   `images` uint8 [N, H, W, C] (or [N, H, W]), optional `labels` [N]
+
+Every dataset fits in host memory (the largest, CIFAR-10, is 150 MB). The batch
+at a step is a pure function of (seed, step): the training order is a fresh
+permutation per epoch drawn from (seed, epoch), so resuming at step s reproduces
+exactly the batches an uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+from typing import Iterator, Optional
+
+import numpy as np
+
+
+class DataError(ValueError):
+  """Bad or missing data; the message names the file or field."""
+
+
+@dataclasses.dataclass
+class Dataset:
+  name: str
+  train_images: np.ndarray            # uint8 [N, H, W, C]
+  eval_images: np.ndarray             # uint8 [M, H, W, C]
+  train_labels: Optional[np.ndarray] = None  # int32 [N]
+  eval_labels: Optional[np.ndarray] = None   # int32 [M]
+  note: str = ""                      # e.g. how the eval split was made
+
+  @property
+  def image_shape(self) -> tuple:
+    return tuple(self.train_images.shape[1:])
+
+
+def check_images(images, where: str) -> np.ndarray:
+  """Validates integer pixels in [0, 255] of rank 4 (rank 3 gets one channel) -> uint8."""
+  images = np.asarray(images)
+  if images.ndim == 3:
+    images = images[..., None]
+  if images.ndim != 4:
+    raise DataError(f"{where}: images must be [N, H, W, C] (or [N, H, W]); got shape "
+                    f"{images.shape}")
+  if images.shape[0] == 0:
+    raise DataError(f"{where}: no images")
+  if not (np.issubdtype(images.dtype, np.integer) or images.dtype == np.bool_):
+    raise DataError(f"{where}: images must be integer pixels in [0, 255]; got dtype "
+                    f"{images.dtype}")
+  lo, hi = int(images.min()), int(images.max())
+  if lo < 0 or hi > 255:
+    raise DataError(f"{where}: pixel values must be in [0, 255]; got range [{lo}, {hi}]")
+  return images.astype(np.uint8)
+
+
+def _split(images, labels, eval_fraction, seed):
+  perm = np.random.default_rng(seed).permutation(len(images))
+  n_eval = max(1, int(round(eval_fraction * len(images))))
+  ev, tr = perm[:n_eval], perm[n_eval:]
+  lab = (lambda idx: None) if labels is None else (lambda idx: labels[idx])
+  return images[tr], lab(tr), images[ev], lab(ev)
+
+
+def load_digits(data_cfg) -> Dataset:
+  from sklearn.datasets import load_digits as sk_digits
+  d = sk_digits()
+  images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+  labels = d.target.astype(np.int32)
+  tr, trl, ev, evl = _split(images, labels, data_cfg.eval_fraction, data_cfg.split_seed)
+  return Dataset("digits", tr, ev, trl, evl,
+                 note=f"scikit-learn digits, random {1 - data_cfg.eval_fraction:.0%}/"
+                      f"{data_cfg.eval_fraction:.0%} split (split_seed={data_cfg.split_seed})")
+
+
+def read_idx(path: str) -> np.ndarray:
+  """Reads an idx(.gz) file (MNIST format) into a uint8/int array."""
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as fh:
+      raw = fh.read()
+  except OSError as err:
+    raise DataError(f"cannot read idx file {path}: {err}") from None
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+    raise DataError(f"{path} is not an idx file (bad magic number)")
+  if raw[2] != 0x08:
+    raise DataError(f"{path}: only unsigned-byte idx files are supported (type {raw[2]:#x})")
+  ndim = raw[3]
+  dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+  data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+  if data.size != int(np.prod(dims)):
+    raise DataError(f"{path}: truncated (header says {dims}, found {data.size} bytes)")
+  return data.reshape(dims)
+
+
+def _find(directory, stem):
+  for name in (stem, stem + ".gz"):
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      return path
+  return None
+
+
+def load_idx(directory: str, data_cfg) -> Dataset:
+  if not os.path.isdir(directory):
+    raise DataError(f"idx source: directory {directory!r} does not exist")
+  files = {f"{k}-{kind}": _find(directory, f"{k}-{kind}-idx{n}-ubyte")
+           for k in ("train", "t10k") for kind, n in (("images", 3), ("labels", 1))}
+  def pair(k):
+    imgs = check_images(read_idx(files[f"{k}-images"]), files[f"{k}-images"])
+    labs = read_idx(files[f"{k}-labels"]).astype(np.int32) if files[f"{k}-labels"] else None
+    if labs is not None and len(labs) != len(imgs):
+      raise DataError(f"{files[f'{k}-labels']}: {len(labs)} labels for {len(imgs)} images")
+    return imgs, labs
+  if files["train-images"] and files["t10k-images"]:
+    tr, trl = pair("train")
+    ev, evl = pair("t10k")
+    return Dataset(f"idx:{directory}", tr, ev, trl, evl, note="idx train/t10k files")
+  only = "t10k" if files["t10k-images"] else "train" if files["train-images"] else None
+  if only is None:
+    raise DataError(f"idx source: no train-images-idx3-ubyte[.gz] or "
+                    f"t10k-images-idx3-ubyte[.gz] in {directory!r}")
+  imgs, labs = pair(only)
+  tr, trl, ev, evl = _split(imgs, labs, data_cfg.eval_fraction, data_cfg.split_seed)
+  return Dataset(f"idx:{directory}", tr, ev, trl, evl,
+                 note=f"only the {only} idx split exists: split {1 - data_cfg.eval_fraction:.0%}/"
+                      f"{data_cfg.eval_fraction:.0%} into train/eval with split_seed="
+                      f"{data_cfg.split_seed} (not the standard training set)")
+
+
+def load_npz(path: str, data_cfg) -> Dataset:
+  if not os.path.exists(path):
+    raise DataError(f"npz source: file {path!r} does not exist")
+  try:
+    with np.load(path) as f:
+      arrays = {k: f[k] for k in f.files}
+  except Exception as err:  # zipfile/pickle errors come in many types
+    raise DataError(f"npz source: cannot read {path!r}: {err}") from None
+  if "images" not in arrays:
+    raise DataError(f"npz source: {path!r} has no 'images' array (found {sorted(arrays)})")
+  images = check_images(arrays["images"], f"{path}['images']")
+  labels = arrays.get("labels")
+  if labels is not None:
+    labels = np.asarray(labels).astype(np.int32).reshape(-1)
+    if len(labels) != len(images):
+      raise DataError(f"{path}: {len(labels)} labels for {len(images)} images")
+  tr, trl, ev, evl = _split(images, labels, data_cfg.eval_fraction, data_cfg.split_seed)
+  return Dataset(f"npz:{path}", tr, ev, trl, evl,
+                 note=f"npz split {1 - data_cfg.eval_fraction:.0%}/{data_cfg.eval_fraction:.0%}"
+                      f" (split_seed={data_cfg.split_seed})")
+
+
+def load_tfds(name: str, data_cfg) -> Dataset:
+  import tensorflow_datasets as tfds
+  kwargs = {"data_dir": data_cfg.tfds_data_dir} if data_cfg.tfds_data_dir else {}
+  def split(s):
+    try:
+      d = tfds.as_numpy(tfds.load(name, split=s, batch_size=-1, **kwargs))
+    except Exception as err:  # DatasetNotFoundError, download errors, ...
+      raise DataError(f"tfds:{name} split {s!r} could not be loaded: {err}") from None
+    labels = d.get("label")
+    return (check_images(d["image"], f"tfds:{name}[{s}]"),
+            None if labels is None else np.asarray(labels, np.int32))
+  tr, trl = split("train")
+  ev, evl = split("test")
+  return Dataset(f"tfds:{name}", tr, ev, trl, evl, note=f"tfds {name} train/test")
+
+
+def load(data_cfg) -> Dataset:
+  """The dataset named by `data_cfg.source`, validated."""
+  src = data_cfg.source
+  if src == "digits":
+    ds = load_digits(data_cfg)
+  elif src.startswith("tfds:"):
+    ds = load_tfds(src[5:], data_cfg)
+  elif src.startswith("idx:"):
+    ds = load_idx(src[4:], data_cfg)
+  elif src.startswith("npz:"):
+    ds = load_npz(src[4:], data_cfg)
+  else:
+    raise DataError(f"unknown data source {src!r}")
+  if data_cfg.get("max_train_examples", 0):
+    n = data_cfg.max_train_examples
+    ds.train_images = ds.train_images[:n]
+    ds.train_labels = None if ds.train_labels is None else ds.train_labels[:n]
+  if ds.train_images.shape[1:] != ds.eval_images.shape[1:]:
+    raise DataError(f"{src}: train images {ds.train_images.shape[1:]} and eval images "
+                    f"{ds.eval_images.shape[1:]} differ in shape")
+  return ds
+
+
+def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+  """Indices of the global training batch at `step`: a function of (seed, step) only.
+
+  Example number k = step * batch_size + i of the stream is position k % N of the
+  permutation for epoch k // N, drawn from (seed, epoch).
+  """
+  k = step * batch_size + np.arange(batch_size)
+  epochs, pos = np.divmod(k, num_examples)
+  out = np.empty(batch_size, np.int64)
+  for e in np.unique(epochs):
+    perm = np.random.default_rng([seed, int(e)]).permutation(num_examples)
+    sel = epochs == e
+    out[sel] = perm[pos[sel]]
+  return out
+
+
+def train_batch(ds: Dataset, step: int, batch_size: int, seed: int,
+                process_index: int = 0, process_count: int = 1) -> np.ndarray:
+  """This process's slice of the global batch at `step`: uint8 [batch_size / P, H, W, C]."""
+  idx = batch_indices(len(ds.train_images), batch_size, step, seed)
+  per = batch_size // process_count
+  return ds.train_images[idx[process_index * per:(process_index + 1) * per]]
+
+
+def eval_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Fixed-size batches over all of `images`, the last padded: yields (batch, mask [B])."""
+  n = len(images)
+  for start in range(0, n, batch_size):
+    batch = images[start:start + batch_size]
+    mask = np.ones(batch_size, np.float32)
+    if len(batch) < batch_size:
+      mask[len(batch):] = 0.0
+      batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - len(batch), 0)], 0)
+    yield batch, mask

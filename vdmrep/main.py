@@ -1,0 +1,33 @@
+"""Command line: python -m vdmrep.main --config configs/digits.py --workdir DIR [--mode train|eval]."""
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from vdmrep import config_lib
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (then evaluate) or evaluate only.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from vdmrep import checkpoints, data, train  # heavy imports after flag parsing
+  try:
+    if FLAGS.mode == "train":
+      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    else:
+      train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+  except (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

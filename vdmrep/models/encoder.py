@@ -1,0 +1,67 @@
+"""Gaussian encoder q(w|x): the diffusers-style conv encoder of the reference study.
+
+conv_in -> `layers` ResNet blocks (one block, no downsampling) -> mid block
+(ResNet, self-attention, ResNet) -> GroupNorm, swish -> conv_out to one channel ->
+flatten -> Dense(2 * latent) -> (mean, logvar). Parameter counts on 28x28x1 are
+exactly those of the study's Table 1 (see `tests/test_models.py`).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vdmrep.models.layers import AttnBlock, ResnetBlock
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderSize:
+  channels: int
+  layers: int
+  groups: int
+  latent: int
+
+
+# `ue` is `oe` trained without the KL term (the objective, not the network, differs).
+ENCODER_SIZES = {
+    "oepp": EncoderSize(channels=64, layers=2, groups=32, latent=256),
+    "oe": EncoderSize(channels=64, layers=2, groups=32, latent=128),
+    "se": EncoderSize(channels=32, layers=1, groups=16, latent=128),
+    "te": EncoderSize(channels=16, layers=1, groups=8, latent=128),
+    "ue": EncoderSize(channels=64, layers=2, groups=32, latent=128),
+}
+
+
+class Encoder(nn.Module):
+  """x in model scale [B, H, W, C] -> (mean, logvar), each [B, latent]."""
+  channels: int
+  layers: int
+  groups: int
+  latent: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, deterministic: bool = True):
+    h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(x)
+    for i in range(self.layers):
+      h = ResnetBlock(groups=self.groups, dtype=self.dtype, name=f"down_{i}")(
+          h, deterministic=deterministic)
+    h = ResnetBlock(groups=self.groups, dtype=self.dtype, name="mid_block_1")(h)
+    h = AttnBlock(groups=self.groups, dtype=self.dtype, name="mid_attn")(h)
+    h = ResnetBlock(groups=self.groups, dtype=self.dtype, name="mid_block_2")(h)
+    h = nn.swish(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
+    h = nn.Conv(1, (3, 3), dtype=self.dtype, name="conv_out")(h)
+    h = h.reshape(h.shape[0], -1)
+    moments = nn.Dense(2 * self.latent, dtype=self.dtype, name="to_moments")(h)
+    mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+    return mean, logvar
+
+
+def make_encoder(name: str, dtype=jnp.float32) -> Encoder | None:
+  """The named encoder, or None for `none` (an unconditional VDM)."""
+  if name == "none":
+    return None
+  s = ENCODER_SIZES[name]
+  return Encoder(channels=s.channels, layers=s.layers, groups=s.groups, latent=s.latent,
+                 dtype=dtype)

@@ -1,0 +1,116 @@
+"""The VDM score network eps_hat(z_t; gamma_t, w), all at full resolution.
+
+conv_in -> n_blocks ResNet blocks -> middle (ResNet, self-attention, ResNet) ->
+n_blocks + 1 ResNet blocks, each taking the matching skip -> norm, swish ->
+zero-initialised conv_out, plus z_t (so an untrained net predicts eps_hat = z_t,
+the right answer at t = 1). As in Kingma et al. (2021), the net sees the normalised
+gamma (gamma_t - gamma_min) / (gamma_max - gamma_min) through a sinusoidal embedding,
+and optionally Fourier features of z_t.
+
+Conditioning on the encoder latent w [B, D]:
+  * "additive": w is concatenated to the time embedding before the conditioning MLP,
+    so it reaches every block through the same additive projection (the study's way);
+  * "film": every ResNet block scales and shifts its normalised features by a
+    zero-initialised linear map of w (diffusion autoencoders' way).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from vdmrep.models.layers import AttnBlock, ResnetBlock
+
+
+@dataclasses.dataclass(frozen=True)
+class VDMSize:
+  n_blocks: int
+  channels: int
+
+
+VDM_SIZES = {
+    "original": VDMSize(32, 128),
+    "svdm": VDMSize(16, 64),
+    "tvdm": VDMSize(8, 32),
+    "mvdm": VDMSize(4, 16),
+}
+
+CONDITIONINGS = ("additive", "film")
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10_000.0):
+  """Sinusoidal embedding of t in [0, 1] (scaled by 1000, as in VDM) -> [B, dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
+  args = 1000.0 * t.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+def fourier_features(z, start: int = 6, stop: int = 8):
+  """sin/cos of z * 2^n * 2 pi for n in [start, stop): fine detail for likelihood."""
+  freqs = 2.0 ** jnp.arange(start, stop, dtype=z.dtype) * 2.0 * jnp.pi
+  h = (z[..., None] * freqs).reshape(z.shape[:-1] + (-1,))
+  return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
+
+
+class ScoreNet(nn.Module):
+  n_blocks: int
+  channels: int
+  gamma_min: float = -13.3
+  gamma_max: float = 5.0
+  conditioning: str = "additive"
+  dropout: float = 0.0
+  use_fourier_features: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, z, gamma_t, w=None, *, deterministic: bool = True):
+    """z [B, H, W, C] in model scale; gamma_t scalar or [B]; w [B, D] or None -> [B, H, W, C]."""
+    b = z.shape[0]
+    c = self.channels
+    t = (jnp.broadcast_to(gamma_t, (b,)) - self.gamma_min) / (self.gamma_max - self.gamma_min)
+    cond = timestep_embedding(t, c)
+    film = None
+    if w is not None and self.conditioning == "additive":
+      cond = jnp.concatenate([cond, w.astype(cond.dtype)], axis=-1)
+    elif w is not None:
+      film = w
+    cond = nn.swish(nn.Dense(4 * c, dtype=self.dtype, name="cond_0")(cond))
+    cond = nn.swish(nn.Dense(4 * c, dtype=self.dtype, name="cond_1")(cond))
+
+    h = z
+    if self.use_fourier_features:
+      h = jnp.concatenate([z, fourier_features(z)], axis=-1)
+    h = nn.Conv(c, (3, 3), dtype=self.dtype, name="conv_in")(h.astype(self.dtype))
+
+    def block(name, out_ch=c):
+      return ResnetBlock(out_ch=out_ch, dropout=self.dropout, zero_init_out=True,
+                         dtype=self.dtype, name=name)
+
+    hs = [h]
+    for i in range(self.n_blocks):
+      h = block(f"down_{i}")(h, cond, film, deterministic=deterministic)
+      hs.append(h)
+    h = block("mid_block_1")(h, cond, film, deterministic=deterministic)
+    h = AttnBlock(dtype=self.dtype, name="mid_attn")(h)
+    h = block("mid_block_2")(h, cond, film, deterministic=deterministic)
+    for i in range(self.n_blocks + 1):
+      h = block(f"up_{i}")(jnp.concatenate([h, hs.pop()], axis=-1), cond, film,
+                           deterministic=deterministic)
+    h = nn.swish(nn.GroupNorm(min(c // 4, 32), epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
+    eps_hat = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                      name="conv_out")(h)
+    return z + eps_hat.astype(jnp.float32)
+
+
+def make_score_net(name: str, *, gamma_min, gamma_max, conditioning, dropout,
+                   use_fourier_features, n_blocks=None, channels=None, dtype=jnp.float32):
+  size = VDM_SIZES[name]
+  return ScoreNet(n_blocks=n_blocks or size.n_blocks, channels=channels or size.channels,
+                  gamma_min=gamma_min, gamma_max=gamma_max, conditioning=conditioning,
+                  dropout=dropout, use_fourier_features=use_fourier_features, dtype=dtype)

@@ -1,0 +1,219 @@
+"""Training: TrainState, the jitted data-parallel `train_step`, and `train_and_evaluate`.
+
+The state is a pytree (no methods that mutate it). The step is one `jax.jit` over a
+1-D device mesh: parameters replicated, the batch split over devices, XLA inserting
+the gradient all-reduce. All randomness of step s comes from fold_in(key(seed), s) and
+the batch of step s from (seed, s), so a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from vdmrep import checkpoints, collapse, config_lib, parallel
+from vdmrep import data as data_lib
+from vdmrep import evaluate
+from vdmrep.models import build_model
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def make_optimizer(optim_cfg) -> optax.GradientTransformation:
+  """Global-norm clipping then AdamW, with a linear learning-rate warm-up."""
+  lr = optax.linear_schedule(0.0, optim_cfg.lr, max(1, optim_cfg.warmup_steps))
+  return optax.chain(
+      optax.clip_by_global_norm(optim_cfg.grad_clip),
+      optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                  weight_decay=optim_cfg.weight_decay))
+
+
+def create_train_state(model, tx, rng, image_shape) -> TrainState:
+  params = model.init(rng, image_shape)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def ema_decay(step, max_decay):
+  """min(max_decay, (1 + step) / (10 + step)): short runs still get a useful average."""
+  step = step.astype(jnp.float32)
+  return jnp.minimum(max_decay, (1.0 + step) / (10.0 + step))
+
+
+def train_step(state: TrainState, batch, key, *, model, tx, config):
+  """One optimiser step on a global batch of uint8 images [B, H, W, C].
+
+  The loss the optimiser sees is the collapse objective in bits/dim. Returns the new
+  state and a dict of scalar metrics (bits/dim per term, KL in nats/image).
+  """
+  num_dims = int(np.prod(batch.shape[1:]))
+  to_bpd = 1.0 / (num_dims * math.log(2.0))
+  rng = jax.random.fold_in(key, state.step)
+
+  def loss_fn(params):
+    terms = model.elbo_terms(params, batch, rng, train=True)
+    loss, logs = collapse.objective(terms, state.step, config)
+    means = {k: jnp.mean(terms[k]) for k in evaluate.TERMS}
+    return loss * to_bpd, (means, logs)
+
+  (loss, (means, logs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  d = ema_decay(state.step, config.optim.ema_decay)
+  ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+  metrics = {f"{k}_bpd": v * to_bpd for k, v in means.items()}
+  metrics["bpd"] = sum(metrics[f"{k}_bpd"] for k in evaluate.TERMS)  # ELBO at beta = 1
+  metrics.update(loss_bpd=loss, kl_nats=means["kl"], grad_norm=optax.global_norm(grads), **logs)
+  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                            opt_state=opt_state)
+  return new_state, metrics
+
+
+def make_train_step(model, tx, config, mesh):
+  repl = parallel.replicated(mesh)
+  return jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
+                 in_shardings=(repl, parallel.batch_sharded(mesh), repl),
+                 out_shardings=(repl, repl), donate_argnums=(0,))
+
+
+def setup(config):
+  """Validates the config, loads the data and builds model, optimiser and mesh."""
+  parallel.maybe_initialize_distributed(config.distributed)
+  config_lib.validate(config, num_devices=jax.device_count())
+  ds = data_lib.load(config.data)
+  model = build_model(config.model)
+  return ds, model, make_optimizer(config.optim), parallel.make_mesh()
+
+
+def log_param_counts(model, params):
+  counts = {name: count_params(p) for name, p in params.items()}
+  counts["total"] = sum(counts.values())
+  logging.info("parameter counts: %s", counts)
+  print("parameters: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()), flush=True)
+  return counts
+
+
+def initial_state(model, tx, config, image_shape, mesh):
+  init = functools.partial(create_train_state, model, tx, image_shape=image_shape)
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))(
+      jax.random.fold_in(jax.random.key(config.seed), 1 << 30))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains (resuming from `workdir` if it holds a checkpoint), then evaluates.
+
+  Returns the final evaluation summary (bits/dim terms with standard errors).
+  """
+  ds, model, tx, mesh = setup(config)
+  os.makedirs(workdir, exist_ok=True)
+  state = initial_state(model, tx, config, ds.image_shape, mesh)
+  log_param_counts(model, state.params)
+  ckpt = checkpoints.Checkpoints(workdir, keep=config.training.keep_checkpoints)
+  fingerprint = config_lib.model_fingerprint(config)
+  restored, meta = ckpt.restore_latest(checkpoints.abstract(state), fingerprint)
+  if restored is not None:
+    state = restored
+    logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
+    print(f"resumed from checkpoint at step {int(state.step)}", flush=True)
+  start = int(state.step)
+  num_steps = config.training.num_steps
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if start == 0:
+    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
+  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
+  p_step = make_train_step(model, tx, config, mesh)
+  key = jax.random.key(config.seed)
+  meta_base = {"model_fingerprint": fingerprint, "config": json.loads(config.to_json_best_effort())}
+
+  def save(step):
+    ckpt.save(step, state, dict(meta_base, step=step, data_position=step))
+
+  acc, n_acc, step = None, 0, start
+  for step in range(start, num_steps):
+    local = data_lib.train_batch(ds, step, config.training.batch_size, config.seed,
+                                 jax.process_index(), jax.process_count())
+    state, metrics = p_step(state, parallel.global_batch(mesh, local), key)
+    acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+    n_acc += 1
+    for h in hooks:
+      h(step + 1)
+    if (step + 1) % config.training.log_every == 0 or step + 1 == num_steps:
+      scalars = {f"train/{k}": float(v) / n_acc for k, v in jax.device_get(acc).items()}
+      writer.write_scalars(step + 1, scalars)
+      acc, n_acc = None, 0
+    if (step + 1) % config.training.checkpoint_every == 0 or step + 1 == num_steps:
+      save(step + 1)
+    if config.training.eval_every and (step + 1) % config.training.eval_every == 0 \
+        and step + 1 != num_steps:
+      _eval_and_write(model, state, ds, config, mesh, writer, step + 1)
+  if ckpt.latest_step() != int(state.step):
+    save(int(state.step))
+  summary = _eval_and_write(model, state, ds, config, mesh, writer, int(state.step))
+  writer.flush()
+  ckpt.close()
+  return summary
+
+
+def _eval_and_write(model, state, ds, config, mesh, writer, step):
+  images = ds.eval_images
+  if config.eval.max_examples:
+    images = images[:config.eval.max_examples]
+  summary = evaluate.evaluate_elbo(model, state.ema_params, images, seed=config.seed,
+                                   num_samples=config.eval.num_time_samples,
+                                   batch_size=config.eval.batch_size, mesh=mesh)
+  writer.write_scalars(step, {f"eval/{k}": v for k, v in summary.items()})
+  bound, why = collapse.is_bound(config)
+  print(f"eval step {step}: bpd {summary['bpd']:.4f} +- {summary['bpd_se']:.4f} "
+        f"(recon {summary['recon_bpd']:.4f}, prior {summary['prior_bpd']:.5f}, "
+        f"diffusion {summary['diffusion_bpd']:.4f}, kl {summary['kl_bpd']:.4f}); "
+        f"encoder KL {summary['kl_nats']:.3f} nats/image"
+        + ("" if bound else f"  [trained objective is not the ELBO: {why}]"), flush=True)
+  return summary
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def evaluate_checkpoint(config, workdir: str) -> dict:
+  """Evaluates the latest checkpoint in `workdir` (EMA parameters)."""
+  ds, model, tx, mesh = setup(config)
+  state = initial_state(model, tx, config, ds.image_shape, mesh)
+  ckpt = checkpoints.Checkpoints(workdir, keep=config.training.keep_checkpoints)
+  restored, _ = ckpt.restore_latest(checkpoints.abstract(state),
+                                    config_lib.model_fingerprint(config))
+  if restored is None:
+    raise checkpoints.CheckpointError(f"no checkpoint to evaluate in {ckpt.directory}")
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  summary = _eval_and_write(model, restored, ds, config, mesh, writer, int(restored.step))
+  writer.flush()
+  ckpt.close()
+  return summary
