@@ -104,8 +104,8 @@ def maybe_initialize_distributed(dist_cfg) -> None:
   except ValueError as err:  # JAX's own message when nothing was given or detected
     raise ConfigError(
         f"jax.distributed.initialize({kwargs}) failed: {str(err).rstrip('.')}. Outside "
-        "SLURM / Open MPI / Cloud TPU set config.distributed.coordinator_address, num_processes and "
-        f"process_id (or JAX_COORDINATOR_ADDRESS, {ENV_NUM_PROCESSES}, "
+        "SLURM / Open MPI / Cloud TPU set config.distributed.coordinator_address, "
+        f"num_processes and process_id (or JAX_COORDINATOR_ADDRESS, {ENV_NUM_PROCESSES}, "
         f"{ENV_PROCESS_ID})") from None
 
 
