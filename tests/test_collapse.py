@@ -93,6 +93,9 @@ def test_free_bits_batch_gradient_zero_below_floor():
   rng = np.random.default_rng(0)
   # dims 0-2: small means (batch-mean KL ~0.005 < lam); dims 3-5: KL ~2 > lam.
   mean = np.concatenate([rng.uniform(-0.1, 0.1, (b, 3)), rng.uniform(1.8, 2.2, (b, 3))], 1)
+  # The floor acts on the batch mean, not on each example: one example of dim 2 is above
+  # the floor (its dim still gets no gradient), one of dim 5 below it (it still gets one).
+  mean[0, 2], mean[3, 5] = 1.2, 0.05
   logvar = rng.uniform(-0.3, 0.3, (b, 6))
   params = {"mean": jnp.asarray(mean, jnp.float32), "logvar": jnp.asarray(logvar, jnp.float32)}
   kl_bar = np.mean(0.5 * (mean ** 2 + np.exp(logvar) - logvar - 1), axis=0)
@@ -266,3 +269,28 @@ def test_every_config_validates():
                                                                                100_000)
   assert collapse.is_bound(ref)[0] is False
   assert collapse.is_bound(load_config("mnist_elbo.py")) == (True, "")
+
+
+def test_elbo_terms_deterministic_encoder_and_gamma_t():
+  from vdmrep.models import build_model
+  c = base_config()
+  c.model.update(vdm="mvdm", encoder="te", n_blocks=1, channels=8)
+  model = build_model(c.model)
+  params = model.init(jax.random.key(0), (8, 8, 1))
+  x = jax.random.randint(jax.random.key(1), (4, 8, 8, 1), 0, 256)
+  det = model.elbo_terms(params, x, jax.random.key(2), deterministic_encoder=True)
+  sto = model.elbo_terms(params, x, jax.random.key(2))
+  np.testing.assert_array_equal(det["w"], det["mean"])
+  assert float(jnp.max(jnp.abs(sto["w"] - sto["mean"]))) > 1e-3
+  np.testing.assert_allclose(det["gamma_t"], model.gamma(params, det["t"]), rtol=1e-6)
+  np.testing.assert_array_equal(det["t"], sto["t"])  # same key, same t
+
+
+def test_objective_mmd_needs_rng():
+  terms, c = _fake_terms(4), base_config()
+  c.collapse.mmd_lambda = 5.0
+  with pytest.raises(ValueError, match="needs an rng"):
+    collapse.objective(terms, jnp.int32(0), c)
+  loss_a, _ = collapse.objective(terms, jnp.int32(0), c, jax.random.key(1))
+  loss_b, _ = collapse.objective(terms, jnp.int32(0), c, jax.random.key(1))
+  assert float(loss_a) == float(loss_b)  # same key, same prior samples

@@ -230,15 +230,16 @@ def diffusion_weight(gamma_t, weighting="elbo", bias=0.0):
 
 
 # -- the objective -------------------------------------------------------------------
-def objective(terms, step, config, rng):
+def objective(terms, step, config, rng=None):
   """Training loss (nats per image, batch mean) and what to log about it.
 
   Args:
     terms: `VAEVDM.elbo_terms` output: [B] nats "recon", "prior", "diffusion", "kl",
-      [B] "gamma_t"; when conditional also [B, D] "kl_per_dim" and "w".
+      [B] "gamma_t" (read only by a non-ELBO weighting); when conditional also [B, D]
+      "kl_per_dim" and "w".
     step: the current step (int scalar array).
     config: the full config (`config.collapse` selects the remedies).
-    rng: PRNG key for the MMD's prior samples (unused otherwise).
+    rng: PRNG key for the MMD's prior samples; may be None when the MMD weight is 0.
   Returns:
     (loss scalar in nats/image, dict of scalar logs): beta (the schedule's value),
     kl_weight (beta * (1 - alpha), the weight on R(KL)), capacity (C(step), nats),
@@ -246,8 +247,10 @@ def objective(terms, step, config, rng):
     added to the loss), mmd (MMD^2, unitless), mmd_term_nats, diffusion_weighted_nats.
   """
   c = config.collapse
-  diffusion = diffusion_weight(terms["gamma_t"], c.diffusion_weighting,
-                               c.diffusion_weight_bias) * terms["diffusion"]
+  diffusion = terms["diffusion"]
+  if c.diffusion_weighting != "elbo":
+    diffusion = diffusion_weight(terms["gamma_t"], c.diffusion_weighting,
+                                 c.diffusion_weight_bias) * diffusion
   loss = jnp.mean(terms["recon"] + terms["prior"] + diffusion)
   zero = jnp.zeros((), jnp.float32)
   logs = dict(beta=zero, kl_weight=zero, capacity=zero, kl_unweighted_nats=jnp.mean(terms["kl"]),
@@ -263,6 +266,9 @@ def objective(terms, step, config, rng):
     logs["kl_term_nats"] = beta * kl_scale * stat
     loss = loss + logs["kl_term_nats"]
   if mmd_scale != 0:
+    if rng is None:
+      raise ValueError("collapse.objective: the MMD term (config.collapse.mmd_alpha + "
+                       "mmd_lambda - 1 != 0) needs an rng for its prior samples")
     logs["mmd"] = mmd_to_prior(terms["w"], rng, c.mmd_kernel, c.mmd_bandwidth)
     logs["mmd_term_nats"] = mmd_scale * logs["mmd"]
     loss = loss + logs["mmd_term_nats"]
