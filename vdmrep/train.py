@@ -85,7 +85,7 @@ def train_step(state: TrainState, batch, key, *, model, tx, config):
   ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
   metrics = {f"{k}_bpd": v * to_bpd for k, v in means.items()}
   metrics["bpd"] = sum(metrics[f"{k}_bpd"] for k in evaluate.TERMS)  # ELBO at beta = 1
-  metrics.update(loss_bpd=loss, kl_nats=means["kl"], grad_norm=optax.global_norm(grads), **logs)
+  metrics.update(loss_bpd=loss, kl_nats=means["kl"], grad_norm=optax.tree.norm(grads), **logs)
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                             opt_state=opt_state)
   return new_state, metrics
