@@ -30,11 +30,18 @@ def study(c):
 
 
 def mnist(c, source: str = MNIST_SOURCE):
-  """The study's recipe on MNIST (28x28x1) from `source` (default: the offline idx files)."""
+  """The study's recipe on MNIST (28x28x1), TVDM + TE, as `configs/mnist.py`.
+
+  `source` defaults to the offline idx files (only the test split: split train/eval by
+  `data.split_seed`); `--config.data.source=tfds:mnist` gives the standard splits.
+  """
   study(c)
   c.data.source = source
+  c.model.vdm, c.model.encoder = "tvdm", "te"
   c.training.log_every = 500
-  c.training.checkpoint_every = 5000
+  c.training.checkpoint_every = 5_000
+  c.training.eval_every = 10_000
+  c.eval.num_time_samples = 4
   return c
 
 
