@@ -44,9 +44,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.vocab_size = 256
   c.model.compute_dtype = "float32"  # float32 | bfloat16 (params and loss stay f32)
 
+  # Posterior-collapse remedies; formulas and sources in vdmrep/collapse.py. The defaults
+  # are the ELBO; each remedy is switched on by its own key and they combine.
   c.collapse = ml_collections.ConfigDict()
-  c.collapse.schedule = "constant"  # the KL weight beta(step); see vdmrep/collapse.py
-  c.collapse.beta = 1.0
+  c.collapse.schedule = "constant"  # KL weight beta(step): constant | linear | cyclical
+  c.collapse.beta = 1.0             # constant beta, or the value the schedules rise to
+  c.collapse.warmup_start = 0.0     # linear: beta at step 0
+  c.collapse.warmup_steps = 10000   # linear: steps to reach beta
+  c.collapse.cycles = 4             # cyclical: M cycles over training.num_steps
+  c.collapse.cycle_ratio = 0.5      # cyclical: R, the rising proportion of each cycle
+  c.collapse.free_bits = 0.0        # lambda, nats per latent dimension (0 = off)
+  c.collapse.free_bits_mode = "batch"  # batch (floor the batch-mean KL) | example
+  c.collapse.capacity_gamma = 0.0   # > 0: gamma |KL - C(step)| replaces the KL
+  c.collapse.capacity_max = 25.0    # C_max, nats per image
+  c.collapse.capacity_steps = 10000  # steps over which C ramps from 0 to C_max
+  c.collapse.mmd_alpha = 0.0        # InfoVAE alpha: KL weight (1 - alpha)
+  c.collapse.mmd_lambda = 1.0       # InfoVAE lambda: MMD weight (alpha + lambda - 1)
+  c.collapse.mmd_kernel = "rbf"     # rbf | imq
+  c.collapse.mmd_bandwidth = 1.0
+  c.collapse.deterministic_encoder = False  # w = encoder mean (InfoDiffusion; mmd_alpha = 1)
+  c.collapse.diffusion_weighting = "elbo"  # elbo | sigmoid (emphasises high noise)
+  c.collapse.diffusion_weight_bias = 0.0   # sigmoid: w = sigmoid(gamma_t + bias)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4

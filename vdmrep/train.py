@@ -72,8 +72,9 @@ def train_step(state: TrainState, batch, key, *, model, tx, config):
   rng = jax.random.fold_in(key, state.step)
 
   def loss_fn(params):
-    terms = model.elbo_terms(params, batch, rng, train=True)
-    loss, logs = collapse.objective(terms, state.step, config)
+    terms = model.elbo_terms(params, batch, rng, train=True,
+                             deterministic_encoder=config.collapse.deterministic_encoder)
+    loss, logs = collapse.objective(terms, state.step, config, jax.random.fold_in(rng, 1))
     means = {k: jnp.mean(terms[k]) for k in evaluate.TERMS}
     return loss * to_bpd, (means, logs)
 
