@@ -44,3 +44,10 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def global_batch(mesh: Mesh, local: np.ndarray) -> jax.Array:
   """Assembles the global batch from this process's slice (all processes call this)."""
   return jax.make_array_from_process_local_data(batch_sharded(mesh), local)
+
+
+def shard_full_batch(mesh: Mesh, batch: np.ndarray) -> jax.Array:
+  """The global batch when every process holds all of it (eval data): each passes its slice."""
+  per = batch.shape[0] // jax.process_count()
+  start = jax.process_index() * per
+  return global_batch(mesh, batch[start:start + per])

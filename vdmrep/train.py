@@ -22,7 +22,7 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from vdmrep import checkpoints, collapse, config_lib, parallel
+from vdmrep import checkpoints, collapse, config_lib, diagnostics, parallel
 from vdmrep import data as data_lib
 from vdmrep import evaluate
 from vdmrep.models import build_model
@@ -75,6 +75,7 @@ def train_step(state: TrainState, batch, key, *, model, tx, config):
     terms = model.elbo_terms(params, batch, rng, train=True)
     loss, logs = collapse.objective(terms, state.step, config)
     means = {k: jnp.mean(terms[k]) for k in evaluate.TERMS}
+    logs = dict(logs, **diagnostics.batch_stats(terms, config.eval.active_threshold))
     return loss * to_bpd, (means, logs)
 
   (loss, (means, logs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -101,7 +102,7 @@ def setup(config):
   """Validates the config, loads the data and builds model, optimiser and mesh."""
   parallel.maybe_initialize_distributed(config.distributed)
   config_lib.validate(config, num_devices=jax.device_count())
-  ds = data_lib.load(config.data)
+  ds = data_lib.hold_out_class(data_lib.load(config.data), config.eval.ood_holdout_class)
   model = build_model(config.model)
   return ds, model, make_optimizer(config.optim), parallel.make_mesh()
 
@@ -167,30 +168,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
       save(step + 1)
     if config.training.eval_every and (step + 1) % config.training.eval_every == 0 \
         and step + 1 != num_steps:
-      _eval_and_write(model, state, ds, config, mesh, writer, step + 1)
+      _eval_and_write(model, state, ds, config, mesh, writer, step + 1, workdir,
+                      full=config.eval.periodic_full)
   if ckpt.latest_step() != int(state.step):
     save(int(state.step))
-  summary = _eval_and_write(model, state, ds, config, mesh, writer, int(state.step))
+  summary = _eval_and_write(model, state, ds, config, mesh, writer, int(state.step), workdir)
   writer.flush()
   ckpt.close()
   return summary
 
 
-def _eval_and_write(model, state, ds, config, mesh, writer, step):
-  images = ds.eval_images
-  if config.eval.max_examples:
-    images = images[:config.eval.max_examples]
-  summary = evaluate.evaluate_elbo(model, state.ema_params, images, seed=config.seed,
-                                   num_samples=config.eval.num_time_samples,
-                                   batch_size=config.eval.batch_size, mesh=mesh)
-  writer.write_scalars(step, {f"eval/{k}": v for k, v in summary.items()})
-  bound, why = collapse.is_bound(config)
-  print(f"eval step {step}: bpd {summary['bpd']:.4f} +- {summary['bpd_se']:.4f} "
-        f"(recon {summary['recon_bpd']:.4f}, prior {summary['prior_bpd']:.5f}, "
-        f"diffusion {summary['diffusion_bpd']:.4f}, kl {summary['kl_bpd']:.4f}); "
-        f"encoder KL {summary['kl_nats']:.3f} nats/image"
-        + ("" if bound else f"  [trained objective is not the ELBO: {why}]"), flush=True)
-  return summary
+def _eval_and_write(model, state, ds, config, mesh, writer, step, workdir, full=True):
+  """Evaluates the EMA parameters; returns the report's flat metrics (see vdmrep/report.py)."""
+  rep = evaluate.run_evaluation(model, state.ema_params, ds, config, mesh, step=step,
+                                workdir=workdir, writer=writer, full=full)
+  return rep["metrics"]
 
 
 def _flat(d, prefix=""):
@@ -213,7 +205,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   if restored is None:
     raise checkpoints.CheckpointError(f"no checkpoint to evaluate in {ckpt.directory}")
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  summary = _eval_and_write(model, restored, ds, config, mesh, writer, int(restored.step))
+  summary = _eval_and_write(model, restored, ds, config, mesh, writer, int(restored.step),
+                            workdir)
   writer.flush()
   ckpt.close()
   return summary
