@@ -154,3 +154,13 @@ def test_batch_stats_counts_varying_means():
   assert float(s["active_units_batch"]) == 1.0  # var 1, var 0.00125, var 0
   assert float(s["kl_nats_per_dim"]) == pytest.approx(2.1 / 3)
   assert float(s["kl_max_dim_nats"]) == pytest.approx(2.0)
+
+
+def test_ood_source_of_another_shape_is_rejected(tmp_path):
+  path = str(tmp_path / "big.npz")
+  np.savez(path, images=np.zeros((20, 10, 10, 1), np.uint8))
+  c = config_lib.base_config()
+  c.eval.ood_source = "npz:" + path
+  ds = data.load(c.data)
+  with pytest.raises(data.DataError, match="config.eval.ood_source=.*differ in shape"):
+    evaluate.ood_sets(ds, c)

@@ -35,6 +35,9 @@ def tiny_config(encoder="te"):
 def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("eval_te"))
   config = tiny_config()
+  noise = np.random.default_rng(0).integers(0, 256, size=(40, 8, 8, 1), dtype=np.uint8)
+  np.savez(os.path.join(workdir, "noise.npz"), images=noise)
+  config.eval.ood_source = "npz:" + os.path.join(workdir, "noise.npz")
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     train.train_and_evaluate(config, workdir)
@@ -122,6 +125,9 @@ def test_pixel_probe_is_sklearn_logistic_regression(run):
   ood = run["report"]["ood"]["class_9"]
   assert ood["num_ood"] == int(np.sum(data.load(cfg.data).eval_labels == 9))
   assert 9 not in set(ds.train_labels.tolist())
+  noise = run["report"]["ood"][cfg.eval.ood_source]
+  assert noise["num_ood"] == 6  # the eval part (15%) of the 40 npz images
+  assert noise["ood_bpd"] > noise["in_bpd"] and noise["auroc"] > 0.9  # uniform noise
 
 
 def test_periodic_eval_is_the_cheap_subset(run):

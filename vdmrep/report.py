@@ -91,6 +91,11 @@ def markdown(rep: dict) -> str:
           f"**not a bound** ({m['objective_not_bound_reason']}); true ELBO: {_fmt(m['bpd'])}")
   lines.append(f"| trained objective | {_fmt(m['objective_bpd'])} | "
                f"{_fmt(m['objective_bpd_se'])} | {flag} |")
+  if not m["objective_is_bound"]:
+    lines += ["", "The ELBO (beta = 1) above is a bound on -log2 p(x) per dimension for any "
+              "parameters; the trained objective's value is NOT a bound (training optimised "
+              f"something else: {m['objective_not_bound_reason']}). It is measured on "
+              f"{m.get('objective_num_images', '?')} eval images in training-size batches."]
   if "kl_nats" in m:
     lines += ["", "## Collapse diagnostics", "",
               f"- encoder KL: {_fmt(m['kl_nats'])} +- {_fmt(m['kl_nats_se'])} nats/image, "
