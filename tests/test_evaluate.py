@@ -17,7 +17,7 @@ from scipy.special import logsumexp
 from vdmrep import config_lib, data, train
 
 
-def tiny_config(encoder="te"):
+def eval_config(encoder="te"):
   c = config_lib.base_config()
   c.model.vdm, c.model.n_blocks, c.model.channels, c.model.encoder = "mvdm", 1, 8, encoder
   c.training.batch_size, c.training.num_steps, c.training.log_every = 16, 30, 10
@@ -34,7 +34,7 @@ def tiny_config(encoder="te"):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("eval_te"))
-  config = tiny_config()
+  config = eval_config()
   noise = np.random.default_rng(0).integers(0, 256, size=(40, 8, 8, 1), dtype=np.uint8)
   np.savez(os.path.join(workdir, "noise.npz"), images=noise)
   config.eval.ood_source = "npz:" + os.path.join(workdir, "noise.npz")

@@ -8,11 +8,11 @@ import os
 import pytest
 
 from vdmrep import train
-from test_evaluate import tiny_config
+from test_evaluate import eval_config
 
 
 def test_ue_objective_is_flagged_not_a_bound(tmp_path):
-  c = tiny_config("ue")
+  c = eval_config("ue")
   c.training.num_steps, c.training.checkpoint_every, c.training.eval_every = 12, 12, 0
   c.eval.pictures, c.eval.ood_holdout_class, c.eval.probe_max_train = False, -1, 100
   out = io.StringIO()

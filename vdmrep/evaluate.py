@@ -304,7 +304,7 @@ def run_evaluation(model, params, ds, config, mesh, *, step: int, workdir: str, 
       rep["probes"] = {k: pr[k] for k in ("results", "num_train", "num_eval")}
       for name, r in pr["results"].items():
         metrics[f"{name}_logreg_acc"], metrics[f"{name}_knn_acc"] = r["logreg_acc"], r["knn_acc"]
-      if model.conditional and e.pictures and jax.process_index() == 0:
+      if model.conditional and e.pictures and parallel.is_main_process():
         pics = picture_section(workdir, step, arrays["mean"], pr["rand_mean"], labels,
                                rep["usefulness"], config)
     rep["ood"] = ood_section(eval_fn, params, per_image_bpd(per, num_dims), ds, config, mesh,
@@ -313,7 +313,7 @@ def run_evaluation(model, params, ds, config, mesh, *, step: int, workdir: str, 
       metrics[f"ood_auroc/{name}"] = r["auroc"]
   rep["metrics"] = metrics
   rep["pictures"] = {k: f"pictures/{k}_step{step}.png" for k in pics}
-  if jax.process_index() == 0:
+  if parallel.is_main_process():
     if full and arrays:
       np.savez(os.path.join(workdir, "latents.npz"), mean=arrays["mean"],
                logvar=arrays["logvar"], w_mi=arrays["w_mi"], step=step,
@@ -324,5 +324,5 @@ def run_evaluation(model, params, ds, config, mesh, *, step: int, workdir: str, 
                                 if isinstance(v, (int, float, bool, np.number))})
     if pics:
       writer.write_images(step, {f"eval/{k}": v[None] for k, v in pics.items()})
-  print(report.markdown(rep), flush=True)
+  parallel.main_print(report.markdown(rep) + "\n" + report.one_line(rep))
   return rep

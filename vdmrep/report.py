@@ -130,6 +130,21 @@ def markdown(rep: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def one_line(rep: dict) -> str:
+  """The console summary line: 'eval step N: bpd X +- SE (terms); encoder KL K nats/image'."""
+  m = rep["metrics"]
+  line = (f"eval step {rep['step']}: bpd {m['bpd']:.4f} +- {m['bpd_se']:.4f} "
+          f"(recon {m['recon_bpd']:.4f}, prior {m['prior_bpd']:.5f}, "
+          f"diffusion {m['diffusion_bpd']:.4f}, kl {m['kl_bpd']:.4f}); "
+          f"encoder KL {m.get('kl_nats', 0.0):.3f} nats/image")
+  if "active_units" in m:
+    line += f", {m['active_units']}/{m['latent_dim']} active units, MI {m['mi_nats']:.3f} nats"
+  if not m["objective_is_bound"]:
+    line += (f"  [trained objective {m['objective_bpd']:.4f} bpd is not a bound: "
+             f"{m['objective_not_bound_reason']}]")
+  return line
+
+
 def write(workdir: str, rep: dict) -> None:
   """Writes reports/step<N>.{json,md}; a full eval also report.{json,md} (the latest)."""
   text, md = json.dumps(_jsonable(rep), indent=1), markdown(rep)
