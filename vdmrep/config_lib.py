@@ -88,6 +88,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 256
   c.eval.num_time_samples = 4       # K Monte Carlo draws of (t, eps, w) per image
   c.eval.max_examples = 0           # 0 = the whole eval split
+  # collapse diagnostics (vdmrep/diagnostics.py)
+  c.eval.active_threshold = 0.01    # active unit: Var_x E_q[w_d|x] above this
+  c.eval.mi_samples = 1             # draws of w per image for the I_q(x; w) estimate
+  c.eval.usefulness_num_t = 10      # t grid (bin midpoints) for the usefulness-of-w curve
+  c.eval.usefulness_max_examples = 512  # 0 = all eval images
+  # representation quality (vdmrep/probes.py)
+  c.eval.probe_max_train = 10000    # first N train images fit the probes; 0 = all
+  c.eval.probe_c = 1.0              # inverse L2 strength of the logistic probe
+  c.eval.probe_max_iter = 1000
+  c.eval.knn_k = 5
+  c.eval.random_encoder_seed = 1    # init seed of the random-encoder baseline
+  # pictures and OOD
+  c.eval.pictures = True
+  c.eval.tsne_max_points = 2000     # 0 = all
+  c.eval.tsne_perplexity = 30.0
+  c.eval.ood_source = ""            # a second data source scored as OOD ("" = none)
+  c.eval.ood_holdout_class = -1     # >= 0: train without this class; its eval images are OOD
+  c.eval.periodic_full = False      # periodic evals also run probes, OOD and pictures
 
   c.distributed = ml_collections.ConfigDict()  # see docs/distributed.md
   c.distributed.initialize = False  # call jax.distributed.initialize() (multi-process runs)
@@ -158,8 +176,9 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   for key in ("b1", "b2"):
     if not 0.0 <= o[key] < 1.0:
       raise ConfigError(f"config.optim.{key}={o[key]} must be in [0, 1)")
-  from vdmrep import collapse  # late import: collapse reads config names from here
+  from vdmrep import collapse, evaluate  # late import: they read config names from here
   collapse.validate(config)
+  evaluate.validate(config)
   from vdmrep import parallel  # late import: parallel raises this module's ConfigError
   parallel.validate(config)
 

@@ -34,6 +34,7 @@ class Dataset:
   train_labels: Optional[np.ndarray] = None  # int32 [N]
   eval_labels: Optional[np.ndarray] = None   # int32 [M]
   note: str = ""                      # e.g. how the eval split was made
+  held_out_images: Optional[np.ndarray] = None  # eval images of a held-out class (OOD)
 
   @property
   def image_shape(self) -> tuple:
@@ -195,6 +196,27 @@ def load(data_cfg) -> Dataset:
     raise DataError(f"{src}: train images {ds.train_images.shape[1:]} and eval images "
                     f"{ds.eval_images.shape[1:]} differ in shape")
   return ds
+
+
+def hold_out_class(ds: Dataset, label: int) -> Dataset:
+  """Drops class `label` from both splits; its eval images become `held_out_images` (OOD).
+
+  The model then never sees the class in training, so scoring those images is a real
+  out-of-distribution test. `label` < 0 returns `ds` unchanged.
+  """
+  if label < 0:
+    return ds
+  if ds.train_labels is None or ds.eval_labels is None:
+    raise DataError(f"config.eval.ood_holdout_class={label}: {ds.name} has no labels")
+  if not np.any(ds.eval_labels == label):
+    raise DataError(f"config.eval.ood_holdout_class={label}: no eval image of that class in "
+                    f"{ds.name} (labels {sorted(set(ds.eval_labels.tolist()))})")
+  tr, ev = ds.train_labels != label, ds.eval_labels != label
+  return dataclasses.replace(
+      ds, train_images=ds.train_images[tr], train_labels=ds.train_labels[tr],
+      eval_images=ds.eval_images[ev], eval_labels=ds.eval_labels[ev],
+      held_out_images=ds.eval_images[~ev],
+      note=ds.note + f"; class {label} removed from training and eval (it is the OOD set)")
 
 
 def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
