@@ -164,3 +164,14 @@ def test_ood_source_of_another_shape_is_rejected(tmp_path):
   ds = data.load(c.data)
   with pytest.raises(data.DataError, match="config.eval.ood_source=.*differ in shape"):
     evaluate.ood_sets(ds, c)
+
+
+def test_eval_times_are_stratified_per_image_and_independent_across_images():
+  import jax
+  t = np.asarray(evaluate.eval_times(jax.random.key(0), 128, 4))
+  assert t.shape == (4, 128) and np.all((t >= 0) & (t < 1))
+  offsets = np.sort(np.mod(t - t[0], 1.0), axis=0)
+  np.testing.assert_allclose(offsets, np.repeat([[0.0], [0.25], [0.5], [0.75]], 128, 1),
+                             atol=1e-6)
+  # training's antithetic scheme would put images 0..5 within 6/128 of each other
+  assert np.ptp(t[0, :6]) > 6 / 128

@@ -2,7 +2,8 @@
 
 The ELBO reported here always weights the encoder KL by 1 (whatever beta training
 used), so for any parameters it is an upper bound on -log2 p(x) per dimension, up to
-Monte Carlo error (K draws of (w, z_0, t, eps) per image, `config.eval.num_time_samples`).
+Monte Carlo error (K draws of (w, z_0, t, eps) per image, `config.eval.num_time_samples`,
+with t stratified per image: see `eval_times`).
 When training optimised something else (`collapse.is_bound(config)` is False), the value
 of *that* objective on the eval split is reported too, flagged "not a bound".
 
@@ -55,12 +56,29 @@ def validate(config) -> None:
 
 
 # -- the ELBO --------------------------------------------------------------------------
+def eval_times(key, batch: int, num_samples: int):
+  """[K, B] diffusion times: for each image its own K stratified times (u_i + k/K) mod 1.
+
+  Training's antithetic sampling spreads one uniform over the *batch*, which makes the
+  times of neighbouring images dependent: the few real images of a padded last batch (or
+  a small OOD set) would all get nearly the same t. Here u_i are independent, so
+  per-image estimates are independent (the standard error over images is valid, and an
+  image's score does not depend on its batch position) and each is stratified over its K draws.
+  """
+  u = jax.random.uniform(key, (batch,))
+  return jnp.mod(u[None, :] + jnp.arange(num_samples)[:, None] / num_samples, 1.0)
+
+
 def _eval_terms(params, batch, key, *, model, num_samples):
-  """Per-image terms averaged over K draws: dict of [B] nats."""
-  def one(k):
-    t = model.elbo_terms(params, batch, k, train=False)
-    return {name: t[name] for name in TERMS}
-  terms = jax.lax.map(one, jax.random.split(key, num_samples))
+  """Per-image terms averaged over K draws of (w, z_0, t, eps): dict of [B] nats."""
+  k_t, k_rest = jax.random.split(key)
+  times = eval_times(k_t, batch.shape[0], num_samples)
+
+  def one(args):
+    t, k = args
+    terms = model.elbo_terms(params, batch, k, train=False, t=t)
+    return {name: terms[name] for name in TERMS}
+  terms = jax.lax.map(one, (times, jax.random.split(k_rest, num_samples)))
   return jax.tree.map(lambda x: jnp.mean(x, axis=0), terms)
 
 
@@ -262,7 +280,9 @@ def ood_section(eval_fn, params, in_bpd, ds, config, mesh, key) -> dict:
                           config.eval.batch_size, mesh)
     bpd = per_image_bpd(per, int(np.prod(imgs.shape[1:])))
     out[name] = {"auroc": auroc(in_bpd, bpd), "num_ood": len(bpd), "num_in": len(in_bpd),
-                 "ood_bpd": float(bpd.mean()), "in_bpd": float(in_bpd.mean())}
+                 "ood_bpd": float(bpd.mean()), "in_bpd": float(in_bpd.mean()),
+                 "ood_bpd_se": float(bpd.std(ddof=1) / math.sqrt(len(bpd)))
+                 if len(bpd) > 1 else float("nan")}
   return out
 
 

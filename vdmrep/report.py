@@ -121,9 +121,9 @@ def markdown(rep: dict) -> str:
       lines.append(f"| {name} | {_fmt(r['logreg_acc'])}{conv} | {_fmt(r['knn_acc'])} |")
   if rep.get("ood"):
     lines += ["", "## OOD (per-image ELBO as score)", "",
-              "| OOD set | AUROC | n OOD | bpd OOD | bpd in |", "|---|---|---|---|---|"]
+              "| OOD set | AUROC | n OOD | bpd OOD (s.e.) | bpd in |", "|---|---|---|---|---|"]
     for name, r in rep["ood"].items():
-      lines.append(f"| {name} | {_fmt(r['auroc'])} | {r['num_ood']} | {_fmt(r['ood_bpd'])} | "
+      lines.append(f"| {name} | {_fmt(r['auroc'])} | {r['num_ood']} | {_fmt(r['ood_bpd'])} ({_fmt(r['ood_bpd_se'])}) | "
                    f"{_fmt(r['in_bpd'])} |")
   if rep.get("pictures"):
     lines += ["", "## Pictures", ""] + [f"- {k}: `{v}`" for k, v in rep["pictures"].items()]
