@@ -9,6 +9,7 @@ only when every setting that made it (data, shape, steps, key, ...) matches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vdmrep import data as data_lib
 from vdmrep import losses
 
 
@@ -26,15 +28,22 @@ class ConvClassifier(nn.Module):
   """x in model scale [B, H, W, C] -> (logits [B, classes], features [B, features])."""
   num_classes: int
   features: int = 64
+  width: int = 16
 
   @nn.compact
   def __call__(self, x):
-    h = nn.relu(nn.Conv(32, (3, 3), name="conv_0")(x))
-    h = nn.relu(nn.Conv(64, (3, 3), strides=(2, 2), name="conv_1")(h))
-    h = nn.relu(nn.Conv(64, (3, 3), strides=(2, 2), name="conv_2")(h))
+    c = self.width
+    h = nn.relu(nn.Conv(c, (3, 3), name="conv_0")(x))
+    h = nn.relu(nn.Conv(2 * c, (3, 3), strides=(2, 2), name="conv_1")(h))
+    h = nn.relu(nn.Conv(2 * c, (3, 3), strides=(2, 2), name="conv_2")(h))
     h = jnp.mean(h, axis=(1, 2))
     f = nn.relu(nn.Dense(self.features, name="features")(h))
     return nn.Dense(self.num_classes, name="logits")(f), f
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(net, params, x_int):
+  return net.apply({"params": params}, losses.data_to_model_scale(x_int))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +53,13 @@ class FeatureClassifier:
   params: dict
   meta: dict
 
-  def apply(self, images, batch_size: int = 512):
-    fn = jax.jit(lambda p, x: self.net.apply({"params": p}, losses.data_to_model_scale(x)))
+  def apply(self, images, batch_size: int = 256):
+    """(logits [N, classes], features [N, F]) as float64 numpy, in fixed-size batches."""
     logits, feats = [], []
-    for i in range(0, len(images), batch_size):
-      lo, fe = fn(self.params, jnp.asarray(images[i:i + batch_size]))
-      logits.append(np.asarray(lo, np.float64))
-      feats.append(np.asarray(fe, np.float64))
+    for batch, mask in data_lib.eval_batches(np.asarray(images), batch_size):
+      lo, fe = _apply(self.net, self.params, batch)
+      logits.append(np.asarray(lo, np.float64)[mask > 0])
+      feats.append(np.asarray(fe, np.float64)[mask > 0])
     return np.concatenate(logits), np.concatenate(feats)
 
   def predict(self, images, batch_size: int = 512):

@@ -14,7 +14,6 @@ mean and standard deviation over 10 splits (Salimans et al. 2016).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -99,10 +98,9 @@ def draw_samples(model, params, ds, config, mesh, key, *, num_unconditional):
   p = min(s.num_interpolations, len(ds.eval_images) // 2)
   if model.conditional and p > 0:
     a, b = ds.eval_images[:p], ds.eval_images[p:2 * p]
-    fn = jax.jit(functools.partial(sampling.interpolation_samples, model,
-                                   steps=s.interpolation_steps, num_steps=s.num_steps,
-                                   method=s.interpolation, decode_method=s.decode))
-    out["interp"] = np.asarray(fn(params, k_int, a, b)).astype(out["unconditional"].dtype)
+    out["interp"] = sampling.generate_interpolation(
+        model, params, k_int, a, b, steps=s.interpolation_steps, num_steps=s.num_steps,
+        method=s.interpolation, decode_method=s.decode).astype(out["unconditional"].dtype)
     out["interp_a"], out["interp_b"] = a, b
     out["interp_alpha"] = np.linspace(0.0, 1.0, s.interpolation_steps)
   return out

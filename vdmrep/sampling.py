@@ -294,3 +294,15 @@ def interpolation_samples(model, params, key, x_a, x_b, *, steps, num_steps, met
   one = lambda w_j: sample_from(model, params, k_run, w_j, z, num_steps=num_steps,
                                 decode_method=decode_method)[0]
   return jnp.swapaxes(jax.vmap(one)(jnp.swapaxes(w, 0, 1)), 0, 1)
+
+
+_interpolation_jit = jax.jit(interpolation_samples, static_argnums=(0,),
+                             static_argnames=("steps", "num_steps", "method", "decode_method"))
+
+
+def generate_interpolation(model, params, key, x_a, x_b, *, steps, num_steps, method="slerp",
+                           decode_method="sample"):
+  """`interpolation_samples` compiled once per setting; host numpy [P, steps, H, W, C]."""
+  return _to_host(_interpolation_jit(model, params, key, x_a, x_b, steps=steps,
+                                     num_steps=num_steps, method=method,
+                                     decode_method=decode_method))
