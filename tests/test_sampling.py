@@ -15,7 +15,7 @@ def _sig(x):
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def film_tiny():
   """One 8x8 film-conditioned model (n_blocks=1, channels=8) shared by the tests.
 
   No Fourier features: sin(2^7 2 pi z) turns float32 round-off into visible differences
@@ -49,8 +49,8 @@ def _linear_gamma(t):
   return GMIN + (GMAX - GMIN) * t
 
 
-def test_fori_loop_equals_python_loop_of_posterior_update(tiny):
-  model, params = tiny
+def test_fori_loop_equals_python_loop_of_posterior_update(film_tiny):
+  model, params = film_tiny
   params = perturbed(params, 0.1)
   n, b = 6, 3
   key = jax.random.key(3)
@@ -128,8 +128,8 @@ def test_gaussian_data_output_matches_analytic_distribution():
   assert abs(_discrete_moments(5000, m, v)[1] - true_var) < 0.002 * true_var
 
 
-def test_guided_mode_uses_encoder_w(tiny):
-  model, params = tiny
+def test_guided_mode_uses_encoder_w(film_tiny):
+  model, params = film_tiny
   params = perturbed(params, 0.2)
   xa = np.repeat(_digits(1, 0), 2, 0)
   xb = np.repeat(_digits(1, 1), 2, 0)
@@ -151,8 +151,8 @@ def test_guided_mode_uses_encoder_w(tiny):
   np.testing.assert_allclose(got, expect, atol=1e-5)
 
 
-def test_trajectory_frames_and_reconstruction_from_low_noise(tiny):
-  model, params = tiny
+def test_trajectory_frames_and_reconstruction_from_low_noise(film_tiny):
+  model, params = film_tiny
   x = _digits(3)
   out = sampling.generate(model, params, jax.random.key(2), mode="reconstruction", images=x,
                           batch_size=2, num_steps=40, t_start=0.05, num_frames=3,
@@ -168,8 +168,8 @@ def test_trajectory_frames_and_reconstruction_from_low_noise(tiny):
   assert np.max(np.abs(out["frames"][0] - np.sqrt(_sig(-g)) * f)) < 6 * np.sqrt(_sig(g))
 
 
-def test_generate_is_deterministic_and_batch_keys_differ(tiny):
-  model, params = tiny
+def test_generate_is_deterministic_and_batch_keys_differ(film_tiny):
+  model, params = film_tiny
   params = perturbed(params, 0.1)
   kw = dict(mode="unconditional", num=5, image_shape=(8, 8, 1), batch_size=4, num_steps=3)
   a = sampling.generate(model, params, jax.random.key(0), **kw)["images"]
@@ -180,7 +180,7 @@ def test_generate_is_deterministic_and_batch_keys_differ(tiny):
   assert np.mean(a != c) > 0.5
 
 
-def test_interpolation_paths_and_shared_noise(tiny):
+def test_interpolation_paths_and_shared_noise(film_tiny):
   rng = np.random.default_rng(0)
   wa, wb = rng.normal(size=(3, 16)), rng.normal(size=(3, 16))
   alphas = np.linspace(0, 1, 5)
@@ -195,7 +195,7 @@ def test_interpolation_paths_and_shared_noise(tiny):
   np.testing.assert_allclose(arc, np.stack([np.cos(alphas * np.pi / 2),
                                             np.sin(alphas * np.pi / 2)], -1), atol=1e-5)
   # a model that ignores w gives identical images along each row (all noise shared)
-  model, params = tiny  # film weights still zero: the score net ignores w
+  model, params = film_tiny  # film weights still zero: the score net ignores w
   run = jax.jit(lambda p, k, a, b: sampling.interpolation_samples(model, p, k, a, b, steps=3,
                                                                  num_steps=3))
   rows = run(params, jax.random.key(0), _digits(2), _digits(2, 5))

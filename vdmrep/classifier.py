@@ -130,11 +130,12 @@ def get_classifier(ds, key, *, workdir, steps, batch_size, lr, features,
   acc = float(np.mean(clf.predict(ds.eval_images) == ds.eval_labels))
   meta = {"settings": settings, "test_accuracy": acc, "num_eval": int(len(ds.eval_images)),
           "final_train_loss": float(np.mean(loss_curve[-20:]))}
-  os.makedirs(directory, exist_ok=True)
-  with open(params_path, "wb") as fh:
-    fh.write(flax.serialization.to_bytes(params))
-  with open(meta_path, "w") as fh:
-    json.dump(meta, fh, indent=1)
+  if jax.process_index() == 0:  # every process trains the same net; one writes it
+    os.makedirs(directory, exist_ok=True)
+    with open(params_path, "wb") as fh:
+      fh.write(flax.serialization.to_bytes(params))
+    with open(meta_path, "w") as fh:
+      json.dump(meta, fh, indent=1)
   log(f"feature classifier: trained {steps} steps; test accuracy {acc:.4f} "
       f"on {len(ds.eval_images)} eval images")
   return FeatureClassifier(net, params, dict(meta, cached=False))

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from vdmrep import classifier as classifier_lib
-from vdmrep import plots, sampling
+from vdmrep import parallel, plots, sampling
 
 
 # -- the statistics ----------------------------------------------------------------
@@ -182,8 +182,10 @@ def sample_quality_section(model, params, ds, config, workdir, mesh, key, *, wri
   res = {"num_samples": int(s.num_samples), "num_steps": int(s.num_steps),
          "decode": s.decode, "t_start": float(s.t_start), "num_train": len(ds.train_images),
          "num_eval": len(ds.eval_images), "num_guided": len(samples["inputs"])}
-  res["pictures"] = write_pictures(samples, config, pic_dir, writer=writer, step=step)
-  save_samples(samples, os.path.join(workdir, "samples.npz"))
+  res["pictures"] = {}
+  if parallel.is_main_process():
+    res["pictures"] = write_pictures(samples, config, pic_dir, writer=writer, step=step)
+    save_samples(samples, os.path.join(workdir, "samples.npz"))
   if ds.train_labels is None:
     res["classifier_note"] = f"{ds.name} has no labels: no classifier-based numbers"
   else:
@@ -240,7 +242,9 @@ def sample_checkpoint(config, workdir: str) -> dict:
   key = jax.random.fold_in(jax.random.key(config.seed), 0x5A4D)
   samples = draw_samples(model, restored.ema_params, ds, config, mesh, key,
                          num_unconditional=config.sample.num_samples)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if not parallel.is_main_process():
+    return {}
+  writer = metric_writers.create_default_writer(workdir)
   paths = write_pictures(samples, config, os.path.join(workdir, "pictures"), writer=writer,
                          step=int(restored.step))
   writer.flush()
