@@ -98,7 +98,8 @@ def _discrete_moments(num_steps, m, v):
   """Exact mean/variance of the N-step sampler's z_0 (everything is linear-Gaussian)."""
   mean, var = 0.0, 1.0
   for k in range(num_steps):
-    g_t, g_s = _linear_gamma((num_steps - k) / num_steps), _linear_gamma((num_steps - k - 1) / num_steps)
+    n = num_steps
+    g_t, g_s = _linear_gamma((n - k) / n), _linear_gamma((n - k - 1) / n)
     a_t, s2_t, a_s, s2_s = np.sqrt(_sig(-g_t)), _sig(g_t), np.sqrt(_sig(-g_s)), _sig(g_s)
     d = a_t ** 2 * v + s2_t
     p, q = a_t * v / d, m - a_t ** 2 * v * m / d  # E[x | z_t] = p z_t + q

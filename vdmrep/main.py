@@ -1,4 +1,4 @@
-"""Command line: python -m vdmrep.main --config configs/digits.py --workdir DIR [--mode train|eval|sample]."""
+"""Command line: python -m vdmrep.main --config CONFIG --workdir DIR [--mode train|eval|sample]."""
 from __future__ import annotations
 
 import sys

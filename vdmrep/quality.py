@@ -186,7 +186,7 @@ def sample_quality_section(model, params, ds, config, workdir, mesh, key, *, wri
   if parallel.is_main_process():
     res["pictures"] = write_pictures(samples, config, pic_dir, writer=writer, step=step)
     save_samples(samples, os.path.join(workdir, "samples.npz"))
-  if ds.train_labels is None:
+  if ds.train_labels is None or ds.eval_labels is None:
     res["classifier_note"] = f"{ds.name} has no labels: no classifier-based numbers"
   else:
     clf = classifier_lib.get_classifier(
