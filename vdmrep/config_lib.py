@@ -107,6 +107,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.ood_holdout_class = -1     # >= 0: train without this class; its eval images are OOD
   c.eval.periodic_full = False      # periodic evals also run probes, OOD and pictures
 
+  c.sample = ml_collections.ConfigDict()  # --mode sample and the sample-quality section
+  c.sample.num_steps = 1000         # ancestral steps from t = 1 to 0
+  c.sample.num_samples = 10_000     # unconditional samples for the Frechet distance / score
+  c.sample.batch_size = 256
+  c.sample.decode = "sample"        # z_0 -> pixels: sample | argmax of p(x | z_0)
+  c.sample.t_start = 0.8            # reconstruction: noise level the input is taken to
+  c.sample.trajectory_frames = 8    # frames per reconstruction trajectory picture
+  c.sample.num_trajectories = 8     # rows of that picture
+  c.sample.grid_size = 64           # images per sample-grid picture
+  c.sample.num_guided = 1000        # eval images for the guided class-match rate (capped)
+  c.sample.num_interpolations = 4   # pairs of eval images
+  c.sample.interpolation_steps = 8
+  c.sample.interpolation = "slerp"  # slerp | linear, between encoder means
+  c.sample.classifier_steps = 500   # the feature classifier (trained once per workdir)
+  c.sample.classifier_batch_size = 128
+  c.sample.classifier_lr = 1e-3
+  c.sample.classifier_features = 64
+  c.sample.inception_weights = ""   # Keras InceptionV3 weights (.h5) or a .keras model; "" = off
+
   c.distributed = ml_collections.ConfigDict()  # see docs/distributed.md
   c.distributed.initialize = False  # call jax.distributed.initialize() (multi-process runs)
   c.distributed.coordinator_address = ""  # host:port of process 0; "" = env / auto-detect
@@ -176,9 +195,10 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   for key in ("b1", "b2"):
     if not 0.0 <= o[key] < 1.0:
       raise ConfigError(f"config.optim.{key}={o[key]} must be in [0, 1)")
-  from vdmrep import collapse, evaluate  # late import: they read config names from here
+  from vdmrep import collapse, evaluate, sampling  # late: they read names from here
   collapse.validate(config)
   evaluate.validate(config)
+  sampling.validate(config, num_devices)
   from vdmrep import parallel  # late import: parallel raises this module's ConfigError
   parallel.validate(config)
 
