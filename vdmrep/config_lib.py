@@ -65,6 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.training.checkpoint_every = 500
   c.training.keep_checkpoints = 3
   c.training.eval_every = 0         # 0 = only at the end
+  c.training.nan_policy = "stop"    # stop | skip: what a non-finite loss/gradient does
+  c.training.max_consecutive_skips = 10  # 'skip' halts after more bad steps in a row
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
@@ -134,8 +136,9 @@ def validate(config, num_devices: int = 1) -> None:
   for key in ("b1", "b2"):
     if not 0.0 <= o[key] < 1.0:
       raise ConfigError(f"config.optim.{key}={o[key]} must be in [0, 1)")
-  from vdmrep import collapse  # late import: collapse reads config names from here
+  from vdmrep import collapse, reliability  # late import: they read names from here
   collapse.validate(config)
+  reliability.validate(config)
 
 
 def model_fingerprint(config) -> dict:
