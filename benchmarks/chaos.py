@@ -145,7 +145,8 @@ def main():
   ap.add_argument("--max-delay", type=float, default=0.0,
                   help="fixed D in seconds; 0 = adaptive: c + 2 * steps/(kills+1) * s/step, "
                        "c = the median time from 'parameters:' to the first step seen in "
-                       "earlier launches (the reference's compile time at first)")
+                       "earlier launches (a quarter of the reference's compile time at first, "
+                       "as restarts load the compiled step from the cache)")
   ap.add_argument("--no-compile-cache", action="store_true",
                   help="recompile in every launch (slower; the short test does this)")
   args, extra = ap.parse_known_args()
@@ -165,7 +166,7 @@ def main():
     sys.exit(f"reference run failed (exit {proc.returncode}):\n{out.text()[-3000:]}")
   print(f"reference run: {args.steps} steps, {time.time() - t:.0f} s, exit 0", flush=True)
   tau, compile_s = reference_speed(bpd_times(ref_dir), out.anchor_time)
-  starts = [compile_s]  # seconds from 'parameters:' to training, per launch seen
+  starts = []  # seconds from 'parameters:' to the first step, per launch that got there
   train_span = 2.0 * args.steps / (args.kills + 1) * tau
   print(f"  {tau * 1e3:.0f} ms/step, {compile_s:.0f} s to compile; kill delays u * D after "
         f"'parameters:', u ~ U(0, 1) seeded by {args.seed}, D = "
@@ -184,7 +185,8 @@ def main():
     out = Output(proc)
     killed = False
     if kills < args.kills:
-      max_delay = args.max_delay or float(np.median(starts)) + train_span
+      c = float(np.median(starts)) if starts else compile_s / 4
+      max_delay = args.max_delay or c + train_span
       delay = float(rng.uniform()) * max_delay
       out.anchor.wait()
       try:
@@ -197,11 +199,12 @@ def main():
       proc.wait()
     text = out.text()
     m = re.search(r"resumed from checkpoint at step (\d+)", text)
-    resumed = int(m.group(1)) if m else 0
+    # No 'resumed' line: a fresh start if it trained, else killed before it got that far.
+    resumed = int(m.group(1)) if m else 0 if out.first_log else None
     if out.first_log and out.anchor_time:
       t_log, s_log = out.first_log
       starts.append(max(0.0, t_log - out.anchor_time - (s_log - resumed) * tau))
-    if resumed != (newest or 0):
+    if resumed is not None and resumed != (newest or 0):
       lost.append(f"launch {launches} resumed at {resumed}, newest on disk was {newest}")
     if "unreadable" in text:
       lost.append(f"launch {launches}: " + next(l for l in text.splitlines() if "unreadable" in l))
@@ -214,7 +217,7 @@ def main():
       log.append(dict(kill=kills, delay_s=round(delay, 2), max_delay_s=round(max_delay, 1),
                       resumed_at=resumed,
                       newest_after=newest, tmp_left=len(tmp)))
-      print(f"{kills:>4} {delay:>7.2f} {max_delay:>6.1f} {resumed:>10} {str(newest):>12} "
+      print(f"{kills:>4} {delay:>7.2f} {max_delay:>6.1f} {'-' if resumed is None else resumed:>10} {str(newest):>12} "
             f"{len(tmp):>8}", flush=True)
       continue
     if proc.returncode != 0:
