@@ -10,9 +10,11 @@ that no checkpoint was lost: the newest step on disk never goes back, the restar
 resumes from exactly that step, and no checkpoint is reported unreadable.
 
 Delays: a launch is killed u * D seconds after it prints its parameter count
-(model built, step about to compile), u ~ U(0, 1) from --seed; D is set from the
-reference run's speed so that K kills fit in --steps (see `--help`). A kill can land
-anywhere: compiling, training, saving, evaluating.
+(model built, step about to compile), u ~ U(0, 1) from --seed. D = c + 2 * (steps
+left) / (kills left + 1) * (s/step), with the start-up time c and s/step measured in
+the launches so far, so the K kills spread over the run (expected progress per launch
+at most its share). A kill can land anywhere: compiling, restoring, training, saving,
+evaluating.
 
   python benchmarks/chaos.py --kills 12 --steps 300 --out /tmp/chaos
   python benchmarks/chaos.py --kills 2 --steps 30 --json /tmp/chaos.json  # short
@@ -59,7 +61,7 @@ class Output:
 
   def __init__(self, proc):
     self.lines, self.anchor, self.anchor_time = [], threading.Event(), None
-    self.first_log = None  # (time, step) of the first train log line
+    self.logs = []  # (time, step) of each train log line
     self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
     self.thread.start()
 
@@ -70,8 +72,8 @@ class Output:
         self.anchor_time = time.time()
         self.anchor.set()
       m = LOG_LINE.search(line)
-      if m and self.first_log is None:
-        self.first_log = (time.time(), int(m.group(1)))
+      if m:
+        self.logs.append((time.time(), int(m.group(1))))
     self.anchor.set()  # exited (or died) before printing it
 
   def text(self):
@@ -143,10 +145,9 @@ def main():
   ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "out", "chaos"))
   ap.add_argument("--json", default="", help="also write the findings here")
   ap.add_argument("--max-delay", type=float, default=0.0,
-                  help="fixed D in seconds; 0 = adaptive: c + 2 * steps/(kills+1) * s/step, "
-                       "c = the median time from 'parameters:' to the first step seen in "
-                       "earlier launches (a quarter of the reference's compile time at first, "
-                       "as restarts load the compiled step from the cache)")
+                  help="fixed D in seconds; 0 = adaptive (see above; before any launch has "
+                       "trained, c = a quarter of the reference's compile time, as restarts "
+                       "load the compiled step from the cache)")
   ap.add_argument("--no-compile-cache", action="store_true",
                   help="recompile in every launch (slower; the short test does this)")
   args, extra = ap.parse_known_args()
@@ -167,11 +168,12 @@ def main():
   print(f"reference run: {args.steps} steps, {time.time() - t:.0f} s, exit 0", flush=True)
   tau, compile_s = reference_speed(bpd_times(ref_dir), out.anchor_time)
   starts = []  # seconds from 'parameters:' to the first step, per launch that got there
-  train_span = 2.0 * args.steps / (args.kills + 1) * tau
+  taus = []  # seconds per step, per launch that logged twice
   print(f"  {tau * 1e3:.0f} ms/step, {compile_s:.0f} s to compile; kill delays u * D after "
         f"'parameters:', u ~ U(0, 1) seeded by {args.seed}, D = "
         + (f"{args.max_delay} s" if args.max_delay else
-           f"c + {train_span:.1f} s, c = median start-up so far"), flush=True)
+           "c + 2 * (steps left) / (kills left + 1) * (s/step), c = median start-up, "
+           "both as measured in the launches so far"), flush=True)
 
   rng = np.random.default_rng(args.seed)
   kills, lost, log = 0, [], []
@@ -186,7 +188,9 @@ def main():
     killed = False
     if kills < args.kills:
       c = float(np.median(starts)) if starts else compile_s / 4
-      max_delay = args.max_delay or c + train_span
+      left = args.steps - (newest or 0)
+      tau_now = float(np.median(taus)) if taus else tau
+      max_delay = args.max_delay or c + 2.0 * left / (args.kills - kills + 1) * tau_now
       delay = float(rng.uniform()) * max_delay
       out.anchor.wait()
       try:
@@ -200,10 +204,13 @@ def main():
     text = out.text()
     m = re.search(r"resumed from checkpoint at step (\d+)", text)
     # No 'resumed' line: a fresh start if it trained, else killed before it got that far.
-    resumed = int(m.group(1)) if m else 0 if out.first_log else None
-    if out.first_log and out.anchor_time:
-      t_log, s_log = out.first_log
-      starts.append(max(0.0, t_log - out.anchor_time - (s_log - resumed) * tau))
+    resumed = int(m.group(1)) if m else 0 if out.logs else None
+    if out.logs and out.anchor_time:
+      (t_log, s_log), (t_end, s_end) = out.logs[0], out.logs[-1]
+      if s_end > s_log:
+        taus.append((t_end - t_log) / (s_end - s_log))
+      starts.append(max(0.0, t_log - out.anchor_time - (s_log - resumed)
+                        * (float(np.median(taus)) if taus else tau)))
     if resumed is not None and resumed != (newest or 0):
       lost.append(f"launch {launches} resumed at {resumed}, newest on disk was {newest}")
     if "unreadable" in text:

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "ben
 import chaos  # noqa: E402  (read_scalars, final_state)
 
 STEPS = 12
+pytestmark = pytest.mark.slow  # five tiny in-process trainings (each compiles its step)
 
 
 def tiny(**training):
