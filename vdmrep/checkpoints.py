@@ -20,12 +20,13 @@ import errno
 import hashlib
 import logging
 import os
-import shutil
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 BEST_METRIC = "eval_bpd"
@@ -78,7 +79,8 @@ def _is_disk_full(err: BaseException) -> bool:
 
 class Checkpoints:
   def __init__(self, workdir: str, keep: int):
-    self.workdir = os.path.abspath(workdir)
+    # gs://... (TPU pods: hosts share no disk) goes to orbax as is.
+    self.workdir = workdir if "://" in workdir else os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
     policy = pp.AnyPreservationPolicy([
         pp.LatestN(n=keep),
@@ -132,15 +134,18 @@ class Checkpoints:
   def quarantine(self, step: int, why: str) -> str:
     """Moves an unreadable step out of the manager's sight; returns where it went."""
     dest_dir = os.path.join(self.workdir, "corrupt_checkpoints")
-    os.makedirs(dest_dir, exist_ok=True)
     dest = os.path.join(dest_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
     if jax.process_index() == 0:
-      shutil.move(self.step_path(step), dest)
+      epath.Path(dest_dir).mkdir(parents=True, exist_ok=True)
+      epath.Path(self.step_path(step)).rename(dest)
+    if jax.process_count() > 1:  # every process must see the move before re-listing
+      multihost_utils.sync_global_devices(f"quarantine_{step}")
     self.manager.reload()
     msg = (f"checkpoint {self.step_path(step)} is unreadable ({why}); moved it to {dest} and "
            "trying the previous one")
     logging.getLogger("absl").warning(msg)
-    print(f"warning: {msg}", flush=True)
+    if jax.process_index() == 0:
+      print(f"warning: {msg}", flush=True)
     self.quarantined.append(dest)
     return dest
 

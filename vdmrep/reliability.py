@@ -193,6 +193,8 @@ def exit_code(err: Interrupted) -> int:
 def check_workdir(workdir: str) -> None:
   """Creates `workdir` and proves it writable, before anything compiles."""
   from vdmrep.checkpoints import CheckpointError
+  if "://" in workdir:  # remote storage (gs://...): orbax creates and writes it
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
