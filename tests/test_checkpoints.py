@@ -123,7 +123,10 @@ def test_kill_during_save_keeps_previous(tmp_path):
   assert "1" in names and "2" not in names
   assert any(n.startswith("2.") and "tmp" in n for n in names), names  # the half-written one
   assert restored_step(tmp_path) == 1
-  assert os.listdir(tmp_path / "checkpoints") == ["1"]  # tmp dir cleaned up on restart
+  # The restarted run saves step 2 again; the half-written tmp dir is gone by then.
+  make(tmp_path, [2]).close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+  assert restored_step(tmp_path) == 2
 
 
 def test_keeps_last_n_and_best(tmp_path):
