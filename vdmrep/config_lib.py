@@ -83,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.training.checkpoint_every = 500
   c.training.keep_checkpoints = 3
   c.training.eval_every = 0         # 0 = only at the end
+  c.training.nan_policy = "stop"    # stop | skip: what a non-finite loss/gradient does
+  c.training.max_consecutive_skips = 10  # 'skip' halts after more bad steps in a row
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
@@ -195,9 +197,10 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   for key in ("b1", "b2"):
     if not 0.0 <= o[key] < 1.0:
       raise ConfigError(f"config.optim.{key}={o[key]} must be in [0, 1)")
-  from vdmrep import collapse, evaluate, sampling  # late: they read names from here
+  from vdmrep import collapse, evaluate, reliability, sampling  # late: they read names here
   collapse.validate(config)
   evaluate.validate(config)
+  reliability.validate(config)
   sampling.validate(config, num_devices)
   from vdmrep import parallel  # late import: parallel raises this module's ConfigError
   parallel.validate(config)

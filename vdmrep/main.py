@@ -19,7 +19,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from vdmrep import checkpoints, data, train  # heavy imports after flag parsing
+  from vdmrep import checkpoints, data, reliability, train  # heavy imports after flags
+  # Exit codes: 2 bad input (config, data, workdir, checkpoint, disk full); 3 training
+  # halted on a non-finite step; 128 + signum after SIGTERM/SIGINT saved a checkpoint.
   try:
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -31,6 +33,12 @@ def main(argv):
   except (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError) as err:
     print(f"error: {err}", file=sys.stderr)
     sys.exit(2)
+  except reliability.NumericalError as err:
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(3)
+  except reliability.Interrupted as err:
+    print(str(err), file=sys.stderr)
+    sys.exit(reliability.exit_code(err))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 from typing import Any
 
@@ -24,7 +23,7 @@ from clu import metric_writers, periodic_actions
 
 from vdmrep import checkpoints, collapse, config_lib, diagnostics, parallel
 from vdmrep import data as data_lib
-from vdmrep import evaluate
+from vdmrep import evaluate, reliability
 from vdmrep.models import build_model
 
 
@@ -34,6 +33,7 @@ class TrainState:
   params: Any
   ema_params: Any
   opt_state: Any
+  health: Any  # reliability.init_health(): non-finite step record (int32 scalars)
 
 
 def make_optimizer(optim_cfg) -> optax.GradientTransformation:
@@ -48,7 +48,8 @@ def make_optimizer(optim_cfg) -> optax.GradientTransformation:
 def create_train_state(model, tx, rng, image_shape) -> TrainState:
   params = model.init(rng, image_shape)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+                    ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                    health=reliability.init_health())
 
 
 def count_params(tree) -> int:
@@ -89,7 +90,11 @@ def train_step(state: TrainState, batch, key, *, model, tx, config):
   metrics.update(loss_bpd=loss, kl_nats=means["kl"], grad_norm=optax.tree.norm(grads), **logs)
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                             opt_state=opt_state)
-  return new_state, metrics
+  # A non-finite step keeps the old state (see reliability.py); no host sync here.
+  checked = dict(means, loss=loss, grad=metrics["grad_norm"])
+  return reliability.guard_step(state, new_state, checked, metrics,
+                                policy=config.training.nan_policy,
+                                max_skips=config.training.max_consecutive_skips)
 
 
 def make_train_step(model, tx, config, mesh):
@@ -126,17 +131,21 @@ def initial_state(model, tx, config, image_shape, mesh):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds a checkpoint), then evaluates.
 
-  Returns the final evaluation summary (bits/dim terms with standard errors).
+  Returns the final evaluation summary (bits/dim terms with standard errors). Raises
+  reliability.Interrupted after saving a checkpoint when SIGTERM/SIGINT arrives, and
+  reliability.NumericalError when a non-finite step halts training (see reliability.py).
   """
   ds, model, tx, mesh = setup(config)
-  os.makedirs(workdir, exist_ok=True)
-  state = initial_state(model, tx, config, ds.image_shape, mesh)
-  log_param_counts(model, state.params)
+  reliability.check_workdir(workdir)
   ckpt = checkpoints.Checkpoints(workdir, keep=config.training.keep_checkpoints)
   fingerprint = config_lib.model_fingerprint(config)
-  restored, meta = ckpt.restore_latest(checkpoints.abstract(state), fingerprint)
+  ckpt.check_latest_compatible(fingerprint, ds.image_shape)  # before anything compiles
+  state = initial_state(model, tx, config, ds.image_shape, mesh)
+  log_param_counts(model, state.params)
+  restored, meta = ckpt.restore_latest(checkpoints.abstract(state), fingerprint, ds.image_shape)
+  acc = None  # metric sums since the last log step (saved with checkpoints: exact logs)
   if restored is not None:
-    state = restored
+    state, acc = restored, _sums_from_json(meta.get("metric_sums"))
     logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
     parallel.main_print(f"resumed from checkpoint at step {int(state.step)}")
   start = int(state.step)
@@ -148,36 +157,70 @@ def train_and_evaluate(config, workdir: str) -> dict:
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
   p_step = make_train_step(model, tx, config, mesh)
   key = jax.random.key(config.seed)
-  meta_base = {"model_fingerprint": fingerprint, "config": json.loads(config.to_json_best_effort())}
+  meta_base = {"model_fingerprint": fingerprint, "image_shape": list(ds.image_shape),
+               "config": json.loads(config.to_json_best_effort())}
+  t = config.training
+  summary, skipped = None, 0
 
-  def save(step):
-    ckpt.save(step, state, dict(meta_base, step=step, data_position=step))
-
-  acc, n_acc, step = None, 0, start
-  for step in range(start, num_steps):
-    local = data_lib.train_batch(ds, step, config.training.batch_size, config.seed,
-                                 jax.process_index(), jax.process_count())
-    state, metrics = p_step(state, parallel.global_batch(mesh, local), key)
-    acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
-    n_acc += 1
-    for h in hooks:
-      h(step + 1)
-    if (step + 1) % config.training.log_every == 0 or step + 1 == num_steps:
-      scalars = {f"train/{k}": float(v) / n_acc for k, v in jax.device_get(acc).items()}
-      writer.write_scalars(step + 1, scalars)
-      acc, n_acc = None, 0
-    if (step + 1) % config.training.checkpoint_every == 0 or step + 1 == num_steps:
-      save(step + 1)
-    if config.training.eval_every and (step + 1) % config.training.eval_every == 0 \
-        and step + 1 != num_steps:
-      _eval_and_write(model, state, ds, config, mesh, writer, step + 1, workdir,
-                      full=config.eval.periodic_full)
-  if ckpt.latest_step() != int(state.step):
-    save(int(state.step))
-  summary = _eval_and_write(model, state, ds, config, mesh, writer, int(state.step), workdir)
+  with reliability.stop_on_signals() as stop:
+    for step in range(start, num_steps):
+      local = data_lib.train_batch(ds, step, t.batch_size, config.seed,
+                                   jax.process_index(), jax.process_count())
+      state, metrics = p_step(state, parallel.global_batch(mesh, local), key)
+      acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
+      for h in hooks:
+        h(step + 1)
+      done = step + 1
+      last = done == num_steps
+      if done % t.log_every == 0 or last:  # the one host sync per log interval
+        sums, health = jax.device_get((acc, state.health))
+        reliability.check_health(health, config, ckpt.latest_step())
+        skipped = _write_train_scalars(writer, done, sums, health, skipped)
+        acc = None
+      evaluate_now = last or (t.eval_every and done % t.eval_every == 0)
+      if not (evaluate_now or stop or done % t.checkpoint_every == 0):
+        continue
+      # Never evaluate or save a halted state; evaluate before saving so a kill in
+      # between redoes the evaluation on resume; flush logs so none are lost.
+      reliability.check_health(jax.device_get(state.health), config, ckpt.latest_step())
+      best = None
+      if evaluate_now:
+        summary = _eval_and_write(model, state, ds, config, mesh, writer, done, workdir,
+                                  full=last or config.eval.periodic_full)
+        best = {checkpoints.BEST_METRIC: summary["bpd"]}
+      writer.flush()
+      ckpt.save(done, state, dict(meta_base, step=done, data_position=done,
+                                  metric_sums=_sums_to_json(acc)), metrics=best)
+      if stop:
+        ckpt.close()
+        raise reliability.Interrupted(stop.signum, done)
+  if summary is None:  # the workdir held a finished run: evaluate it again
+    summary = _eval_and_write(model, state, ds, config, mesh, writer, int(state.step), workdir)
   writer.flush()
   ckpt.close()
   return summary
+
+
+def _write_train_scalars(writer, step, sums, health, skipped_before) -> int:
+  """Writes averages over the applied steps of the interval and the skip count."""
+  good = float(sums.pop("good_steps"))
+  scalars = {f"train/{k}": float(v) / good for k, v in sums.items()} if good else {}
+  scalars["train/skipped_steps"] = int(health["skipped"])
+  writer.write_scalars(step, scalars)
+  if int(health["skipped"]) > skipped_before:
+    parallel.main_print(f"step {step}: {reliability.skip_note(health)}")
+  return int(health["skipped"])
+
+
+def _sums_to_json(acc):
+  """Metric sums as exact JSON (float32 -> Python float is exact), or None."""
+  if acc is None:
+    return None
+  return {k: [float(v), str(v.dtype)] for k, v in jax.device_get(acc).items()}
+
+
+def _sums_from_json(sums):
+  return None if sums is None else {k: jnp.asarray(v, d) for k, (v, d) in sums.items()}
 
 
 def _eval_and_write(model, state, ds, config, mesh, writer, step, workdir, full=True):
@@ -200,10 +243,11 @@ def _flat(d, prefix=""):
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """Evaluates the latest checkpoint in `workdir` (EMA parameters)."""
   ds, model, tx, mesh = setup(config)
-  state = initial_state(model, tx, config, ds.image_shape, mesh)
   ckpt = checkpoints.Checkpoints(workdir, keep=config.training.keep_checkpoints)
-  restored, _ = ckpt.restore_latest(checkpoints.abstract(state),
-                                    config_lib.model_fingerprint(config))
+  fingerprint = config_lib.model_fingerprint(config)
+  ckpt.check_latest_compatible(fingerprint, ds.image_shape)  # before anything compiles
+  state = initial_state(model, tx, config, ds.image_shape, mesh)
+  restored, _ = ckpt.restore_latest(checkpoints.abstract(state), fingerprint, ds.image_shape)
   if restored is None:
     raise checkpoints.CheckpointError(f"no checkpoint to evaluate in {ckpt.directory}")
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
