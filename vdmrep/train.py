@@ -151,9 +151,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     ckpt.save(step, state, dict(meta_base, step=step, data_position=step))
 
   acc, n_acc, step = None, 0, start
-  for step in range(start, num_steps):
-    local = data_lib.train_batch(ds, step, config.training.batch_size, config.seed,
-                                 jax.process_index(), jax.process_count())
+  make_batch = functools.partial(
+      data_lib.train_batch, ds, batch_size=config.training.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  for step, local in data_lib.prefetch(make_batch, range(start, num_steps)):
     state, metrics = p_step(state, parallel.global_batch(mesh, local), key)
     acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
     n_acc += 1
