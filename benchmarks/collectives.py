@@ -20,12 +20,20 @@ import sys
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
 
 
+# One HLO instruction: `name = TYPE opcode(operands), attributes`; TYPE is one token
+# (f32[8]{0}) or a tuple in parentheses. Only the opcode counts, not metadata strings.
+_INSTRUCTION = re.compile(r"=\s+(?:\([^()]*\)|\S+)\s+([a-z][\w\-]*)\(")
+
+
 def count_collectives(hlo_text: str) -> dict:
   """Collective ops in compiled HLO text -> {op name: count} (async start/done pairs once)."""
-  counts = {}
-  for op in COLLECTIVES:
-    pat = re.compile(rf"=\s*[^=]*?\b{op}(-start)?\(")
-    counts[op] = len(pat.findall(hlo_text))
+  counts = dict.fromkeys(COLLECTIVES, 0)
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.search(line)
+    if m:
+      op = m.group(1).removesuffix("-start")
+      if op in counts:
+        counts[op] += 1
   return counts
 
 

@@ -3,6 +3,7 @@
   python benchmarks/train_step.py --vdm tvdm --encoder te --batch 64 --image 28
   python benchmarks/train_step.py --sweep batch   # step time vs batch size (mvdm+te)
   python benchmarks/train_step.py --sweep image   # step time vs image size (mvdm+te)
+  python benchmarks/train_step.py --sweep variants  # whole-batch attention, bf16, remat
 
 Times the full jitted step (forward + backward + clip + AdamW + EMA, buffers donated)
 after compilation, `--repeats` times, and prints one markdown table row per setting:
@@ -25,25 +26,25 @@ from vdmrep import config_lib, parallel
 from vdmrep import train as train_lib
 from vdmrep.models import build_model
 
-HEADER = ("| vdm | encoder | batch | image | dtype | remat | s/step median (min..max) | images/s "
+HEADER = ("| vdm | encoder | batch | image | dtype | remat | attn chunk | s/step median (min..max) | images/s "
           "| GFLOP/step | GFLOP/s | % matmul peak | XLA temp MiB | peak RSS MiB |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def make_config(vdm, encoder, batch, dtype="float32", remat=False):
+def make_config(vdm, encoder, batch, dtype="float32", remat=False, attention_chunk=-1):
   c = config_lib.base_config()
   c.model.vdm, c.model.encoder = vdm, encoder
   c.model.compute_dtype = dtype
-  if "remat" in c.model:
-    c.model.remat = remat
+  c.model.remat = remat
+  c.model.attention_chunk = attention_chunk
   c.training.batch_size = batch
   return c
 
 
-def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False, repeats=5,
-          peak=None):
+def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
+          attention_chunk=-1, repeats=5, peak=None):
   """Returns a dict of the figures for one setting."""
-  config = make_config(vdm, encoder, batch, dtype, remat)
+  config = make_config(vdm, encoder, batch, dtype, remat, attention_chunk)
   config_lib.validate(config, jax.device_count())
   model = build_model(config.model)
   tx = train_lib.make_optimizer(config.optim)
@@ -68,7 +69,7 @@ def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False, 
   times = common.time_fn(run, repeats=repeats, warmup=1)
   med, lo, hi = common.summary(times)
   return dict(vdm=vdm, encoder=encoder, batch=batch, image=f"{image}x{image}x{channels}",
-              dtype=dtype, remat=remat, med=med, lo=lo, hi=hi, ips=batch / med,
+              dtype=dtype, remat=remat, chunk=model.score_net.attention_chunk, med=med, lo=lo, hi=hi, ips=batch / med,
               gflop=flops / 1e9, gflops=flops / med / 1e9,
               frac=(flops / med / peak) if peak else float("nan"),
               temp=mem.get("temp", float("nan")) / 2 ** 20, rss=common.peak_rss_mib())
@@ -76,7 +77,7 @@ def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False, 
 
 def row(r):
   return (f"| {r['vdm']} | {r['encoder']} | {r['batch']} | {r['image']} | {r['dtype']} | "
-          f"{'yes' if r['remat'] else 'no'} | {fmt_s(r['med'])} ({fmt_s(r['lo'])}..{fmt_s(r['hi'])}) | "
+          f"{'yes' if r['remat'] else 'no'} | {r['chunk'] or 'all'} | {fmt_s(r['med'])} ({fmt_s(r['lo'])}..{fmt_s(r['hi'])}) | "
           f"{r['ips']:.1f} | {r['gflop']:.1f} | {r['gflops']:.1f} | {100 * r['frac']:.0f}% | "
           f"{r['temp']:.0f} | {r['rss']:.0f} |")
 
@@ -90,8 +91,10 @@ def main():
   p.add_argument("--channels", type=int, default=1)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--remat", action="store_true")
+  p.add_argument("--attention-chunk", type=int, default=-1, help="-1 auto, 0 whole batch")
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--sweep", choices=("none", "batch", "image", "sizes"), default="none")
+  p.add_argument("--sweep", choices=("none", "batch", "image", "sizes", "variants"),
+                 default="none")
   args = p.parse_args()
 
   peak = common.matmul_peak()
@@ -105,11 +108,14 @@ def main():
   elif args.sweep == "sizes":
     settings = [dict(vdm=v, encoder=e) for v, e in
                 (("mvdm", "te"), ("tvdm", "te"), ("tvdm", "none"), ("mvdm", "none"))]
+  elif args.sweep == "variants":
+    settings = [dict(attention_chunk=0), {}, dict(dtype="bfloat16"), dict(remat=True)]
   else:
     settings = [{}]
   for s in settings:
     kw = dict(vdm=args.vdm, encoder=args.encoder, batch=args.batch, image=args.image,
-              channels=args.channels, dtype=args.dtype, remat=args.remat)
+              channels=args.channels, dtype=args.dtype, remat=args.remat,
+              attention_chunk=args.attention_chunk)
     kw.update(s)
     print(row(bench(repeats=args.repeats, peak=peak, **kw)), flush=True)
   print(f"\nafter: {common.load_note()}")
