@@ -29,7 +29,9 @@ class CheckpointError(RuntimeError):
 
 class Checkpoints:
   def __init__(self, workdir: str, keep: int):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = os.path.join(workdir, "checkpoints")
+    if "://" not in workdir:  # gs://... (TPU pods: hosts share no disk) goes to orbax as is
+      self.directory = os.path.abspath(self.directory)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,

@@ -73,11 +73,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_time_samples = 4       # K Monte Carlo draws of (t, eps, w) per image
   c.eval.max_examples = 0           # 0 = the whole eval split
 
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.initialize = False  # call jax.distributed.initialize()
-  c.distributed.coordinator_address = ""
-  c.distributed.num_processes = 0
-  c.distributed.process_id = -1
+  c.distributed = ml_collections.ConfigDict()  # see docs/distributed.md
+  c.distributed.initialize = False  # call jax.distributed.initialize() (multi-process runs)
+  c.distributed.coordinator_address = ""  # host:port of process 0; "" = env / auto-detect
+  c.distributed.num_processes = 0   # 0 = env JAX_NUM_PROCESSES / auto-detect
+  c.distributed.process_id = -1     # -1 = env JAX_PROCESS_ID / auto-detect
+  c.distributed.cluster_detection_method = ""  # "" = JAX tries SLURM, Open MPI, TPU, ...
+  c.distributed.initialization_timeout = 300  # seconds to wait for all processes
   return c
 
 
@@ -92,7 +94,7 @@ def _positive(key, value, allow_zero=False):
     raise ConfigError(f"config.{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
-def validate(config, num_devices: int = 1) -> None:
+def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   """Raises ConfigError naming the first bad key; returns None if the config can run."""
   m, t, o, e = config.model, config.training, config.optim, config.eval
   _choice(config, "model.vdm", m.vdm, VDM_SIZES)
@@ -130,6 +132,10 @@ def validate(config, num_devices: int = 1) -> None:
   if e.batch_size % num_devices:
     raise ConfigError(f"config.eval.batch_size={e.batch_size} is not divisible by the "
                       f"{num_devices} devices it is sharded over")
+  for key, size in (("training.batch_size", t.batch_size), ("eval.batch_size", e.batch_size)):
+    if size % num_processes:  # each process reads an equal slice of the global batch
+      raise ConfigError(f"config.{key}={size} is not divisible by the {num_processes} "
+                        "processes that each read an equal slice of it")
   _positive("eval.num_time_samples", e.num_time_samples)
   _positive("optim.lr", o.lr)
   _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
@@ -141,6 +147,8 @@ def validate(config, num_devices: int = 1) -> None:
       raise ConfigError(f"config.optim.{key}={o[key]} must be in [0, 1)")
   from vdmrep import collapse  # late import: collapse reads config names from here
   collapse.validate(config)
+  from vdmrep import parallel  # late import: parallel raises this module's ConfigError
+  parallel.validate(config)
 
 
 def model_fingerprint(config) -> dict:

@@ -162,12 +162,15 @@ def load_tfds(name: str, data_cfg) -> Dataset:
   kwargs = {"data_dir": data_cfg.tfds_data_dir} if data_cfg.tfds_data_dir else {}
   def split(s):
     try:
-      d = tfds.as_numpy(tfds.load(name, split=s, batch_size=-1, **kwargs))
+      # Batched reads rather than batch_size=-1, which aborts inside TF on datasets of
+      # unknown cardinality (tfds' mock data among them).
+      chunks = list(tfds.as_numpy(tfds.load(name, split=s, **kwargs).batch(4096)))
     except Exception as err:  # DatasetNotFoundError, download errors, ...
       raise DataError(f"tfds:{name} split {s!r} could not be loaded: {err}") from None
-    labels = d.get("label")
-    return (check_images(d["image"], f"tfds:{name}[{s}]"),
-            None if labels is None else np.asarray(labels, np.int32))
+    images = np.concatenate([c["image"] for c in chunks])
+    labels = np.concatenate([c["label"] for c in chunks]) if "label" in chunks[0] else None
+    return (check_images(images, f"tfds:{name}[{s}]"),
+            None if labels is None else labels.astype(np.int32))
   tr, trl = split("train")
   ev, evl = split("test")
   return Dataset(f"tfds:{name}", tr, ev, trl, evl, note=f"tfds {name} train/test")

@@ -84,7 +84,7 @@ def train_step(state: TrainState, batch, key, *, model, tx, config):
   ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
   metrics = {f"{k}_bpd": v * to_bpd for k, v in means.items()}
   metrics["bpd"] = sum(metrics[f"{k}_bpd"] for k in evaluate.TERMS)  # ELBO at beta = 1
-  metrics.update(loss_bpd=loss, kl_nats=means["kl"], grad_norm=optax.global_norm(grads), **logs)
+  metrics.update(loss_bpd=loss, kl_nats=means["kl"], grad_norm=optax.tree.norm(grads), **logs)
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                             opt_state=opt_state)
   return new_state, metrics
@@ -100,7 +100,8 @@ def make_train_step(model, tx, config, mesh):
 def setup(config):
   """Validates the config, loads the data and builds model, optimiser and mesh."""
   parallel.maybe_initialize_distributed(config.distributed)
-  config_lib.validate(config, num_devices=jax.device_count())
+  config_lib.validate(config, num_devices=jax.device_count(),
+                      num_processes=jax.process_count())
   ds = data_lib.load(config.data)
   model = build_model(config.model)
   return ds, model, make_optimizer(config.optim), parallel.make_mesh()
@@ -110,7 +111,7 @@ def log_param_counts(model, params):
   counts = {name: count_params(p) for name, p in params.items()}
   counts["total"] = sum(counts.values())
   logging.info("parameter counts: %s", counts)
-  print("parameters: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()), flush=True)
+  parallel.main_print("parameters: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
   return counts
 
 
@@ -135,7 +136,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if restored is not None:
     state = restored
     logging.info("resumed from step %d in %s", int(state.step), ckpt.directory)
-    print(f"resumed from checkpoint at step {int(state.step)}", flush=True)
+    parallel.main_print(f"resumed from checkpoint at step {int(state.step)}")
   start = int(state.step)
   num_steps = config.training.num_steps
 
@@ -186,11 +187,12 @@ def _eval_and_write(model, state, ds, config, mesh, writer, step):
                                    batch_size=config.eval.batch_size, mesh=mesh)
   writer.write_scalars(step, {f"eval/{k}": v for k, v in summary.items()})
   bound, why = collapse.is_bound(config)
-  print(f"eval step {step}: bpd {summary['bpd']:.4f} +- {summary['bpd_se']:.4f} "
-        f"(recon {summary['recon_bpd']:.4f}, prior {summary['prior_bpd']:.5f}, "
-        f"diffusion {summary['diffusion_bpd']:.4f}, kl {summary['kl_bpd']:.4f}); "
-        f"encoder KL {summary['kl_nats']:.3f} nats/image"
-        + ("" if bound else f"  [trained objective is not the ELBO: {why}]"), flush=True)
+  parallel.main_print(
+      f"eval step {step}: bpd {summary['bpd']:.4f} +- {summary['bpd_se']:.4f} "
+      f"(recon {summary['recon_bpd']:.4f}, prior {summary['prior_bpd']:.5f}, "
+      f"diffusion {summary['diffusion_bpd']:.4f}, kl {summary['kl_bpd']:.4f}); "
+      f"encoder KL {summary['kl_nats']:.3f} nats/image"
+      + ("" if bound else f"  [trained objective is not the ELBO: {why}]"))
   return summary
 
 

@@ -1,0 +1,103 @@
+"""Runs a list of vdmrep trainings, skips finished ones, and tabulates their reports.
+
+A run is (name, config file, command-line overrides). Each trains and evaluates with
+`python -m vdmrep.main` into OUT/runs/<name>/ and is *finished* when that directory holds
+`report.json` (written by the final evaluation); a re-run skips finished runs and resumes
+unfinished ones from their checkpoints. Tables are built only from those report files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass
+class Run:
+  name: str
+  config: str                  # path relative to the repo root
+  overrides: list              # ["--config.a.b=v", ...]
+  labels: dict = dataclasses.field(default_factory=dict)  # row labels for the table
+
+
+def run_dir(out: str, run: Run) -> str:
+  return os.path.join(out, "runs", run.name)
+
+
+def is_finished(out: str, run: Run) -> bool:
+  return os.path.exists(os.path.join(run_dir(out, run), "report.json"))
+
+
+def execute(out: str, run: Run, log=print) -> float:
+  """Trains + evaluates one run (resuming if interrupted); returns wall seconds."""
+  wd = run_dir(out, run)
+  os.makedirs(wd, exist_ok=True)
+  cmd = [sys.executable, "-m", "vdmrep.main", "--config", os.path.join(ROOT, run.config),
+         "--workdir", wd, *run.overrides]
+  with open(os.path.join(wd, "command.txt"), "w") as fh:
+    fh.write(" ".join(cmd[1:]) + "\n")
+  start = time.time()
+  with open(os.path.join(wd, "stdout.log"), "a") as so, open(os.path.join(wd, "stderr.log"), "a") as se:
+    proc = subprocess.run(cmd, cwd=ROOT, stdout=so, stderr=se)
+  seconds = time.time() - start
+  if proc.returncode != 0:
+    log(f"[{run.name}] FAILED (exit {proc.returncode}); see {wd}/stderr.log")
+  else:
+    with open(os.path.join(wd, "wall_seconds.txt"), "a") as fh:
+      fh.write(f"{seconds:.1f}\n")
+    log(f"[{run.name}] done in {seconds / 60:.1f} min")
+  return seconds
+
+
+def run_all(out: str, runs: list, parallel: int = 1, log=print) -> None:
+  todo = [r for r in runs if not is_finished(out, r)]
+  log(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; running {len(todo)} "
+      f"({parallel} at a time)")
+  with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+    list(pool.map(lambda r: execute(out, r, log), todo))
+
+
+def load_report(out: str, run: Run):
+  path = os.path.join(run_dir(out, run), "report.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as fh:
+    return json.load(fh)
+
+
+def get(report, path, default=None):
+  """report['a']['b'] for path 'a.b'; `default` when any part is missing."""
+  node = report
+  for part in path.split("."):
+    if not isinstance(node, dict) or part not in node:
+      return default
+    node = node[part]
+  return node
+
+
+def wall_minutes(out: str, run: Run) -> float:
+  path = os.path.join(run_dir(out, run), "wall_seconds.txt")
+  if not os.path.exists(path):
+    return float("nan")
+  with open(path) as fh:
+    return sum(float(x) for x in fh.read().split()) / 60.0
+
+
+def markdown_table(header: list, rows: list) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def hardware() -> str:
+  import jax
+  dev = jax.devices()[0]
+  return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+          f"JAX {jax.__version__} on {dev.platform}:{dev.device_kind}")
