@@ -53,6 +53,22 @@ def flops_of(compiled) -> float:
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
+def lowered_flops(lowered) -> float:
+  """FLOPs of a lowered (not yet compiled) function from XLA's cost analysis, or nan.
+
+  XLA counts a loop body once, whatever its trip count: benchmarks therefore count
+  the FLOPs of the loop-free form of the same mathematics (attention over the whole
+  batch at once, no remat, one Monte Carlo draw times K), the usual "model FLOPs".
+  """
+  try:
+    cost = lowered.cost_analysis()
+  except Exception:
+    return float("nan")
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
 def memory_of(compiled) -> dict:
   """Compiled memory analysis in bytes: arguments, outputs, temporaries (may be empty)."""
   try:

@@ -4,7 +4,7 @@
 
 Times `evaluate.make_eval_fn` (the function `evaluate_elbo` runs per batch) after
 compilation and prints a markdown row: median (min..max) seconds per batch, images/s,
-GFLOP per batch (XLA cost analysis), GFLOP/s, % of the measured f32 matmul peak,
+model GFLOP per batch (XLA cost analysis), GFLOP/s, % of the measured f32 matmul peak,
 XLA temp memory and peak RSS.
 """
 from __future__ import annotations
@@ -45,7 +45,10 @@ def main():
       0, 256, (args.batch,) + shape, dtype=np.uint8))
   key = jax.random.key(1)
   compiled = evaluate.make_eval_fn(model, mesh, args.samples).lower(params, x, key).compile()
-  flops = common.flops_of(compiled)
+  # Model FLOPs: one draw, attention unchunked, times K (common.lowered_flops).
+  config.model.attention_chunk = 0
+  plain = evaluate.make_eval_fn(build_model(config.model), mesh, 1)
+  flops = args.samples * common.lowered_flops(plain.lower(params, x, key))
   temp = common.memory_of(compiled).get("temp", float("nan")) / 2 ** 20
   med, lo, hi = common.summary(common.time_fn(compiled, params, x, key, repeats=args.repeats))
   print(f"hardware: {common.hardware()}; {common.load_note()}")

@@ -2,7 +2,8 @@
 
   python benchmarks/profile_step.py --vdm tvdm --encoder te --batch 64 --image 28
 
-Prints a markdown table: part, median ms (min..max), GFLOP (XLA cost analysis), GFLOP/s.
+Prints a markdown table: part, median ms (min..max), GFLOP (XLA cost analysis; a loop
+body such as chunked attention counts once), GFLOP/s.
 Parts: the whole loss gradient, the score network, the encoder, the reconstruction
 loss, one score-net ResNet block, the score-net attention block, and the optimiser
 update (clip + AdamW + EMA) alone.
