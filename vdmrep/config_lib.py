@@ -43,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.antithetic_time_sampling = True
   c.model.vocab_size = 256
   c.model.compute_dtype = "float32"  # float32 | bfloat16 (params and loss stay f32)
+  c.model.remat = False             # recompute score-net block activations (less memory)
+  c.model.attention_chunk = -1      # examples per attention chunk; -1 auto (1 on CPU), 0 all
 
   # Posterior-collapse remedies; formulas and sources in vdmrep/collapse.py. The defaults
   # are the ELBO; each remedy is switched on by its own key and they combine.
@@ -167,6 +169,9 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   if m.channels and m.channels % 4:
     raise ConfigError(f"config.model.channels={m.channels} must be a multiple of 4 (GroupNorm)")
   _positive("model.vocab_size", m.vocab_size)
+  if m.attention_chunk < -1:
+    raise ConfigError(f"config.model.attention_chunk={m.attention_chunk} must be -1 (auto), "
+                      "0 (whole batch) or a positive number of examples")
   src = config.data.source
   if not (src == "digits" or any(src.startswith(p) and len(src) > len(p)
                                  for p in DATA_SOURCES[1:])):

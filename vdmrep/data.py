@@ -14,10 +14,12 @@ exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import gzip
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -241,6 +243,38 @@ def train_batch(ds: Dataset, step: int, batch_size: int, seed: int,
   idx = batch_indices(len(ds.train_images), batch_size, step, seed)
   per = batch_size // process_count
   return ds.train_images[idx[process_index * per:(process_index + 1) * per]]
+
+
+def prefetch(make_batch: Callable[[int], np.ndarray], steps: Iterable[int],
+             depth: int = 2) -> Iterator[tuple[int, np.ndarray]]:
+  """Yields (step, make_batch(step)) for each step, computed `depth` steps ahead.
+
+  A background thread builds the next batches while the device runs the current
+  step. The batches are exactly those of calling `make_batch` in order (it must be a
+  pure function of the step, like `train_batch`), so prefetching never changes what
+  a run sees; closing the generator stops the thread.
+  """
+  if depth < 1:
+    raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+  steps = iter(steps)
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+  queue = collections.deque()
+  try:
+    def fill():
+      while len(queue) < depth:
+        step = next(steps, None)
+        if step is None:
+          return
+        queue.append((step, pool.submit(make_batch, step)))
+    fill()
+    while queue:
+      step, future = queue.popleft()
+      fill()
+      yield step, future.result()
+  finally:
+    for _, future in queue:
+      future.cancel()
+    pool.shutdown(wait=False)
 
 
 def eval_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

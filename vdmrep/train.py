@@ -162,10 +162,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   t = config.training
   summary, skipped = None, 0
 
+  make_batch = functools.partial(
+      data_lib.train_batch, ds, batch_size=t.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
   with reliability.stop_on_signals() as stop:
-    for step in range(start, num_steps):
-      local = data_lib.train_batch(ds, step, t.batch_size, config.seed,
-                                   jax.process_index(), jax.process_count())
+    for step, local in data_lib.prefetch(make_batch, range(start, num_steps)):
       state, metrics = p_step(state, parallel.global_batch(mesh, local), key)
       acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
       for h in hooks:
