@@ -138,8 +138,10 @@ def evaluate_elbo(model, params, images, *, seed, num_samples, batch_size, mesh)
 def _objective_batch(params, batch, key, step, *, model, config, num_samples):
   """The training objective (nats/image, batch mean, K-draw mean) on one eval batch."""
   def one(k):
-    terms = model.elbo_terms(params, batch, k, train=False)
-    return collapse.objective(terms, step, config)[0]
+    k_terms, k_obj = jax.random.split(k)  # k_obj: the MMD's prior samples, if any
+    terms = model.elbo_terms(params, batch, k_terms, train=False,
+                             deterministic_encoder=config.collapse.deterministic_encoder)
+    return collapse.objective(terms, step, config, k_obj)[0]
   return jnp.mean(jax.lax.map(one, jax.random.split(key, num_samples)))
 
 
