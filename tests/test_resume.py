@@ -80,10 +80,10 @@ def inject_nan(monkeypatch, steps):
   """
   real = collapse.objective
 
-  def objective(terms, step, config):
+  def objective(terms, step, config, rng=None):
     scale = jnp.where(jnp.isin(step, jnp.asarray(steps)), jnp.nan, 1.0)
     terms["diffusion"] = terms["diffusion"] * scale
-    return real(terms, step, config)
+    return real(terms, step, config, rng)
 
   monkeypatch.setattr(collapse, "objective", objective)
 

@@ -43,10 +43,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.antithetic_time_sampling = True
   c.model.vocab_size = 256
   c.model.compute_dtype = "float32"  # float32 | bfloat16 (params and loss stay f32)
+  c.model.remat = False             # recompute score-net block activations (less memory)
+  c.model.attention_chunk = -1      # examples per attention chunk; -1 auto (1 on CPU), 0 all
 
+  # Posterior-collapse remedies; formulas and sources in vdmrep/collapse.py. The defaults
+  # are the ELBO; each remedy is switched on by its own key and they combine.
   c.collapse = ml_collections.ConfigDict()
-  c.collapse.schedule = "constant"  # the KL weight beta(step); see vdmrep/collapse.py
-  c.collapse.beta = 1.0
+  c.collapse.schedule = "constant"  # KL weight beta(step): constant | linear | cyclical
+  c.collapse.beta = 1.0             # constant beta, or the value the schedules rise to
+  c.collapse.warmup_start = 0.0     # linear: beta at step 0
+  c.collapse.warmup_steps = 10000   # linear: steps to reach beta
+  c.collapse.cycles = 4             # cyclical: M cycles over training.num_steps
+  c.collapse.cycle_ratio = 0.5      # cyclical: R, the rising proportion of each cycle
+  c.collapse.free_bits = 0.0        # lambda, nats per latent dimension (0 = off)
+  c.collapse.free_bits_mode = "batch"  # batch (floor the batch-mean KL) | example
+  c.collapse.capacity_gamma = 0.0   # > 0: gamma |KL - C(step)| replaces the KL
+  c.collapse.capacity_max = 25.0    # C_max, nats per image
+  c.collapse.capacity_steps = 10000  # steps over which C ramps from 0 to C_max
+  c.collapse.mmd_alpha = 0.0        # InfoVAE alpha: KL weight (1 - alpha)
+  c.collapse.mmd_lambda = 1.0       # InfoVAE lambda: MMD weight (alpha + lambda - 1)
+  c.collapse.mmd_kernel = "rbf"     # rbf | imq
+  c.collapse.mmd_bandwidth = 1.0
+  c.collapse.deterministic_encoder = False  # w = encoder mean (InfoDiffusion; mmd_alpha = 1)
+  c.collapse.diffusion_weighting = "elbo"  # elbo | sigmoid (emphasises high noise)
+  c.collapse.diffusion_weight_bias = 0.0   # sigmoid: w = sigmoid(gamma_t + bias)
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4
@@ -72,6 +92,44 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.batch_size = 256
   c.eval.num_time_samples = 4       # K Monte Carlo draws of (t, eps, w) per image
   c.eval.max_examples = 0           # 0 = the whole eval split
+  # collapse diagnostics (vdmrep/diagnostics.py)
+  c.eval.active_threshold = 0.01    # active unit: Var_x E_q[w_d|x] above this
+  c.eval.mi_samples = 1             # draws of w per image for the I_q(x; w) estimate
+  c.eval.usefulness_num_t = 10      # t grid (bin midpoints) for the usefulness-of-w curve
+  c.eval.usefulness_max_examples = 512  # 0 = all eval images
+  # representation quality (vdmrep/probes.py)
+  c.eval.probe_max_train = 10000    # first N train images fit the probes; 0 = all
+  c.eval.probe_c = 1.0              # inverse L2 strength of the logistic probe
+  c.eval.probe_max_iter = 1000
+  c.eval.knn_k = 5
+  c.eval.random_encoder_seed = 1    # init seed of the random-encoder baseline
+  # pictures and OOD
+  c.eval.pictures = True
+  c.eval.tsne_max_points = 2000     # 0 = all
+  c.eval.tsne_perplexity = 30.0
+  c.eval.ood_source = ""            # a second data source scored as OOD ("" = none)
+  c.eval.ood_holdout_class = -1     # >= 0: train without this class; its eval images are OOD
+  c.eval.sample_quality = True      # full evals also sample (config.sample): FD, score, ...
+  c.eval.periodic_full = False      # periodic evals also run probes, OOD and pictures
+
+  c.sample = ml_collections.ConfigDict()  # --mode sample and the sample-quality section
+  c.sample.num_steps = 1000         # ancestral steps from t = 1 to 0
+  c.sample.num_samples = 10_000     # unconditional samples for the Frechet distance / score
+  c.sample.batch_size = 256
+  c.sample.decode = "sample"        # z_0 -> pixels: sample | argmax of p(x | z_0)
+  c.sample.t_start = 0.8            # reconstruction: noise level the input is taken to
+  c.sample.trajectory_frames = 8    # frames per reconstruction trajectory picture
+  c.sample.num_trajectories = 8     # rows of that picture
+  c.sample.grid_size = 64           # images per sample-grid picture
+  c.sample.num_guided = 1000        # eval images for the guided class-match rate (capped)
+  c.sample.num_interpolations = 4   # pairs of eval images
+  c.sample.interpolation_steps = 8
+  c.sample.interpolation = "slerp"  # slerp | linear, between encoder means
+  c.sample.classifier_steps = 500   # the feature classifier (trained once per workdir)
+  c.sample.classifier_batch_size = 128
+  c.sample.classifier_lr = 1e-3
+  c.sample.classifier_features = 64
+  c.sample.inception_weights = ""   # Keras InceptionV3 weights (.h5) or a .keras model; "" = off
 
   c.distributed = ml_collections.ConfigDict()  # see docs/distributed.md
   c.distributed.initialize = False  # call jax.distributed.initialize() (multi-process runs)
@@ -112,6 +170,9 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   if m.channels and m.channels % 4:
     raise ConfigError(f"config.model.channels={m.channels} must be a multiple of 4 (GroupNorm)")
   _positive("model.vocab_size", m.vocab_size)
+  if m.attention_chunk < -1:
+    raise ConfigError(f"config.model.attention_chunk={m.attention_chunk} must be -1 (auto), "
+                      "0 (whole batch) or a positive number of examples")
   src = config.data.source
   if not (src == "digits" or any(src.startswith(p) and len(src) > len(p)
                                  for p in DATA_SOURCES[1:])):
@@ -142,9 +203,11 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   for key in ("b1", "b2"):
     if not 0.0 <= o[key] < 1.0:
       raise ConfigError(f"config.optim.{key}={o[key]} must be in [0, 1)")
-  from vdmrep import collapse, reliability  # late import: they read names from here
+  from vdmrep import collapse, evaluate, reliability, sampling  # late: they read names here
   collapse.validate(config)
+  evaluate.validate(config)
   reliability.validate(config)
+  sampling.validate(config, num_devices)
   from vdmrep import parallel  # late import: parallel raises this module's ConfigError
   parallel.validate(config)
 

@@ -14,10 +14,12 @@ exactly the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import gzip
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -34,6 +36,7 @@ class Dataset:
   train_labels: Optional[np.ndarray] = None  # int32 [N]
   eval_labels: Optional[np.ndarray] = None   # int32 [M]
   note: str = ""                      # e.g. how the eval split was made
+  held_out_images: Optional[np.ndarray] = None  # eval images of a held-out class (OOD)
 
   @property
   def image_shape(self) -> tuple:
@@ -197,6 +200,27 @@ def load(data_cfg) -> Dataset:
   return ds
 
 
+def hold_out_class(ds: Dataset, label: int) -> Dataset:
+  """Drops class `label` from both splits; its eval images become `held_out_images` (OOD).
+
+  The model then never sees the class in training, so scoring those images is a real
+  out-of-distribution test. `label` < 0 returns `ds` unchanged.
+  """
+  if label < 0:
+    return ds
+  if ds.train_labels is None or ds.eval_labels is None:
+    raise DataError(f"config.eval.ood_holdout_class={label}: {ds.name} has no labels")
+  if not np.any(ds.eval_labels == label):
+    raise DataError(f"config.eval.ood_holdout_class={label}: no eval image of that class in "
+                    f"{ds.name} (labels {sorted(set(ds.eval_labels.tolist()))})")
+  tr, ev = ds.train_labels != label, ds.eval_labels != label
+  return dataclasses.replace(
+      ds, train_images=ds.train_images[tr], train_labels=ds.train_labels[tr],
+      eval_images=ds.eval_images[ev], eval_labels=ds.eval_labels[ev],
+      held_out_images=ds.eval_images[~ev],
+      note=ds.note + f"; class {label} removed from training and eval (it is the OOD set)")
+
+
 def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> np.ndarray:
   """Indices of the global training batch at `step`: a function of (seed, step) only.
 
@@ -219,6 +243,38 @@ def train_batch(ds: Dataset, step: int, batch_size: int, seed: int,
   idx = batch_indices(len(ds.train_images), batch_size, step, seed)
   per = batch_size // process_count
   return ds.train_images[idx[process_index * per:(process_index + 1) * per]]
+
+
+def prefetch(make_batch: Callable[[int], np.ndarray], steps: Iterable[int],
+             depth: int = 2) -> Iterator[tuple[int, np.ndarray]]:
+  """Yields (step, make_batch(step)) for each step, computed `depth` steps ahead.
+
+  A background thread builds the next batches while the device runs the current
+  step. The batches are exactly those of calling `make_batch` in order (it must be a
+  pure function of the step, like `train_batch`), so prefetching never changes what
+  a run sees; closing the generator stops the thread.
+  """
+  if depth < 1:
+    raise ValueError(f"prefetch depth must be >= 1, got {depth}")
+  steps = iter(steps)
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+  queue = collections.deque()
+  try:
+    def fill():
+      while len(queue) < depth:
+        step = next(steps, None)
+        if step is None:
+          return
+        queue.append((step, pool.submit(make_batch, step)))
+    fill()
+    while queue:
+      step, future = queue.popleft()
+      fill()
+      yield step, future.result()
+  finally:
+    for _, future in queue:
+      future.cancel()
+    pool.shutdown(wait=False)
 
 
 def eval_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

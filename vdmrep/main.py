@@ -1,4 +1,4 @@
-"""Command line: python -m vdmrep.main --config configs/digits.py --workdir DIR [--mode train|eval]."""
+"""Command line: python -m vdmrep.main --config CONFIG --workdir DIR [--mode train|eval|sample]."""
 from __future__ import annotations
 
 import sys
@@ -11,7 +11,8 @@ from vdmrep import config_lib
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (then evaluate) or evaluate only.")
+flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
+                  "train (then evaluate), evaluate only, or sample (pictures + samples.npz).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -24,6 +25,9 @@ def main(argv):
   try:
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    elif FLAGS.mode == "sample":
+      from vdmrep import quality
+      quality.sample_checkpoint(FLAGS.config, FLAGS.workdir)
     else:
       train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
   except (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError) as err:

@@ -156,3 +156,10 @@ def main_print(*args) -> None:
   """print(..., flush=True) on process 0 only (every process computes the same numbers)."""
   if is_main_process():
     print(*args, flush=True)
+
+
+def shard_full_batch(mesh: Mesh, batch: np.ndarray) -> jax.Array:
+  """The global batch when every process holds all of it (eval data): each passes its slice."""
+  per = batch.shape[0] // jax.process_count()
+  start = jax.process_index() * per
+  return global_batch(mesh, batch[start:start + per])

@@ -21,7 +21,7 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from vdmrep import checkpoints, collapse, config_lib, parallel
+from vdmrep import checkpoints, collapse, config_lib, diagnostics, parallel
 from vdmrep import data as data_lib
 from vdmrep import evaluate, reliability
 from vdmrep.models import build_model
@@ -73,9 +73,11 @@ def train_step(state: TrainState, batch, key, *, model, tx, config):
   rng = jax.random.fold_in(key, state.step)
 
   def loss_fn(params):
-    terms = model.elbo_terms(params, batch, rng, train=True)
-    loss, logs = collapse.objective(terms, state.step, config)
+    terms = model.elbo_terms(params, batch, rng, train=True,
+                             deterministic_encoder=config.collapse.deterministic_encoder)
+    loss, logs = collapse.objective(terms, state.step, config, jax.random.fold_in(rng, 1))
     means = {k: jnp.mean(terms[k]) for k in evaluate.TERMS}
+    logs = dict(logs, **diagnostics.batch_stats(terms, config.eval.active_threshold))
     return loss * to_bpd, (means, logs)
 
   (loss, (means, logs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -107,7 +109,7 @@ def setup(config):
   parallel.maybe_initialize_distributed(config.distributed)
   config_lib.validate(config, num_devices=jax.device_count(),
                       num_processes=jax.process_count())
-  ds = data_lib.load(config.data)
+  ds = data_lib.hold_out_class(data_lib.load(config.data), config.eval.ood_holdout_class)
   model = build_model(config.model)
   return ds, model, make_optimizer(config.optim), parallel.make_mesh()
 
@@ -160,10 +162,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   t = config.training
   summary, skipped = None, 0
 
+  make_batch = functools.partial(
+      data_lib.train_batch, ds, batch_size=t.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
   with reliability.stop_on_signals() as stop:
-    for step in range(start, num_steps):
-      local = data_lib.train_batch(ds, step, t.batch_size, config.seed,
-                                   jax.process_index(), jax.process_count())
+    for step, local in data_lib.prefetch(make_batch, range(start, num_steps)):
       state, metrics = p_step(state, parallel.global_batch(mesh, local), key)
       acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
       for h in hooks:
@@ -183,7 +186,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       reliability.check_health(jax.device_get(state.health), config, ckpt.latest_step())
       best = None
       if evaluate_now:
-        summary = _eval_and_write(model, state, ds, config, mesh, writer, done)
+        summary = _eval_and_write(model, state, ds, config, mesh, writer, done, workdir,
+                                  full=last or config.eval.periodic_full)
         best = {checkpoints.BEST_METRIC: summary["bpd"]}
       writer.flush()
       ckpt.save(done, state, dict(meta_base, step=done, data_position=done,
@@ -192,7 +196,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ckpt.close()
         raise reliability.Interrupted(stop.signum, done)
   if summary is None:  # the workdir held a finished run: evaluate it again
-    summary = _eval_and_write(model, state, ds, config, mesh, writer, int(state.step))
+    summary = _eval_and_write(model, state, ds, config, mesh, writer, int(state.step), workdir)
   writer.flush()
   ckpt.close()
   return summary
@@ -220,22 +224,11 @@ def _sums_from_json(sums):
   return None if sums is None else {k: jnp.asarray(v, d) for k, (v, d) in sums.items()}
 
 
-def _eval_and_write(model, state, ds, config, mesh, writer, step):
-  images = ds.eval_images
-  if config.eval.max_examples:
-    images = images[:config.eval.max_examples]
-  summary = evaluate.evaluate_elbo(model, state.ema_params, images, seed=config.seed,
-                                   num_samples=config.eval.num_time_samples,
-                                   batch_size=config.eval.batch_size, mesh=mesh)
-  writer.write_scalars(step, {f"eval/{k}": v for k, v in summary.items()})
-  bound, why = collapse.is_bound(config)
-  parallel.main_print(
-      f"eval step {step}: bpd {summary['bpd']:.4f} +- {summary['bpd_se']:.4f} "
-      f"(recon {summary['recon_bpd']:.4f}, prior {summary['prior_bpd']:.5f}, "
-      f"diffusion {summary['diffusion_bpd']:.4f}, kl {summary['kl_bpd']:.4f}); "
-      f"encoder KL {summary['kl_nats']:.3f} nats/image"
-      + ("" if bound else f"  [trained objective is not the ELBO: {why}]"))
-  return summary
+def _eval_and_write(model, state, ds, config, mesh, writer, step, workdir, full=True):
+  """Evaluates the EMA parameters; returns the report's flat metrics (see vdmrep/report.py)."""
+  rep = evaluate.run_evaluation(model, state.ema_params, ds, config, mesh, step=step,
+                                workdir=workdir, writer=writer, full=full)
+  return rep["metrics"]
 
 
 def _flat(d, prefix=""):
@@ -259,7 +252,8 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   if restored is None:
     raise checkpoints.CheckpointError(f"no checkpoint to evaluate in {ckpt.directory}")
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  summary = _eval_and_write(model, restored, ds, config, mesh, writer, int(restored.step))
+  summary = _eval_and_write(model, restored, ds, config, mesh, writer, int(restored.step),
+                            workdir)
   writer.flush()
   ckpt.close()
   return summary

@@ -39,6 +39,7 @@ class Encoder(nn.Module):
   layers: int
   groups: int
   latent: int
+  attention_chunk: int = 0  # examples per attention chunk (layers.attention)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -48,7 +49,8 @@ class Encoder(nn.Module):
       h = ResnetBlock(groups=self.groups, dtype=self.dtype, name=f"down_{i}")(
           h, deterministic=deterministic)
     h = ResnetBlock(groups=self.groups, dtype=self.dtype, name="mid_block_1")(h)
-    h = AttnBlock(groups=self.groups, dtype=self.dtype, name="mid_attn")(h)
+    h = AttnBlock(groups=self.groups, batch_chunk=self.attention_chunk, dtype=self.dtype,
+                  name="mid_attn")(h)
     h = ResnetBlock(groups=self.groups, dtype=self.dtype, name="mid_block_2")(h)
     h = nn.swish(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
     h = nn.Conv(1, (3, 3), dtype=self.dtype, name="conv_out")(h)
@@ -58,10 +60,10 @@ class Encoder(nn.Module):
     return mean, logvar
 
 
-def make_encoder(name: str, dtype=jnp.float32) -> Encoder | None:
+def make_encoder(name: str, dtype=jnp.float32, attention_chunk=0) -> Encoder | None:
   """The named encoder, or None for `none` (an unconditional VDM)."""
   if name == "none":
     return None
   s = ENCODER_SIZES[name]
   return Encoder(channels=s.channels, layers=s.layers, groups=s.groups, latent=s.latent,
-                 dtype=dtype)
+                 attention_chunk=attention_chunk, dtype=dtype)

@@ -8,6 +8,44 @@ import jax
 import jax.numpy as jnp
 
 
+def attention(q, k, v, batch_chunk: int = 0):
+  """softmax(q k^T / sqrt(C)) v, one head: q, k, v [B, N, C] -> [B, N, C].
+
+  `batch_chunk` = g > 0 computes g examples at a time (a sequential `lax.map` over
+  B / g steps): the same mathematics, but each [g, N, N] weight matrix then stays in
+  cache instead of the whole batch's (157 MB at B = 64, 28x28), which made the block
+  about 2x faster forward + backward on a 2-core CPU. Step i takes examples
+  i, i + B/g, i + 2B/g, ...: with the batch sharded over D devices and g a multiple
+  of D, every device works on its own examples and no data moves between devices.
+  0 (or a g that does not divide B) computes the whole batch at once, the right
+  choice on accelerators.
+  """
+  b, _, c = q.shape
+
+  def one(q, k, v):
+    w = jnp.einsum("bqc,bkc->bqk", q, k) * (c ** -0.5)
+    w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
+    return jnp.einsum("bqk,bkc->bqc", w, v)
+
+  if batch_chunk <= 0 or batch_chunk >= b or b % batch_chunk:
+    return one(q, k, v)
+  split = lambda t: jnp.swapaxes(t.reshape((batch_chunk, b // batch_chunk) + t.shape[1:]), 0, 1)
+  out = jax.lax.map(lambda a: one(*a), (split(q), split(k), split(v)))
+  return jnp.swapaxes(out, 0, 1).reshape(q.shape)
+
+
+def default_attention_chunk(setting: int) -> int:
+  """config.model.attention_chunk -> examples per attention step (see `attention`).
+
+  -1 (auto): on CPU one example per device (cache locality wins, and a multiple of
+  the device count keeps the sharded step free of cross-device traffic); elsewhere 0
+  (the whole batch at once).
+  """
+  if setting >= 0:
+    return setting
+  return jax.device_count() if jax.default_backend() == "cpu" else 0
+
+
 def num_groups(channels: int) -> int:
   """GroupNorm groups for the score network: min(C // 4, 32), as the VDM ports use."""
   return max(1, min(channels // 4, 32))
@@ -29,7 +67,7 @@ class ResnetBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, cond=None, film=None, *, deterministic: bool = True):
+  def __call__(self, x, cond=None, film=None, deterministic: bool = True):
     c_in = x.shape[-1]
     out_ch = self.out_ch or c_in
     g_in = self.groups or num_groups(c_in)
@@ -59,6 +97,7 @@ class AttnBlock(nn.Module):
   """Single-head self-attention over all H*W positions, with a residual connection."""
   groups: Optional[int] = None
   norm_eps: float = 1e-6
+  batch_chunk: int = 0  # see `attention`
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -69,8 +108,6 @@ class AttnBlock(nn.Module):
     q = nn.Dense(c, dtype=self.dtype, name="q")(h)
     k = nn.Dense(c, dtype=self.dtype, name="k")(h)
     v = nn.Dense(c, dtype=self.dtype, name="v")(h)
-    w = jnp.einsum("bqc,bkc->bqk", q, k) * (c ** -0.5)
-    w = jax.nn.softmax(w.astype(jnp.float32), axis=-1).astype(v.dtype)
-    h = jnp.einsum("bqk,bkc->bqc", w, v)
+    h = attention(q, k, v, self.batch_chunk)
     h = nn.Dense(c, dtype=self.dtype, name="out")(h)
     return x + h.reshape(b, hgt, wid, c)

@@ -66,6 +66,8 @@ class ScoreNet(nn.Module):
   conditioning: str = "additive"
   dropout: float = 0.0
   use_fourier_features: bool = True
+  attention_chunk: int = 0  # examples per attention chunk (layers.attention)
+  remat: bool = False  # recompute each ResNet block's activations in the backward pass
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -88,20 +90,24 @@ class ScoreNet(nn.Module):
       h = jnp.concatenate([z, fourier_features(z)], axis=-1)
     h = nn.Conv(c, (3, 3), dtype=self.dtype, name="conv_in")(h.astype(self.dtype))
 
-    def block(name, out_ch=c):
-      return ResnetBlock(out_ch=out_ch, dropout=self.dropout, zero_init_out=True,
-                         dtype=self.dtype, name=name)
+    # Remat trades memory for a second forward pass; `deterministic` (argument 4,
+    # counting self) must stay a Python bool, hence static.
+    block_cls = nn.remat(ResnetBlock, static_argnums=(4,)) if self.remat else ResnetBlock
+
+    def block(name, h):
+      out = block_cls(out_ch=c, dropout=self.dropout, zero_init_out=True, dtype=self.dtype,
+                      name=name)
+      return out(h, cond, film, deterministic)
 
     hs = [h]
     for i in range(self.n_blocks):
-      h = block(f"down_{i}")(h, cond, film, deterministic=deterministic)
+      h = block(f"down_{i}", h)
       hs.append(h)
-    h = block("mid_block_1")(h, cond, film, deterministic=deterministic)
-    h = AttnBlock(dtype=self.dtype, name="mid_attn")(h)
-    h = block("mid_block_2")(h, cond, film, deterministic=deterministic)
+    h = block("mid_block_1", h)
+    h = AttnBlock(batch_chunk=self.attention_chunk, dtype=self.dtype, name="mid_attn")(h)
+    h = block("mid_block_2", h)
     for i in range(self.n_blocks + 1):
-      h = block(f"up_{i}")(jnp.concatenate([h, hs.pop()], axis=-1), cond, film,
-                           deterministic=deterministic)
+      h = block(f"up_{i}", jnp.concatenate([h, hs.pop()], axis=-1))
     h = nn.swish(nn.GroupNorm(min(c // 4, 32), epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
     eps_hat = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype,
                       name="conv_out")(h)
@@ -109,8 +115,10 @@ class ScoreNet(nn.Module):
 
 
 def make_score_net(name: str, *, gamma_min, gamma_max, conditioning, dropout,
-                   use_fourier_features, n_blocks=None, channels=None, dtype=jnp.float32):
+                   use_fourier_features, n_blocks=None, channels=None, dtype=jnp.float32,
+                   attention_chunk=0, remat=False):
   size = VDM_SIZES[name]
   return ScoreNet(n_blocks=n_blocks or size.n_blocks, channels=channels or size.channels,
                   gamma_min=gamma_min, gamma_max=gamma_max, conditioning=conditioning,
-                  dropout=dropout, use_fourier_features=use_fourier_features, dtype=dtype)
+                  dropout=dropout, use_fourier_features=use_fourier_features,
+                  attention_chunk=attention_chunk, remat=remat, dtype=dtype)

@@ -71,7 +71,8 @@ class VAEVDM:
       return jnp.mod(t0 + jnp.arange(batch) / batch, 1.0)
     return jax.random.uniform(rng, (batch,))
 
-  def elbo_terms(self, params, x_int, rng, *, train: bool = False, t=None, w=None):
+  def elbo_terms(self, params, x_int, rng, *, train: bool = False, t=None, w=None,
+                 deterministic_encoder: bool = False):
     """Per-example terms of the negative ELBO, each [B] in nats.
 
     Args:
@@ -82,10 +83,13 @@ class VAEVDM:
       t: optional [B] diffusion times (default: `sample_t`).
       w: optional [B, D] latents to condition on instead of w ~ q(w|x) (the
         "usefulness of w" diagnostic feeds another image's w here).
+      deterministic_encoder: w = the encoder mean, no noise (InfoDiffusion's encoder;
+        "kl" is still that of the Gaussian the encoder outputs, for logging).
     Returns:
       dict with "recon", "prior", "diffusion", "kl" ([B] nats; kl is 0 when
-      unconditional) and, when conditional, "kl_per_dim" [B, D], "w" [B, D],
-      "mean" and "logvar" [B, D].
+      unconditional), the sampled "t" and "gamma_t" [B] (for weightings over noise
+      levels) and, when conditional, "kl_per_dim" [B, D], "w" [B, D], "mean" and
+      "logvar" [B, D].
     """
     k_w, k_0, k_t, k_eps, k_drop = jax.random.split(rng, 5)
     b = x_int.shape[0]
@@ -93,7 +97,9 @@ class VAEVDM:
     out = {}
     if self.conditional:
       mean, logvar = self.encode(params, x_int)
-      if w is None:
+      if w is None and deterministic_encoder:
+        w = mean
+      elif w is None:
         w = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_w, mean.shape)
       out.update(kl_per_dim=losses.gaussian_kl_per_dim(mean, logvar), w=w, mean=mean,
                  logvar=logvar)
@@ -117,4 +123,5 @@ class VAEVDM:
     z_t = losses.alpha(g) * f + jnp.sqrt(losses.sigma2(g)) * eps
     eps_hat = self.eps_hat(params, z_t, g_t, w, dropout_rng=k_drop if train else None)
     out["diffusion"] = losses.diffusion_loss(eps, eps_hat, dg_dt)
+    out.update(t=t, gamma_t=g_t)
     return out

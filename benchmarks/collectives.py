@@ -1,0 +1,104 @@
+"""Counts the cross-device ops in the compiled data-parallel train step.
+
+  python benchmarks/collectives.py --devices 8 [--vdm mvdm --encoder te --batch 16 --image 8]
+
+Runs itself in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N
+(the flag must be set before jax starts) and prints, from the compiled HLO text, how
+many all-reduce, all-gather, all-to-all, reduce-scatter and collective-permute ops one
+step contains, and how many values the all-reduces carry. Data parallelism needs
+exactly one (combined) all-reduce of the gradients and metrics and nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
+
+
+# One HLO instruction: `name = TYPE opcode(operands), attributes`; TYPE is one token
+# (f32[8]{0}) or a tuple in parentheses. Only the opcode counts, not metadata strings.
+_INSTRUCTION = re.compile(r"=\s+(?:\([^()]*\)|\S+)\s+([a-z][\w\-]*)\(")
+
+
+def count_collectives(hlo_text: str) -> dict:
+  """Collective ops in compiled HLO text -> {op name: count} (async start/done pairs once)."""
+  counts = dict.fromkeys(COLLECTIVES, 0)
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.search(line)
+    if m:
+      op = m.group(1).removesuffix("-start")
+      if op in counts:
+        counts[op] += 1
+  return counts
+
+
+def step_hlo(vdm, encoder, batch, image, config_overrides=None) -> str:
+  """Compiled HLO text of the sharded train step on all visible devices."""
+  import jax
+  import numpy as np
+
+  from vdmrep import config_lib, parallel
+  from vdmrep import train as train_lib
+  from vdmrep.models import build_model
+
+  config = config_lib.base_config()
+  config.model.vdm, config.model.encoder = vdm, encoder
+  config.model.n_blocks, config.model.channels = (1, 8) if vdm == "mvdm" else (0, 0)
+  config.training.batch_size = batch
+  for k, v in (config_overrides or {}).items():
+    section, key = k.split(".")
+    config[section][key] = v
+  config_lib.validate(config, jax.device_count())
+  model = build_model(config.model)
+  tx = train_lib.make_optimizer(config.optim)
+  mesh = parallel.make_mesh()
+  shape = (image, image, 1)
+  state = train_lib.initial_state(model, tx, config, shape, mesh)
+  x = parallel.global_batch(mesh, np.zeros((batch,) + shape, np.uint8))
+  step = train_lib.make_train_step(model, tx, config, mesh)
+  return step.lower(state, x, jax.random.key(0)).compile().as_text()
+
+
+def run_in_subprocess(devices: int, vdm="mvdm", encoder="te", batch=16, image=8,
+                      overrides=None) -> dict:
+  """Counts for the step compiled on `devices` simulated CPU devices (fresh process)."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ("import json, sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
+          "from collectives import step_hlo, count_collectives\n"
+          "import jax\n"
+          "hlo = step_hlo(%r, %r, %d, %d, %r)\n"
+          "print('RESULT' + json.dumps(dict(devices=jax.device_count(), "
+          "counts=count_collectives(hlo))))\n") % (
+              root, os.path.join(root, "benchmarks"), vdm, encoder, batch, image, overrides or {})
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       cwd=root)
+  for line in out.stdout.splitlines():
+    if line.startswith("RESULT"):
+      return json.loads(line[len("RESULT"):])
+  raise RuntimeError(f"subprocess failed:\n{out.stderr[-3000:]}")
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--devices", type=int, default=8)
+  p.add_argument("--vdm", default="mvdm")
+  p.add_argument("--encoder", default="te")
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--image", type=int, default=8)
+  args = p.parse_args()
+  r = run_in_subprocess(args.devices, args.vdm, args.encoder, args.batch, args.image)
+  print(f"| devices | model | batch | image | " + " | ".join(COLLECTIVES) + " |")
+  print("|---" * (4 + len(COLLECTIVES)) + "|")
+  print(f"| {r['devices']} | {args.vdm}+{args.encoder} | {args.batch} | {args.image}x{args.image} | "
+        + " | ".join(str(r["counts"][c]) for c in COLLECTIVES) + " |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,124 @@
+"""Shared helpers for the benchmarks: timing, XLA cost/memory analysis, matmul peak.
+
+Every benchmark times a compiled function (compile excluded), repeats it, and reports
+the median and spread (min..max) in seconds, FLOPs from XLA's cost analysis, achieved
+FLOP/s, the fraction of this machine's f32 matmul peak measured in the same process,
+and memory (XLA's compiled memory analysis and the process's peak RSS).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+# Run from the repository root or from benchmarks/: make `vdmrep` importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+
+def block(x):
+  return jax.block_until_ready(x)
+
+
+def time_fn(fn, *args, repeats: int = 5, warmup: int = 1):
+  """Calls fn(*args) `warmup` times, then `repeats` times; returns the list of seconds."""
+  for _ in range(warmup):
+    block(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    block(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def summary(times):
+  """(median, min, max) seconds."""
+  return statistics.median(times), min(times), max(times)
+
+
+def flops_of(compiled) -> float:
+  """FLOPs of one call of a compiled XLA executable (its cost analysis), or nan."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # some backends do not implement it
+    return float("nan")
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def lowered_flops(lowered) -> float:
+  """FLOPs of a lowered (not yet compiled) function from XLA's cost analysis, or nan.
+
+  XLA counts a loop body once, whatever its trip count: benchmarks therefore count
+  the FLOPs of the loop-free form of the same mathematics (attention over the whole
+  batch at once, no remat, one Monte Carlo draw times K), the usual "model FLOPs".
+  """
+  try:
+    cost = lowered.cost_analysis()
+  except Exception:
+    return float("nan")
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def memory_of(compiled) -> dict:
+  """Compiled memory analysis in bytes: arguments, outputs, temporaries (may be empty)."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:
+    return {}
+  if m is None:
+    return {}
+  return {"args": m.argument_size_in_bytes, "out": m.output_size_in_bytes,
+          "temp": m.temp_size_in_bytes, "alias": m.alias_size_in_bytes}
+
+
+def peak_rss_mib() -> float:
+  """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+  """Measured FLOP/s of one large n x n x n matmul (2 n^3 FLOPs), median of repeats."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  f = jax.jit(jnp.dot)
+  med, _, _ = summary(time_fn(f, a, b, repeats=repeats, warmup=2))
+  return 2.0 * n ** 3 / med
+
+
+def hardware() -> str:
+  dev = jax.devices()[0]
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as fh:
+      for line in fh:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  kind = dev.device_kind if dev.platform != "cpu" else cpu
+  return f"{dev.platform} x{jax.device_count()} ({kind}; {os.cpu_count()} host cores), jax {jax.__version__}"
+
+
+def load_note() -> str:
+  """1-minute load average vs cores: flags figures measured on a busy machine."""
+  try:
+    load1 = os.getloadavg()[0]
+  except OSError:
+    return ""
+  cores = os.cpu_count() or 1
+  return f"load {load1:.1f}/{cores} cores" + (" (UNDER LOAD)" if load1 > 0.5 * cores else "")
+
+
+def fmt_s(x: float) -> str:
+  return f"{x:.3f}" if x < 10 else f"{x:.1f}"

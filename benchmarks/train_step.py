@@ -1,0 +1,135 @@
+"""Seconds per train step, images/s, FLOPs and memory for a named VDM x encoder size.
+
+  python benchmarks/train_step.py --vdm tvdm --encoder te --batch 64 --image 28
+  python benchmarks/train_step.py --sweep batch   # step time vs batch size (mvdm+te)
+  python benchmarks/train_step.py --sweep image   # step time vs image size (mvdm+te)
+  python benchmarks/train_step.py --sweep variants  # whole-batch attention, bf16, remat
+
+Times the full jitted step (forward + backward + clip + AdamW + EMA, buffers donated)
+after compilation, `--repeats` times, and prints one markdown table row per setting:
+median (min..max) seconds, images/s, model GFLOP per step (XLA cost analysis of the
+loop-free form: common.lowered_flops), achieved
+GFLOP/s, fraction of the f32 matmul peak measured in the same run, XLA's temp memory
+and the process's peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+
+import common  # noqa: F401  (sets sys.path)
+from common import fmt_s
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdmrep import config_lib, parallel
+from vdmrep import train as train_lib
+from vdmrep.models import build_model
+
+HEADER = ("| vdm | encoder | batch | image | dtype | remat | attn chunk | s/step median (min..max) | images/s "
+          "| GFLOP/step | GFLOP/s | % matmul peak | XLA temp MiB | peak RSS MiB |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def make_config(vdm, encoder, batch, dtype="float32", remat=False, attention_chunk=-1):
+  c = config_lib.base_config()
+  c.model.vdm, c.model.encoder = vdm, encoder
+  c.model.compute_dtype = dtype
+  c.model.remat = remat
+  c.model.attention_chunk = attention_chunk
+  c.training.batch_size = batch
+  return c
+
+
+def _model_flops(vdm, encoder, batch, dtype, state, x, key):
+  """FLOPs of one step of the loop-free form (see common.lowered_flops)."""
+  config = make_config(vdm, encoder, batch, dtype, remat=False, attention_chunk=0)
+  model = build_model(config.model)
+  tx = train_lib.make_optimizer(config.optim)
+  step = train_lib.make_train_step(model, tx, config, parallel.make_mesh())
+  return common.lowered_flops(step.lower(state, x, key))
+
+
+def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
+          attention_chunk=-1, repeats=5, peak=None):
+  """Returns a dict of the figures for one setting."""
+  config = make_config(vdm, encoder, batch, dtype, remat, attention_chunk)
+  config_lib.validate(config, jax.device_count())
+  model = build_model(config.model)
+  tx = train_lib.make_optimizer(config.optim)
+  mesh = parallel.make_mesh()
+  shape = (image, image, channels)
+  state = train_lib.initial_state(model, tx, config, shape, mesh)
+  rng = np.random.default_rng(0)
+  batch_np = rng.integers(0, 256, (batch,) + shape, dtype=np.uint8)
+  x = parallel.global_batch(mesh, batch_np)
+  key = jax.random.key(0)
+  step = train_lib.make_train_step(model, tx, config, mesh)
+  compiled = step.lower(state, x, key).compile()
+  flops = _model_flops(vdm, encoder, batch, dtype, state, x, key)
+  mem = common.memory_of(compiled)
+  # Donation consumes `state`, so thread it through the timed calls.
+  holder = [state]
+
+  def run():
+    holder[0], metrics = compiled(holder[0], x, key)
+    return metrics
+  run()
+  times = common.time_fn(run, repeats=repeats, warmup=1)
+  med, lo, hi = common.summary(times)
+  return dict(vdm=vdm, encoder=encoder, batch=batch, image=f"{image}x{image}x{channels}",
+              dtype=dtype, remat=remat, chunk=model.score_net.attention_chunk, med=med, lo=lo, hi=hi, ips=batch / med,
+              gflop=flops / 1e9, gflops=flops / med / 1e9,
+              frac=(flops / med / peak) if peak else float("nan"),
+              temp=mem.get("temp", float("nan")) / 2 ** 20, rss=common.peak_rss_mib())
+
+
+def row(r):
+  return (f"| {r['vdm']} | {r['encoder']} | {r['batch']} | {r['image']} | {r['dtype']} | "
+          f"{'yes' if r['remat'] else 'no'} | {r['chunk'] or 'all'} | {fmt_s(r['med'])} ({fmt_s(r['lo'])}..{fmt_s(r['hi'])}) | "
+          f"{r['ips']:.1f} | {r['gflop']:.1f} | {r['gflops']:.1f} | {100 * r['frac']:.0f}% | "
+          f"{r['temp']:.0f} | {r['rss']:.0f} |")
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--vdm", default="tvdm")
+  p.add_argument("--encoder", default="te")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--image", type=int, default=28)
+  p.add_argument("--channels", type=int, default=1)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--remat", action="store_true")
+  p.add_argument("--attention-chunk", type=int, default=-1, help="-1 auto, 0 whole batch")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--sweep", choices=("none", "batch", "image", "sizes", "variants"),
+                 default="none")
+  args = p.parse_args()
+
+  peak = common.matmul_peak()
+  print(f"hardware: {common.hardware()}; {common.load_note()}")
+  print(f"measured f32 matmul peak (2048^3 jnp.dot): {peak / 1e9:.1f} GFLOP/s\n")
+  print(HEADER)
+  if args.sweep == "batch":
+    settings = [dict(batch=b) for b in (8, 16, 32, 64, 128)]
+  elif args.sweep == "image":
+    settings = [dict(image=s) for s in (8, 16, 28, 32)]
+  elif args.sweep == "sizes":
+    settings = [dict(vdm=v, encoder=e) for v, e in
+                (("mvdm", "te"), ("tvdm", "te"), ("tvdm", "none"), ("mvdm", "none"))]
+  elif args.sweep == "variants":
+    settings = [dict(attention_chunk=0), {}, dict(dtype="bfloat16"), dict(remat=True)]
+  else:
+    settings = [{}]
+  for s in settings:
+    kw = dict(vdm=args.vdm, encoder=args.encoder, batch=args.batch, image=args.image,
+              channels=args.channels, dtype=args.dtype, remat=args.remat,
+              attention_chunk=args.attention_chunk)
+    kw.update(s)
+    print(row(bench(repeats=args.repeats, peak=peak, **kw)), flush=True)
+  print(f"\nafter: {common.load_note()}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,12 @@
+"""digits: ELBO KL, diffusion term weighted by sigmoid(gamma_t + bias) (Kingma & Gao 2023),
+which emphasises high noise levels, where a global latent helps most. Not a bound.
+"""
+from vdmrep import recipes
+from vdmrep.config_lib import base_config
+
+
+def get_config():
+  c = recipes.digits(base_config())  # scikit-learn's 8x8 digits (CPU job)
+  c.collapse.diffusion_weighting = "sigmoid"
+  c.collapse.diffusion_weight_bias = 0.0
+  return c

@@ -1,0 +1,129 @@
+"""Flags, budgets and the results table shared by the study scripts."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import harness
+
+# Offline MNIST: the real test split, split train/eval by a fixed seed (relative to the repo).
+MNIST_IDX = "idx:../shared/data/mnist"
+
+# Report metrics (report.json["metrics"]) shown in every study table.
+def _fmt(x, digits=3):
+  if x is None or (isinstance(x, float) and math.isnan(x)):
+    return "-"
+  return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def add_common_flags(p):
+  p.add_argument("--out", required=True, help="output directory (runs/, tables, figures)")
+  p.add_argument("--dataset", default="digits", choices=["digits", "mnist"])
+  p.add_argument("--steps", type=int, default=0,
+                 help="training steps per run (default: 1500 on digits, 3000 on mnist)")
+  p.add_argument("--full-budget", action="store_true",
+                 help="the configs' own budgets (mnist: the study's 100k steps; tfds data)")
+  p.add_argument("--parallel", type=int, default=1, help="runs trained at once")
+  p.add_argument("--eval-examples", type=int, default=0, help="0 = the whole eval split")
+  p.add_argument("--fd-samples", type=int, default=1000,
+                 help="samples for the Frechet distance (CPU budget; full budget: config's)")
+  p.add_argument("--sample-steps", type=int, default=200,
+                 help="sampler steps for sample quality (CPU budget; full budget: config's)")
+
+
+def base_config_file(args) -> str:
+  return f"configs/{args.dataset}.py"
+
+
+def budget_overrides(args, include_source: bool = True) -> list:
+  """Command-line overrides that set the compute budget (empty with --full-budget)."""
+  if args.full_budget:
+    return ["--config.data.source=tfds:mnist"] if args.dataset == "mnist" else []
+  steps = args.steps or (1500 if args.dataset == "digits" else 3000)
+  o = [f"--config.training.num_steps={steps}",
+       f"--config.training.checkpoint_every={max(steps // 3, 1)}",
+       f"--config.eval.max_examples={args.eval_examples}",
+       f"--config.sample.num_samples={args.fd_samples}",
+       f"--config.sample.num_steps={args.sample_steps}"]
+  if args.dataset == "mnist":
+    o += ["--config.training.log_every=250", "--config.optim.lr=1e-3",
+          "--config.optim.warmup_steps=200", "--config.optim.ema_decay=0.999",
+          "--config.model.dropout=0.0"]
+    if include_source:
+      o.append(f"--config.data.source={MNIST_IDX}")
+  return o
+
+
+COLUMNS = [
+    ("bpd (ELBO)", lambda m: f"{_fmt(m.get('bpd'))} ± {_fmt(m.get('bpd_se'))}"),
+    ("trained objective bpd", lambda m: _fmt(m.get("objective_bpd")) +
+     ("" if m.get("objective_is_bound", True) else " (not a bound)")),
+    ("KL nats", lambda m: _fmt(m.get("kl_nats"), 2)),
+    ("active units", lambda m: "-" if m.get("active_units") is None else
+     f"{m['active_units']}/{m.get('latent_dim', '?')}"),
+    ("MI nats", lambda m: _fmt(m.get("mi_nats"), 2)),
+    ("usefulness gap bpd", lambda m: _fmt(m.get("usefulness_gap_bpd"), 4)),
+    ("probe: latent / random enc / pixels", lambda m: " / ".join(
+        _fmt(m.get(f"{k}_logreg_acc"), 3) for k in ("encoder", "random_encoder", "pixels"))),
+    ("sample FD (real floor)", lambda m: f"{_fmt(m.get('fd_classifier'), 2)} "
+     f"({_fmt(m.get('fd_classifier_floor_real_halves'), 2)})"),
+    ("guided class match", lambda m: _fmt(m.get("guided_class_match"), 3)),
+]
+
+
+def write_results(args, runs, *, title, label_cols, filename):
+  rows, points = [], []
+  note = ""
+  for run in runs:
+    rep = harness.load_report(args.out, run)
+    if rep is None:
+      rows.append([run.labels.get(c, "") for c in label_cols] + ["not finished"] +
+                  [""] * len(COLUMNS))
+      continue
+    note = note or harness.get(rep, "dataset.note", "")
+    m = rep.get("metrics", {})
+    rows.append([run.labels.get(c, "") for c in label_cols] +
+                [f(m) for _, f in COLUMNS] + [f"{harness.wall_minutes(args.out, run):.1f}"])
+    points.append((run.name, m.get("kl_nats"), m.get("bpd")))
+  header = label_cols + [c for c, _ in COLUMNS] + ["wall min"]
+  table = harness.markdown_table(header, rows)
+  cmd = "python " + " ".join(os.path.relpath(a, harness.ROOT) if os.path.exists(a) else a
+                             for a in sys.argv)
+  text = "\n".join([
+      f"## {title}", "",
+      f"Command: `{cmd}`", "",
+      f"Data: {args.dataset} ({note}). Hardware: {harness.hardware()}.", "",
+      table, "",
+      "bpd: held-out negative ELBO with the encoder KL weighted by 1 (a bound, ± standard "
+      "error); trained objective: what the run optimised, marked when it is not a bound; "
+      "KL: encoder KL, nats/image; MI: I_q(x;w) (upper limit log N_eval); usefulness gap: "
+      "diffusion loss with another image's w minus with its own; probes: logistic-regression "
+      "accuracy on encoder means / a random encoder / raw pixels; FD: Frechet distance in "
+      "vdmrep's digit classifier's feature space.", ""])
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, filename), "w") as fh:
+    fh.write(text)
+  _figure(points, os.path.join(args.out, filename.replace(".md", ".png")), title)
+  print(text)
+
+
+def _figure(points, path, title):
+  pts = [(n, k, b) for n, k, b in points if k is not None and b is not None]
+  if not pts:
+    return
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 5))
+  for name, kl, bpd in pts:
+    ax.scatter(kl, bpd)
+    ax.annotate(name, (kl, bpd), fontsize=7, xytext=(3, 3), textcoords="offset points")
+  ax.set_xlabel("encoder KL (nats / image)")
+  ax.set_ylabel("held-out negative ELBO (bits / dim)")
+  ax.set_xscale("symlog", linthresh=0.1)
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -1,0 +1,308 @@
+"""The VDM ancestral sampler and its three modes: unconditional, guided, reconstruction.
+
+From z_t the sampler draws z_s (s < t) from the diffusion posterior q(z_s | z_t, x) with
+x replaced by the model's estimate x_hat = (z_t - sigma_t eps_hat) / alpha_t (Kingma et
+al. 2021, section 3.2 and appendix A). With c = 1 - SNR(t) / SNR(s) = -expm1(gamma_s - gamma_t)
+the posterior is N(mu, c sigma_s^2 I) and its mean simplifies to
+
+  mu = (alpha_s / alpha_t) (z_t - c sigma_t eps_hat(z_t; gamma_t, w)).
+
+N steps on the grid t_k = t_start (N - k) / N run as one `jax.lax.fori_loop`; the last
+step lands on z_0, which the model's discretised decoder p(x | z_0) turns into integer
+pixels ("sample": a draw from that categorical, the model's own distribution, default;
+"argmax": its most likely value). Modes:
+
+  unconditional   z_1 ~ N(0, I); w ~ N(0, I) (the prior) if the model has an encoder.
+  guided          z_1 ~ N(0, I); w ~ q(w | x) of given images.
+  reconstruction  z_{t_start} ~ q(z_{t_start} | x), then denoised with w ~ q(w | x).
+
+The encoder is only ever called through `model.encode` (training's input scale). Every
+function takes its PRNG key explicitly: the same key gives the same images.
+"""
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdmrep import data as data_lib
+from vdmrep import losses, parallel
+
+MODES = ("unconditional", "guided", "reconstruction")
+DECODERS = ("sample", "argmax")
+INTERPOLATIONS = ("slerp", "linear")
+
+
+def validate(config, num_devices: int = 1) -> None:
+  """Checks `config.sample`; raises ConfigError naming the key."""
+  from vdmrep.config_lib import ConfigError
+  s = config.sample
+  for key in ("num_steps", "num_samples", "batch_size", "trajectory_frames", "num_trajectories",
+              "grid_size", "num_guided", "num_interpolations", "interpolation_steps",
+              "classifier_steps", "classifier_batch_size", "classifier_features"):
+    if not isinstance(s[key], int) or s[key] <= 0:
+      raise ConfigError(f"config.sample.{key}={s[key]!r} must be a positive integer")
+  if s.trajectory_frames < 2 or s.interpolation_steps < 2:
+    raise ConfigError("config.sample.trajectory_frames and config.sample.interpolation_steps "
+                      "must be >= 2 (first and last frame)")
+  if s.batch_size % num_devices:
+    raise ConfigError(f"config.sample.batch_size={s.batch_size} is not divisible by the "
+                      f"{num_devices} devices it is sharded over")
+  if not 0.0 < s.t_start <= 1.0:
+    raise ConfigError(f"config.sample.t_start={s.t_start} must be in (0, 1]")
+  if s.decode not in DECODERS:
+    raise ConfigError(f"config.sample.decode={s.decode!r} is not valid; choose one of "
+                      f"{list(DECODERS)}")
+  if s.interpolation not in INTERPOLATIONS:
+    raise ConfigError(f"config.sample.interpolation={s.interpolation!r} is not valid; choose "
+                      f"one of {list(INTERPOLATIONS)}")
+  if not s.classifier_lr > 0:
+    raise ConfigError(f"config.sample.classifier_lr={s.classifier_lr} must be > 0")
+  if s.inception_weights:
+    from vdmrep import inception  # keeps TensorFlow out of every other import path
+    inception.check_path(s.inception_weights, "config.sample.inception_weights")
+
+
+# -- the update and the loop ------------------------------------------------------
+def ancestral_step(z_t, eps_hat, gamma_s, gamma_t, noise):
+  """z_s ~ q(z_s | z_t, x = x_hat(z_t)) for s < t.
+
+  Args:
+    z_t, eps_hat, noise: [B, ...]; noise ~ N(0, I).
+    gamma_s, gamma_t: scalars, gamma at s and t (gamma_s < gamma_t).
+  Returns:
+    z_s [B, ...].
+  """
+  c = -jnp.expm1(gamma_s - gamma_t)
+  sigma_t = jnp.sqrt(jax.nn.sigmoid(gamma_t))
+  mean = jnp.sqrt(jax.nn.sigmoid(-gamma_s) / jax.nn.sigmoid(-gamma_t)) * (
+      z_t - c * sigma_t * eps_hat)
+  return mean + jnp.sqrt(c * jax.nn.sigmoid(gamma_s)) * noise
+
+
+def frame_steps(num_steps: int, num_frames: int) -> np.ndarray:
+  """K step counts evenly spaced over [0, N] (0 = the starting z, N = z_0). int [K]."""
+  return np.unique(np.round(np.linspace(0, num_steps, num_frames)).astype(np.int64))
+
+
+def denoise(eps_fn, gamma_fn, z, key, *, num_steps: int, t_start: float = 1.0, frames=None):
+  """Runs `num_steps` ancestral updates from t = t_start down to t = 0 (one fori_loop).
+
+  Args:
+    eps_fn: (z [B, ...], gamma [B]) -> eps_hat [B, ...].
+    gamma_fn: t (scalar) -> gamma(t) (scalar).
+    z: [B, ...] the starting latent z_{t_start}.
+    key: PRNG key; step k draws its noise from fold_in(key, k).
+    num_steps: N >= 1 (static).
+    t_start: the starting time in (0, 1] (static).
+    frames: optional static sequence of step counts at which to record z
+      (`frame_steps`); 0 records the starting z.
+  Returns:
+    (z_0 [B, ...], recorded [K, B, ...] or None).
+  """
+  n = int(num_steps)
+  b = z.shape[0]
+  if frames is None:
+    slot, recorded = np.full(n + 1, -1), jnp.zeros((1,) + z.shape, z.dtype)
+  else:
+    slot = np.full(n + 1, -1)
+    slot[np.asarray(frames)] = np.arange(len(frames))
+    recorded = jnp.zeros((len(frames),) + z.shape, z.dtype)
+  slot = jnp.asarray(slot)
+
+  def record(buf, k, z):
+    j = slot[k]
+    safe = jnp.maximum(j, 0)
+    return buf.at[safe].set(jnp.where(j >= 0, z, buf[safe]))
+
+  def body(k, carry):
+    z_t, buf = carry
+    t = t_start * (n - k) / n
+    s = t_start * (n - k - 1) / n
+    g_t, g_s = gamma_fn(t), gamma_fn(s)
+    eps_hat = eps_fn(z_t, jnp.broadcast_to(g_t, (b,)))
+    noise = jax.random.normal(jax.random.fold_in(key, k), z_t.shape, z_t.dtype)
+    z_s = ancestral_step(z_t, eps_hat, g_s, g_t, noise)
+    return z_s, record(buf, k + 1, z_s)
+
+  z_0, recorded = jax.lax.fori_loop(0, n, body, (z, record(recorded, 0, z)))
+  return z_0, (None if frames is None else recorded)
+
+
+def decode(model, params, z_0, key, method: str = "sample"):
+  """Integer pixels [B, H, W, C] (int32) from z_0 via the discretised decoder p(x | z_0).
+
+  Materialises vocab_size logits per pixel (B H W C V floats): lower the batch size for
+  large images.
+  """
+  g_0 = model.gamma(params, jnp.zeros(()))
+  logits = losses.reconstruction_logits(z_0 / losses.alpha(g_0), g_0, model.vocab_size)
+  if method == "argmax":
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def posterior_w(model, params, x_int, key):
+  """w ~ q(w | x) through `model.encode`: [B, D]."""
+  mean, logvar = model.encode(params, x_int)
+  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+
+
+def prior_w(model, key, batch: int):
+  """w ~ N(0, I) [B, D], or None for an unconditional model."""
+  if not model.conditional:
+    return None
+  return jax.random.normal(key, (batch, model.encoder.latent))
+
+
+def sample_from(model, params, key, w, z_start, *, num_steps, t_start=1.0, frames=None,
+                decode_method="sample"):
+  """Denoises given latents with given w: (x_int [B, H, W, C], recorded z or None)."""
+  k_loop, k_dec = jax.random.split(key)
+  eps_fn = lambda z, g: model.eps_hat(params, z, g, w)
+  gamma_fn = lambda t: model.gamma(params, jnp.asarray(t, jnp.float32))
+  z_0, recorded = denoise(eps_fn, gamma_fn, z_start, k_loop, num_steps=num_steps,
+                          t_start=t_start, frames=frames)
+  return decode(model, params, z_0, k_dec, decode_method), recorded
+
+
+def reconstruction_steps(num_steps: int, t_start: float) -> int:
+  """Steps from t_start to 0 on the same grid spacing as an N-step sampler from t = 1."""
+  return max(1, int(round(num_steps * t_start)))
+
+
+def run_mode(model, params, key, x_int, *, mode, num_steps, t_start=1.0, frames=None,
+             decode_method="sample"):
+  """One batch of one mode; x_int [B, H, W, C] gives the inputs (only its shape for
+  `unconditional`). Returns (x_int samples [B, H, W, C], recorded z [K, B, ...] or None).
+
+  `num_steps` is the whole-path step count N; reconstruction takes round(N t_start)
+  steps, so all modes share one grid spacing.
+  """
+  k_w, k_z, k_run = jax.random.split(key, 3)
+  shape = x_int.shape
+  if mode == "unconditional":
+    w, t0 = prior_w(model, k_w, shape[0]), 1.0
+    z = jax.random.normal(k_z, shape)
+  elif mode == "guided":
+    w, t0 = (posterior_w(model, params, x_int, k_w) if model.conditional else None), 1.0
+    z = jax.random.normal(k_z, shape)
+  elif mode == "reconstruction":
+    w = posterior_w(model, params, x_int, k_w) if model.conditional else None
+    t0 = float(t_start)
+    g = model.gamma(params, jnp.asarray(t0, jnp.float32))
+    f = losses.data_to_model_scale(x_int, model.vocab_size)
+    z = losses.alpha(g) * f + jnp.sqrt(losses.sigma2(g)) * jax.random.normal(k_z, shape)
+    num_steps = reconstruction_steps(num_steps, t0)
+  else:
+    raise ValueError(f"unknown sampling mode {mode!r}; choose one of {list(MODES)}")
+  return sample_from(model, params, k_run, w, z, num_steps=num_steps, t_start=t0,
+                     frames=frames, decode_method=decode_method)
+
+
+# -- host-side drivers: batched, jitted, sharded over the data mesh -----------------
+# One compiled program per (model, mode, N, t_start, frames, decoder); the batch's
+# sharding (from `parallel.global_batch`) decides how XLA splits the work.
+_run_mode_jit = jax.jit(run_mode, static_argnums=(0,),
+                        static_argnames=("mode", "num_steps", "t_start", "frames",
+                                         "decode_method"))
+
+
+def _to_host(x):
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def generate(model, params, key, *, mode, images=None, num=None, image_shape=None,
+             batch_size=256, num_steps=1000, t_start=1.0, num_frames=0,
+             decode_method="sample", mesh=None):
+  """Samples of one mode over many batches (batch i uses fold_in(key, i)).
+
+  Args:
+    images: uint8 [N, H, W, C] inputs for `guided` / `reconstruction`.
+    num, image_shape: how many unconditional samples, of shape (H, W, C).
+    num_frames: K > 0 also returns K recorded latents per sample (the trajectory).
+  Returns:
+    dict: "images" uint8/int [N, H, W, C]; with num_frames, "frames" float [K, N, H, W, C]
+    (z in model scale) and "frame_t" [K] their times.
+  """
+  if mode == "unconditional":
+    inputs = np.zeros((num,) + tuple(image_shape), np.uint8)
+  else:
+    inputs = np.asarray(images)
+  t0 = 1.0 if mode != "reconstruction" else float(t_start)
+  n_run = num_steps if mode != "reconstruction" else reconstruction_steps(num_steps, t0)
+  frames = tuple(frame_steps(n_run, num_frames).tolist()) if num_frames else None
+  outs, recs = [], []
+  for i, (batch, mask) in enumerate(data_lib.eval_batches(inputs, batch_size)):
+    keep = mask > 0
+    if mesh is not None:
+      per = batch_size // jax.process_count()
+      batch = parallel.global_batch(mesh, batch[jax.process_index() * per:
+                                               (jax.process_index() + 1) * per])
+    x, rec = _run_mode_jit(model, params, jax.random.fold_in(key, i), batch, mode=mode,
+                           num_steps=int(num_steps), t_start=float(t_start), frames=frames,
+                           decode_method=decode_method)
+    outs.append(_to_host(x)[keep])
+    if frames is not None:
+      recs.append(_to_host(rec)[:, keep])
+  dtype = np.uint8 if model.vocab_size <= 256 else np.int32
+  out = {"images": np.concatenate(outs).astype(dtype)}
+  if frames is not None:
+    out["frames"] = np.concatenate(recs, axis=1)
+    out["frame_t"] = t0 * (1.0 - np.asarray(frames, np.float64) / n_run)
+  return out
+
+
+def interpolate(w_a, w_b, alphas, method: str = "slerp"):
+  """Latents between w_a and w_b ([P, D] each) at coefficients alphas [S] -> [P, S, D].
+
+  slerp keeps the norm profile of Gaussian latents (a straight line through the middle
+  of N(0, I) passes through atypically short vectors); it falls back to the line when
+  the two are (anti)parallel.
+  """
+  w_a, w_b = jnp.asarray(w_a), jnp.asarray(w_b)
+  a = jnp.asarray(alphas, jnp.float32)[None, :, None]
+  lin = (1.0 - a) * w_a[:, None] + a * w_b[:, None]
+  if method == "linear":
+    return lin
+  na, nb = jnp.linalg.norm(w_a, axis=-1), jnp.linalg.norm(w_b, axis=-1)
+  cos = jnp.clip(jnp.sum(w_a * w_b, -1) / jnp.maximum(na * nb, 1e-12), -1.0, 1.0)
+  omega = jnp.arccos(cos)[:, None, None]
+  so = jnp.sin(omega)
+  safe = jnp.where(so > 1e-6, so, 1.0)
+  sl = (jnp.sin((1.0 - a) * omega) * w_a[:, None] + jnp.sin(a * omega) * w_b[:, None]) / safe
+  return jnp.where(so > 1e-6, sl, lin)
+
+
+def interpolation_samples(model, params, key, x_a, x_b, *, steps, num_steps, method="slerp",
+                          decode_method="sample"):
+  """Samples along a path in w between the encoder means of x_a and x_b ([P, H, W, C]).
+
+  Every image of a row shares all the sampler's randomness (z_1, the noise of every
+  step and of the decoder), so only w changes along the row.
+  Returns int [P, steps, H, W, C] (the endpoints are samples too, not the inputs).
+  """
+  k_z, k_run = jax.random.split(key)
+  mean_a, _ = model.encode(params, x_a)
+  mean_b, _ = model.encode(params, x_b)
+  w = interpolate(mean_a, mean_b, jnp.linspace(0.0, 1.0, steps), method)  # [P, S, D]
+  z = jax.random.normal(k_z, x_a.shape)
+  one = lambda w_j: sample_from(model, params, k_run, w_j, z, num_steps=num_steps,
+                                decode_method=decode_method)[0]
+  return jnp.swapaxes(jax.vmap(one)(jnp.swapaxes(w, 0, 1)), 0, 1)
+
+
+_interpolation_jit = jax.jit(interpolation_samples, static_argnums=(0,),
+                             static_argnames=("steps", "num_steps", "method", "decode_method"))
+
+
+def generate_interpolation(model, params, key, x_a, x_b, *, steps, num_steps, method="slerp",
+                           decode_method="sample"):
+  """`interpolation_samples` compiled once per setting; host numpy [P, steps, H, W, C]."""
+  return _to_host(_interpolation_jit(model, params, key, x_a, x_b, steps=steps,
+                                     num_steps=num_steps, method=method,
+                                     decode_method=decode_method))
