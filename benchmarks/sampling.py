@@ -1,0 +1,79 @@
+"""Sampling speed: N-step ancestral sampling as one compiled loop vs N separate forwards.
+
+  python benchmarks/sampling.py --vdm tvdm --encoder te --num 64 --steps 1000 --image 28
+
+Times `sampling.run_mode` (unconditional: w from the prior, z_1 ~ N(0, I), N updates in
+one `fori_loop`, then the discretised decoder) after compilation, and, for reference,
+N calls of the jitted score network alone dispatched one by one from Python (how a
+PyTorch-style loop runs the same N forward passes; `--ref-steps` of them are timed and
+scaled to N). Prints a markdown row: seconds median (min..max), images/s, model GFLOP
+(N x one score-net forward, XLA cost analysis), GFLOP/s, % of the f32 matmul peak.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import common
+from common import fmt_s
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vdmrep import config_lib, sampling
+from vdmrep.models import build_model
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--vdm", default="tvdm")
+  p.add_argument("--encoder", default="te")
+  p.add_argument("--num", type=int, default=64)
+  p.add_argument("--steps", type=int, default=1000)
+  p.add_argument("--ref-steps", type=int, default=20)
+  p.add_argument("--image", type=int, default=28)
+  p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--repeats", type=int, default=3)
+  args = p.parse_args()
+  peak = common.matmul_peak()
+  config = config_lib.base_config()
+  config.model.vdm, config.model.encoder = args.vdm, args.encoder
+  config.model.compute_dtype = args.dtype
+  model = build_model(config.model)
+  shape = (args.num, args.image, args.image, 1)
+  params = model.init(jax.random.key(0), shape[1:])
+  x = jnp.zeros(shape, jnp.uint8)
+  key = jax.random.key(1)
+  run = jax.jit(lambda p, k, x: sampling.run_mode(model, p, k, x, mode="unconditional",
+                                                  num_steps=args.steps)[0])
+  compiled = run.lower(params, key, x).compile()
+  med, lo, hi = common.summary(common.time_fn(compiled, params, key, x, repeats=args.repeats))
+
+  # Reference: one jitted forward per step, dispatched from Python.
+  w = jnp.zeros((args.num, model.encoder.latent)) if model.conditional else None
+  fwd = jax.jit(lambda p, z, g: model.eps_hat(p, z, g, w))
+  z, g = jnp.zeros(shape), jnp.full((args.num,), -1.0)
+  jax.block_until_ready(fwd(params, z, g))
+  t0 = time.perf_counter()
+  for _ in range(args.ref_steps):
+    z = fwd(params, z, g) * 0.5
+  jax.block_until_ready(z)
+  ref = (time.perf_counter() - t0) / args.ref_steps * args.steps
+  config.model.attention_chunk = 0
+  plain = build_model(config.model)
+  flops = args.steps * common.lowered_flops(
+      jax.jit(lambda p, z, g: plain.eps_hat(p, z, g, w)).lower(params, z, g))
+  print(f"hardware: {common.hardware()}; {common.load_note()}")
+  print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s\n")
+  print("| vdm | encoder | images | steps | dtype | s median (min..max) | images/s | GFLOP "
+        "| GFLOP/s | % matmul peak | N separate forwards, s | ratio |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  print(f"| {args.vdm} | {args.encoder} | {args.num} | {args.steps} | {args.dtype} | "
+        f"{fmt_s(med)} ({fmt_s(lo)}..{fmt_s(hi)}) | {args.num / med:.2f} | {flops / 1e9:.0f} | "
+        f"{flops / med / 1e9:.1f} | {100 * flops / med / peak:.0f}% | {fmt_s(ref)} | "
+        f"{med / ref:.2f} |")
+
+
+if __name__ == "__main__":
+  main()
