@@ -44,8 +44,8 @@ def budget_overrides(args, include_source: bool = True) -> list:
   o = [f"--config.training.num_steps={steps}",
        f"--config.training.checkpoint_every={max(steps // 3, 1)}",
        f"--config.eval.max_examples={args.eval_examples}",
-       f"--config.sample.num_fd_samples={args.fd_samples}",
-       f"--config.sample.quality_num_steps={args.sample_steps}"]
+       f"--config.sample.num_samples={args.fd_samples}",
+       f"--config.sample.num_steps={args.sample_steps}"]
   if args.dataset == "mnist":
     o += ["--config.training.log_every=250", "--config.optim.lr=1e-3",
           "--config.optim.warmup_steps=200", "--config.optim.ema_decay=0.999",
@@ -66,8 +66,9 @@ COLUMNS = [
     ("usefulness gap bpd", lambda m: _fmt(m.get("usefulness_gap_bpd"), 4)),
     ("probe: latent / random enc / pixels", lambda m: " / ".join(
         _fmt(m.get(f"{k}_logreg_acc"), 3) for k in ("encoder", "random_encoder", "pixels"))),
-    ("sample FD", lambda m: _fmt(m.get("fd"), 2)),
-    ("guided class agreement", lambda m: _fmt(m.get("guided_class_agreement"), 3)),
+    ("sample FD (real floor)", lambda m: f"{_fmt(m.get('fd_classifier'), 2)} "
+     f"({_fmt(m.get('fd_classifier_floor_real_halves'), 2)})"),
+    ("guided class match", lambda m: _fmt(m.get("guided_class_match"), 3)),
 ]
 
 

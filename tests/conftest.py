@@ -28,6 +28,12 @@ def tiny_config(**overrides):
   c.eval.batch_size = 64
   c.eval.num_time_samples = 1
   c.eval.max_examples = 64
+  c.eval.sample_quality = False  # tested on its own (test_sample_section.py, test_cli.py)
+  c.sample.num_samples = 16
+  c.sample.num_steps = 8
+  c.sample.num_guided = 8
+  c.sample.grid_size = 16
+  c.sample.classifier_steps = 20
   for key, value in overrides.items():
     section, name = key.split(".")
     c[section][name] = value

@@ -1,5 +1,6 @@
 """End to end through the command line: train, checkpoint, log, resume; and the ELBO bound."""
 import glob
+import json
 import math
 import os
 import subprocess
@@ -12,7 +13,12 @@ from conftest import ROOT
 TINY = ["--config.model.vdm=mvdm", "--config.model.encoder=te", "--config.model.n_blocks=1",
         "--config.model.channels=8", "--config.training.batch_size=16",
         "--config.training.log_every=2", "--config.training.checkpoint_every=2",
-        "--config.eval.max_examples=64", "--config.eval.num_time_samples=1"]
+        "--config.eval.max_examples=64", "--config.eval.num_time_samples=1",
+        "--config.eval.sample_quality=False"]
+SAMPLES = ["--config.eval.sample_quality=True", "--config.sample.num_samples=32",
+           "--config.sample.num_steps=10", "--config.sample.num_guided=16",
+           "--config.sample.grid_size=16", "--config.sample.classifier_steps=30",
+           "--config.sample.num_trajectories=2", "--config.sample.num_interpolations=1"]
 
 
 def _run(workdir, *flags):
@@ -24,7 +30,7 @@ def _run(workdir, *flags):
 
 
 def test_train_writes_checkpoints_and_events_then_resumes(tmp_path):
-  out = _run(tmp_path, "--config.training.num_steps=4")
+  out = _run(tmp_path, "--config.training.num_steps=4", *SAMPLES)
   assert "parameters: encoder=" in out
   eval_line = [l for l in out.splitlines() if l.startswith("eval step 4:")]
   assert eval_line, out[-3000:]
@@ -33,6 +39,12 @@ def test_train_writes_checkpoints_and_events_then_resumes(tmp_path):
   assert "train/recon_bpd" in out and "train/kl_nats" in out
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
   assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+  with open(tmp_path / "report.json") as fh:
+    metrics = json.load(fh)["metrics"]
+  for key in ("bpd", "kl_nats", "active_units", "mi_nats", "fd_classifier",
+              "fd_classifier_floor_real_halves", "guided_class_match"):
+    assert key in metrics, key
+  assert os.path.exists(tmp_path / "latents.npz")
   out = _run(tmp_path, "--config.training.num_steps=6")
   assert "resumed from checkpoint at step 4" in out
   assert "eval step 6:" in out and "6" in os.listdir(tmp_path / "checkpoints")

@@ -175,3 +175,22 @@ def test_eval_times_are_stratified_per_image_and_independent_across_images():
                              atol=1e-6)
   # training's antithetic scheme would put images 0..5 within 6/128 of each other
   assert np.ptp(t[0, :6]) > 6 / 128
+
+
+def test_trained_objective_of_an_mmd_model_is_its_training_loss():
+  """InfoVAE/MMD objectives need an rng and (InfoDiffusion) w = mean: check against collapse."""
+  import jax
+  import jax.numpy as jnp
+  from vdmrep import collapse, parallel
+  model, params = _tiny_model_and_params()
+  c = config_lib.base_config()
+  c.model.encoder = "te"
+  c.collapse.mmd_alpha, c.collapse.mmd_lambda, c.collapse.deterministic_encoder = 1.0, 2.0, True
+  c.training.batch_size, c.eval.num_time_samples = 8, 1
+  images = data.load(c.data).eval_images[:8]
+  key = jax.random.key(3)
+  got = evaluate.trained_objective(model, params, images, key, 5, c, parallel.make_mesh())
+  k_terms, k_obj = jax.random.split(jax.random.split(jax.random.fold_in(key, 0), 1)[0])
+  terms = model.elbo_terms(params, jnp.asarray(images), k_terms, deterministic_encoder=True)
+  want = float(collapse.objective(terms, 5, c, k_obj)[0]) / (64 * math.log(2))
+  assert got["bpd"] == pytest.approx(want, rel=1e-5) and got["num_images"] == 8

@@ -98,3 +98,20 @@ def test_stop_flag_sets_on_first_signal_and_restores_handler():
   assert reliability.exit_code(err) == 143
   assert str(err) == ("interrupted by SIGTERM at step 7; checkpoint saved, rerun the same "
                       "command to resume")
+
+
+def test_second_signal_takes_the_default_action():
+  import subprocess
+  import sys
+  script = ("import os, signal\n"
+            "from vdmrep import reliability\n"
+            "with reliability.stop_on_signals() as flag:\n"
+            "  os.kill(os.getpid(), signal.SIGTERM)\n"
+            "  print('flag set', bool(flag), flush=True)\n"
+            "  os.kill(os.getpid(), signal.SIGTERM)\n"
+            "  print('survived', flush=True)\n")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == -signal.SIGTERM
+  assert proc.stdout == "flag set True\n"

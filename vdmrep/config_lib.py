@@ -109,6 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.tsne_perplexity = 30.0
   c.eval.ood_source = ""            # a second data source scored as OOD ("" = none)
   c.eval.ood_holdout_class = -1     # >= 0: train without this class; its eval images are OOD
+  c.eval.sample_quality = True      # full evals also sample (config.sample): FD, score, ...
   c.eval.periodic_full = False      # periodic evals also run probes, OOD and pictures
 
   c.sample = ml_collections.ConfigDict()  # --mode sample and the sample-quality section

@@ -29,7 +29,7 @@ from vdmrep import parallel
 
 TERMS = ("recon", "prior", "diffusion", "kl")
 # fold_in tags of config.seed for each random quantity of an eval
-_ELBO, _OBJECTIVE, _MI, _USEFUL, _OOD = range(5)
+_ELBO, _OBJECTIVE, _MI, _USEFUL, _OOD, _SAMPLES = range(6)
 
 
 def validate(config) -> None:
@@ -53,6 +53,13 @@ def validate(config) -> None:
       for p in ("tfds:", "idx:", "npz:"))):
     raise ConfigError(f"config.eval.ood_source={e.ood_source!r} is not valid; use '' (none), "
                       "'digits', 'tfds:<name>', 'idx:<dir>' or 'npz:<file>'")
+
+
+# Sample-quality numbers copied into the report's flat metrics (vdmrep/quality.py).
+SAMPLE_METRICS = ("classifier_test_accuracy", "fd_classifier", "fd_classifier_floor_real_halves",
+                  "fd_classifier_eval_vs_train", "is_classifier", "is_classifier_real_train",
+                  "guided_class_match", "guided_class_match_shuffled",
+                  "reconstruction_class_match", "fd_inception", "fd_inception_floor_real_halves")
 
 
 # -- the ELBO --------------------------------------------------------------------------
@@ -131,8 +138,10 @@ def evaluate_elbo(model, params, images, *, seed, num_samples, batch_size, mesh)
 def _objective_batch(params, batch, key, step, *, model, config, num_samples):
   """The training objective (nats/image, batch mean, K-draw mean) on one eval batch."""
   def one(k):
-    terms = model.elbo_terms(params, batch, k, train=False)
-    return collapse.objective(terms, step, config)[0]
+    k_terms, k_obj = jax.random.split(k)  # k_obj: the MMD's prior samples, if any
+    terms = model.elbo_terms(params, batch, k_terms, train=False,
+                             deterministic_encoder=config.collapse.deterministic_encoder)
+    return collapse.objective(terms, step, config, k_obj)[0]
   return jnp.mean(jax.lax.map(one, jax.random.split(key, num_samples)))
 
 
@@ -331,8 +340,18 @@ def run_evaluation(model, params, ds, config, mesh, *, step: int, workdir: str, 
                              jax.random.fold_in(key, _OOD))
     for name, r in rep["ood"].items():
       metrics[f"ood_auroc/{name}"] = r["auroc"]
+    if e.sample_quality:
+      from vdmrep import quality  # samples: the slowest section, so opt-out by config
+      sq = quality.sample_quality_section(model, params, ds, config, workdir, mesh,
+                                          jax.random.fold_in(key, _SAMPLES), writer=writer,
+                                          step=step, log=parallel.main_print)
+      rep["samples"] = {k: v for k, v in sq.items() if k != "pictures"}
+      pics_sq = sq.get("pictures", {})
+      metrics.update({k: v for k, v in sq.items() if k in SAMPLE_METRICS})
   rep["metrics"] = metrics
   rep["pictures"] = {k: f"pictures/{k}_step{step}.png" for k in pics}
+  if full and e.sample_quality:
+    rep["pictures"].update({k: os.path.relpath(v, workdir) for k, v in pics_sq.items()})
   if parallel.is_main_process():
     if full and arrays:
       np.savez(os.path.join(workdir, "latents.npz"), mean=arrays["mean"],
