@@ -5,13 +5,15 @@
 Runs itself in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N
 (the flag must be set before jax starts) and prints, from the compiled HLO text, how
 many all-reduce, all-gather, all-to-all, reduce-scatter and collective-permute ops one
-step contains, and how many values the all-reduces carry. Data parallelism needs
-exactly one (combined) all-reduce of the gradients and metrics and nothing else.
+step contains, and how many values each all-reduce carries. Data parallelism needs
+one combined all-reduce of all the gradients and nothing else but small metric
+reductions (the batch statistics of `diagnostics.batch_stats` add one of ~2D + 3 values).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -22,7 +24,8 @@ COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "coll
 
 # One HLO instruction: `name = TYPE opcode(operands), attributes`; TYPE is one token
 # (f32[8]{0}) or a tuple in parentheses. Only the opcode counts, not metadata strings.
-_INSTRUCTION = re.compile(r"=\s+(?:\([^()]*\)|\S+)\s+([a-z][\w\-]*)\(")
+_INSTRUCTION = re.compile(r"=\s+(\([^()]*\)|\S+)\s+([a-z][\w\-]*)\(")
+_ARRAY = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
 
 
 def count_collectives(hlo_text: str) -> dict:
@@ -31,10 +34,23 @@ def count_collectives(hlo_text: str) -> dict:
   for line in hlo_text.splitlines():
     m = _INSTRUCTION.search(line)
     if m:
-      op = m.group(1).removesuffix("-start")
+      op = m.group(2).removesuffix("-start")
       if op in counts:
         counts[op] += 1
   return counts
+
+
+def all_reduce_sizes(hlo_text: str) -> list:
+  """Number of values each all-reduce in the HLO text carries (sum over its operands)."""
+  sizes = []
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.search(line)
+    if m and m.group(2) in ("all-reduce", "all-reduce-start"):
+      total = 0
+      for dims in _ARRAY.findall(m.group(1)):
+        total += math.prod(int(d) for d in dims.split(",") if d)
+      sizes.append(total)
+  return sizes
 
 
 def step_hlo(vdm, encoder, batch, image, config_overrides=None) -> str:
@@ -61,7 +77,8 @@ def step_hlo(vdm, encoder, batch, image, config_overrides=None) -> str:
   state = train_lib.initial_state(model, tx, config, shape, mesh)
   x = parallel.global_batch(mesh, np.zeros((batch,) + shape, np.uint8))
   step = train_lib.make_train_step(model, tx, config, mesh)
-  return step.lower(state, x, jax.random.key(0)).compile().as_text()
+  return step.lower(state, x, jax.random.key(0)).compile().as_text(), train_lib.count_params(
+      state.params)
 
 
 def run_in_subprocess(devices: int, vdm="mvdm", encoder="te", batch=16, image=8,
@@ -73,9 +90,10 @@ def run_in_subprocess(devices: int, vdm="mvdm", encoder="te", batch=16, image=8,
   code = ("import json, sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
           "from collectives import step_hlo, count_collectives\n"
           "import jax\n"
-          "hlo = step_hlo(%r, %r, %d, %d, %r)\n"
-          "print('RESULT' + json.dumps(dict(devices=jax.device_count(), "
-          "counts=count_collectives(hlo))))\n") % (
+          "from collectives import all_reduce_sizes\n"
+          "hlo, n = step_hlo(%r, %r, %d, %d, %r)\n"
+          "print('RESULT' + json.dumps(dict(devices=jax.device_count(), num_params=n, "
+          "counts=count_collectives(hlo), all_reduce_sizes=all_reduce_sizes(hlo))))\n") % (
               root, os.path.join(root, "benchmarks"), vdm, encoder, batch, image, overrides or {})
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        cwd=root)
@@ -94,10 +112,12 @@ def main():
   p.add_argument("--image", type=int, default=8)
   args = p.parse_args()
   r = run_in_subprocess(args.devices, args.vdm, args.encoder, args.batch, args.image)
-  print(f"| devices | model | batch | image | " + " | ".join(COLLECTIVES) + " |")
-  print("|---" * (4 + len(COLLECTIVES)) + "|")
-  print(f"| {r['devices']} | {args.vdm}+{args.encoder} | {args.batch} | {args.image}x{args.image} | "
-        + " | ".join(str(r["counts"][c]) for c in COLLECTIVES) + " |")
+  print(f"| devices | model | params | batch | image | " + " | ".join(COLLECTIVES)
+        + " | values per all-reduce |")
+  print("|---" * (6 + len(COLLECTIVES)) + "|")
+  print(f"| {r['devices']} | {args.vdm}+{args.encoder} | {r['num_params']} | {args.batch} | "
+        f"{args.image}x{args.image} | " + " | ".join(str(r["counts"][c]) for c in COLLECTIVES)
+        + f" | {r['all_reduce_sizes']} |")
 
 
 if __name__ == "__main__":
