@@ -45,7 +45,8 @@ def main():
   p.add_argument("--betas", default="10000,1")
   args = p.parse_args()
   runs = runs_for(args)
-  harness.run_all(args.out, runs, parallel=args.parallel)
+  if not args.table_only:
+    harness.run_all(args.out, runs, parallel=args.parallel)
   sc.write_results(args, runs, title="Study A: the reference grid (VDM size x encoder x beta)",
                    label_cols=["VDM", "encoder", "beta"], filename="results_grid.md")
 

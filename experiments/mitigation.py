@@ -54,7 +54,8 @@ def main():
   p.add_argument("--encoder", default="te")
   args = p.parse_args()
   runs = runs_for(args)
-  harness.run_all(args.out, runs, parallel=args.parallel)
+  if not args.table_only:
+    harness.run_all(args.out, runs, parallel=args.parallel)
   sc.write_results(args, runs, title=f"Study B: collapse remedies ({args.vdm} + {args.encoder})",
                    label_cols=["remedy"], filename="results_mitigation.md")
 

@@ -25,6 +25,8 @@ def add_common_flags(p):
   p.add_argument("--full-budget", action="store_true",
                  help="the configs' own budgets (mnist: the study's 100k steps; tfds data)")
   p.add_argument("--parallel", type=int, default=1, help="runs trained at once")
+  p.add_argument("--table-only", action="store_true",
+                 help="only tabulate the finished runs (unfinished ones show as such)")
   p.add_argument("--eval-examples", type=int, default=0, help="0 = the whole eval split")
   p.add_argument("--fd-samples", type=int, default=1000,
                  help="samples for the Frechet distance (CPU budget; full budget: config's)")
