@@ -24,7 +24,7 @@ SAMPLES = ["--config.eval.sample_quality=True", "--config.sample.num_samples=32"
 def _run(workdir, *flags):
   cmd = [sys.executable, "-m", "vdmrep.main", "--config", os.path.join(ROOT, "configs/digits.py"),
          "--workdir", str(workdir), *TINY, *flags]
-  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=2400, cwd=ROOT)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
   return proc.stdout + proc.stderr
 
