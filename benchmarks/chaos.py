@@ -44,7 +44,7 @@ TINY = ["--config.model.n_blocks=1", "--config.model.channels=8",
         "--config.training.batch_size=16", "--config.training.log_every=5",
         "--config.training.checkpoint_every=5", "--config.training.eval_every=0",
         "--config.eval.max_examples=32", "--config.eval.batch_size=32",
-        "--config.eval.num_time_samples=1"]
+        "--config.eval.num_time_samples=1", "--config.eval.sample_quality=False"]
 WALL_CLOCK_TAGS = ("steps_per_sec", "uptime")
 LOG_LINE = re.compile(r"\] \[(\d+)\] train/")  # clu's logging writer
 

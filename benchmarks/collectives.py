@@ -6,8 +6,8 @@ Runs itself in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_coun
 (the flag must be set before jax starts) and prints, from the compiled HLO text, how
 many all-reduce, all-gather, all-to-all, reduce-scatter and collective-permute ops one
 step contains, and how many values each all-reduce carries. Data parallelism needs
-one combined all-reduce of all the gradients and nothing else but small metric
-reductions (the batch statistics of `diagnostics.batch_stats` add one of ~2D + 3 values).
+one combined all-reduce of all the gradients and nothing else; the step's metrics
+(including `diagnostics.batch_stats`, written as independent batch sums) ride in it.
 """
 from __future__ import annotations
 

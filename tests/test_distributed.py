@@ -26,7 +26,8 @@ TINY = ["--config", "configs/digits.py", "--config.model.n_blocks=1",
         "--config.model.channels=8", "--config.training.num_steps=5",
         "--config.training.log_every=1", "--config.training.batch_size=8",
         "--config.optim.warmup_steps=1", "--config.eval.batch_size=16",
-        "--config.eval.max_examples=32", "--config.eval.num_time_samples=1"]
+        "--config.eval.max_examples=32", "--config.eval.num_time_samples=1",
+        "--config.eval.sample_quality=False"]
 
 
 def _dist(**kw):

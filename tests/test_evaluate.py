@@ -28,6 +28,7 @@ def eval_config(encoder="te"):
   c.eval.probe_max_train, c.eval.probe_max_iter = 300, 300
   c.eval.tsne_max_points = 100
   c.eval.ood_holdout_class = 9
+  c.eval.sample_quality = False  # 10k samples x 1000 steps by default: tests/test_sample_section.py
   return c
 
 

@@ -10,8 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vdmrep import checkpoints, collapse, config_lib, reliability, train
-from vdmrep import data as data_lib
+from vdmrep import checkpoints, collapse, config_lib, parallel, reliability, train
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import chaos  # noqa: E402  (read_scalars, final_state)
@@ -24,7 +23,7 @@ def tiny(**training):
   c = config_lib.base_config()
   c.model.vdm, c.model.n_blocks, c.model.channels = "mvdm", 1, 8
   c.training.update(batch_size=8, num_steps=STEPS, log_every=5, checkpoint_every=5, **training)
-  c.eval.update(max_examples=16, batch_size=16, num_time_samples=1)
+  c.eval.update(max_examples=16, batch_size=16, num_time_samples=1, sample_quality=False)
   c.optim.warmup_steps = 2
   return c
 
@@ -37,15 +36,20 @@ def reference(tmp_path_factory):
 
 
 def signal_at(monkeypatch, step, signum=signal.SIGTERM):
-  """Sends `signum` to this process while the loop fetches the batch of `step`."""
-  real = data_lib.train_batch
+  """Sends `signum` to this process as the loop (main thread) places the batch of `step`.
 
-  def batch(ds, s, *args, **kw):
-    if s == step:
+  Batches are built ahead in a prefetch thread, so the hook sits on `global_batch`, the
+  one per-step call the loop makes itself; the run starts at step 0, so call k is step k.
+  """
+  real, calls = parallel.global_batch, [0]
+
+  def place(mesh, local):
+    if calls[0] == step:
       os.kill(os.getpid(), signum)
-    return real(ds, s, *args, **kw)
+    calls[0] += 1
+    return real(mesh, local)
 
-  monkeypatch.setattr(data_lib, "train_batch", batch)
+  monkeypatch.setattr(parallel, "global_batch", place)
 
 
 def test_sigterm_saves_then_resume_is_bitwise_exact(reference, tmp_path, monkeypatch):

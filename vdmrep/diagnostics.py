@@ -48,8 +48,11 @@ def batch_stats(terms, threshold: float) -> dict:
     return {}
   mean = terms["mean"]
   d = mean.shape[-1]
+  # One-pass variance: E[m^2] - E[m]^2 needs two independent batch sums, which XLA folds
+  # into the gradients' all-reduce; jnp.var's two dependent passes cost a second one.
+  var = jnp.maximum(jnp.mean(mean ** 2, axis=0) - jnp.mean(mean, axis=0) ** 2, 0.0)
   return {
-      "active_units_batch": jnp.sum(jnp.var(mean, axis=0) > threshold).astype(jnp.float32),
+      "active_units_batch": jnp.sum(var > threshold).astype(jnp.float32),
       "kl_nats_per_dim": jnp.mean(terms["kl"]) / d,
       "kl_max_dim_nats": jnp.max(jnp.mean(terms["kl_per_dim"], axis=0)),
   }
