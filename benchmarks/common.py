@@ -110,14 +110,37 @@ def hardware() -> str:
   return f"{dev.platform} x{jax.device_count()} ({kind}; {os.cpu_count()} host cores), jax {jax.__version__}"
 
 
-def load_note() -> str:
-  """1-minute load average vs cores: flags figures measured on a busy machine."""
-  try:
-    load1 = os.getloadavg()[0]
-  except OSError:
-    return ""
+def _cpu_ticks_of_others() -> int:
+  """utime + stime (clock ticks) of every process but this one (Linux /proc)."""
+  me, total = os.getpid(), 0
+  for pid in os.listdir("/proc"):
+    if not pid.isdigit() or int(pid) == me:
+      continue
+    try:
+      with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+      total += int(fields[11]) + int(fields[12])  # utime, stime
+    except (OSError, IndexError, ValueError):
+      continue  # the process ended while we read
+  return total
+
+
+def load_note(window_s: float = 1.0) -> str:
+  """CPU cores busy with *other* processes over `window_s`, vs the machine's cores.
+
+  The load average would count this benchmark's own threads; this does not. Figures
+  taken while others use more than a quarter of the cores are flagged UNDER LOAD.
+  """
   cores = os.cpu_count() or 1
-  return f"load {load1:.1f}/{cores} cores" + (" (UNDER LOAD)" if load1 > 0.5 * cores else "")
+  try:
+    before, t0 = _cpu_ticks_of_others(), time.perf_counter()
+    time.sleep(window_s)
+    busy = (_cpu_ticks_of_others() - before) / os.sysconf("SC_CLK_TCK")
+    busy /= time.perf_counter() - t0
+  except (OSError, ValueError):
+    return ""
+  return (f"other processes busy {busy:.2f}/{cores} cores" +
+          (" (UNDER LOAD)" if busy > 0.25 * cores else ""))
 
 
 def fmt_s(x: float) -> str:
