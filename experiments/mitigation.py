@@ -1,7 +1,8 @@
 """Study B: every collapse remedy for one decoder size, same columns as study A.
 
   python experiments/mitigation.py --out experiments/out/mitigation_digits        # CPU budget
-  python experiments/mitigation.py --dataset mnist --steps 3000 --out ...          # MNIST subset
+  python experiments/mitigation.py --dataset mnist --steps 3000 --out ...          # MNIST
+  python experiments/mitigation.py --dataset mnist --only unconditional,elbo,free_bits ...
   python experiments/mitigation.py --full-budget --dataset mnist --out ...         # accelerators
 
 Each remedy is a config file under configs/ (`<dataset>_<remedy>.py`), so the table's rows
@@ -44,6 +45,13 @@ def runs_for(args) -> list:
     if suffix in ("unconditional", "ue"):
       overrides = [o for o in overrides if not o.startswith("--config.model.encoder=")]
     runs.append(harness.Run(name, cfg, overrides, labels={"remedy": label}))
+  if args.only:
+    wanted = args.only.split(",")
+    unknown = sorted(set(wanted) - {r.name for r in runs})
+    if unknown:
+      raise SystemExit(f"error: --only: unknown run(s) {unknown}; known: "
+                       f"{[r.name for r in runs]}")
+    runs = [r for r in runs if r.name in wanted]
   return runs
 
 
@@ -52,6 +60,8 @@ def main():
   sc.add_common_flags(p)
   p.add_argument("--vdm", default="mvdm")
   p.add_argument("--encoder", default="te")
+  p.add_argument("--only", default="", help="comma-separated run names (e.g. "
+                 "unconditional,elbo,free_bits); default: every remedy")
   args = p.parse_args()
   runs = runs_for(args)
   if not args.table_only:

@@ -1,0 +1,92 @@
+"""The study scripts without training: every row is a valid config, finished rows are
+skipped, and the table is built from the runs' report.json files only."""
+import argparse
+import json
+import os
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from vdmrep import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import collapse_grid  # noqa: E402
+import harness  # noqa: E402
+import mitigation  # noqa: E402
+import study_common  # noqa: E402
+
+
+def _args(**kw):
+  base = dict(out="unused", dataset="digits", steps=0, full_budget=False, parallel=1,
+              table_only=True, eval_examples=0, fd_samples=500, sample_steps=100,
+              vdm="mvdm", encoder="te", only="", encoders="oepp,oe,se,te,ue,none",
+              betas="10000,1")
+  base.update(kw)
+  return argparse.Namespace(**base)
+
+
+def _load(run):
+  """The ConfigDict `python -m vdmrep.main --config FILE <overrides>` would build."""
+  argv = ["prog", "--config", os.path.join(ROOT, run.config)] + run.overrides
+  fv = flags.FlagValues()  # the overrides are read from sys_argv, as main reads sys.argv
+  config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+@pytest.mark.parametrize("dataset", ["digits", "mnist"])
+def test_every_row_is_a_valid_config_with_the_overrides_applied(dataset):
+  runs = (mitigation.runs_for(_args(dataset=dataset)) +
+          collapse_grid.runs_for(_args(dataset=dataset, vdm="svdm,mvdm")))
+  # 4 encoders x 2 betas + ue + none per VDM size; the two studies never share a name
+  assert len(runs) == 12 + 2 * 10 and len({r.name for r in runs}) == len(runs)
+  for run in runs:
+    c = _load(run)
+    config_lib.validate(c, num_devices=1, num_processes=1)
+    assert c.training.num_steps == (1500 if dataset == "digits" else 3000), run.name
+    assert c.sample.num_samples == 500 and c.sample.num_steps == 100
+    if dataset == "mnist":
+      assert c.data.source == study_common.MNIST_IDX, run.name
+    if run.labels.get("beta", "-") != "-":
+      assert c.collapse.beta == float(run.labels["beta"])
+  by_name = {r.name: _load(r) for r in mitigation.runs_for(_args())}
+  assert by_name["elbo_film"].model.conditioning == "film"
+  assert by_name["unconditional"].model.encoder == "none"
+  assert by_name["reference_beta1e4"].collapse.beta == 1e4
+
+
+def test_only_selects_rows_and_rejects_unknown_names():
+  names = [r.name for r in mitigation.runs_for(_args(only="free_bits,unconditional"))]
+  assert names == ["unconditional", "free_bits"]  # table order, not flag order
+  with pytest.raises(SystemExit, match="unknown run"):
+    mitigation.runs_for(_args(only="free_bitz"))
+
+
+def test_finished_runs_are_skipped_and_tabulated_from_their_reports(tmp_path, capsys):
+  out = str(tmp_path)
+  runs = mitigation.runs_for(_args(out=out, only="unconditional,elbo"))
+  done = runs[1]
+  os.makedirs(harness.run_dir(out, done))
+  metrics = dict(bpd=4.8305, bpd_se=0.0551, objective_bpd=4.8305, objective_is_bound=True,
+                 kl_nats=0.0612, active_units=0, latent_dim=128, mi_nats=0.0093,
+                 usefulness_gap_bpd=0.00451, encoder_logreg_acc=0.6704,
+                 random_encoder_logreg_acc=0.9556, pixels_logreg_acc=0.963)
+  with open(os.path.join(harness.run_dir(out, done), "report.json"), "w") as fh:
+    json.dump({"metrics": metrics, "dataset": {"note": "a note"}}, fh)
+  with open(os.path.join(harness.run_dir(out, done), "wall_seconds.txt"), "w") as fh:
+    fh.write("60.0\n30.0\n")  # a resumed run: both attempts count
+  assert [harness.is_finished(out, r) for r in runs] == [False, True]
+  study_common.write_results(_args(out=out), runs, title="t", label_cols=["remedy"],
+                             filename="t.md")
+  with open(os.path.join(out, "t.md")) as fh:
+    text = fh.read()
+  assert text in capsys.readouterr().out  # the file is what the command prints
+  rows = [l for l in text.splitlines() if l.startswith("| ")]
+  assert rows[1].startswith("| unconditional VDM | not finished |")
+  assert rows[2] == ("| ELBO (beta = 1), additive | 4.830 ± 0.055 | 4.830 | 0.06 | 0/128 | "
+                     "0.01 | 0.0045 | 0.670 / 0.956 / 0.963 | - (-) | - | 1.5 |")
+  assert "Data: digits (a note)." in text
