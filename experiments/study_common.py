@@ -112,6 +112,7 @@ def write_results(args, runs, *, title, label_cols, filename):
 
 def _figure(points, path, title):
   pts = [(n, k, b) for n, k, b in points if k is not None and b is not None]
+  baselines = [(n, b) for n, k, b in points if k is None and b is not None]  # no encoder
   if not pts:
     return
   import matplotlib
@@ -121,9 +122,14 @@ def _figure(points, path, title):
   for name, kl, bpd in pts:
     ax.scatter(kl, bpd)
     ax.annotate(name, (kl, bpd), fontsize=7, xytext=(3, 3), textcoords="offset points")
+  for name, bpd in baselines:
+    ax.axhline(bpd, color="gray", ls="--", lw=1)
+    ax.annotate(f"{name} (no encoder)", (0, bpd), fontsize=7, color="gray",
+                xytext=(3, -10), textcoords="offset points")
   ax.set_xlabel("encoder KL (nats / image)")
   ax.set_ylabel("held-out negative ELBO (bits / dim)")
   ax.set_xscale("symlog", linthresh=0.1)
+  ax.set_xlim(left=0, right=max(1.0, 2 * max(k for _, k, _ in pts)))  # KL >= 0
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
   fig.tight_layout()
