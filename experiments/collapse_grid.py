@@ -47,7 +47,7 @@ def main():
   runs = runs_for(args)
   if not args.table_only:
     harness.run_all(args.out, runs, parallel=args.parallel)
-  sc.write_results(args, runs, title="Study A: the reference grid (VDM size x encoder x beta)",
+  sc.write_results(args, runs, title=f"Study A: the reference grid (VDM size x encoder x beta) on {args.dataset}",
                    label_cols=["VDM", "encoder", "beta"], filename="results_grid.md")
 
 
