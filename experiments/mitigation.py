@@ -66,8 +66,9 @@ def main():
   runs = runs_for(args)
   if not args.table_only:
     harness.run_all(args.out, runs, parallel=args.parallel)
-  sc.write_results(args, runs, title=f"Study B: collapse remedies ({args.vdm} + {args.encoder}) on {args.dataset}",
-                   label_cols=["remedy"], filename="results_mitigation.md")
+  title = f"Study B: collapse remedies ({args.vdm} + {args.encoder}) on {args.dataset}"
+  sc.write_results(args, runs, title=title, label_cols=["remedy"],
+                   filename="results_mitigation.md")
 
 
 if __name__ == "__main__":
