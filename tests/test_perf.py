@@ -60,6 +60,29 @@ def test_chunked_attention_matches_one_shot(chunk):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_chunked_attention_stores_no_weight_matrix():
+  """The chunked backward recomputes the [N, N] weights: nothing of size B*N*N is kept."""
+  b, n = 4, 64
+  q, k, v = [jax.random.normal(jax.random.key(i), (b, n, 8)) for i in range(3)]
+  biggest = lambda chunk: max(leaf.size for leaf in jax.tree.leaves(
+      jax.vjp(lambda *a: attention(*a, batch_chunk=chunk), q, k, v)[1]))
+  assert biggest(0) >= b * n * n  # plain autodiff keeps the softmax weights
+  assert biggest(1) <= b * n * 8  # the chunked form keeps only q, k, v, out, lse
+
+
+def test_chunked_attention_bfloat16_matches_one_shot():
+  q, k, v, dout = [jax.random.normal(jax.random.key(i), (4, 32, 8), jnp.bfloat16)
+                   for i in range(4)]
+  out, vjp = jax.vjp(lambda *a: attention(*a, batch_chunk=2), q, k, v)
+  ref, vjp_ref = jax.vjp(lambda *a: attention(*a, batch_chunk=0), q, k, v)
+  assert out.dtype == jnp.bfloat16
+  f32 = lambda t: np.asarray(t, np.float32)
+  np.testing.assert_allclose(f32(out), f32(ref), rtol=2e-2, atol=2e-2)
+  for a, b in zip(vjp(dout), vjp_ref(dout)):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(f32(a), f32(b), rtol=5e-2, atol=5e-2)
+
+
 def _tiny_config(**model):
   c = config_lib.base_config()
   c.model.vdm, c.model.encoder = "mvdm", "te"
