@@ -85,10 +85,11 @@ def main():
     rows.append(timed(f"one ResNet block ({ch} ch) fwd+bwd", jax.grad(f, argnums=(0, 1)),
                       (bp, h), args.repeats))
   if want("attn"):
-    att = AttnBlock()
+    att = AttnBlock(batch_chunk=model.score_net.attention_chunk)  # as in the step
     ap = att.init(rng, h)
     f = lambda p, h: jnp.sum(jnp.square(att.apply(p, h)))
-    rows.append(timed(f"attention block ({ch} ch, {args.image ** 2} positions) fwd+bwd",
+    rows.append(timed(f"attention block ({ch} ch, {args.image ** 2} positions, chunk "
+                      f"{att.batch_chunk}) fwd+bwd",
                       jax.grad(f, argnums=(0, 1)), (ap, h), args.repeats))
   if want("optim"):
     tx = train_lib.make_optimizer(config.optim)
