@@ -1,0 +1,78 @@
+"""One 3x3 SAME convolution, three exact forms: XLA's convolution, im2col + one matmul,
+and 9 shifted matmuls. Forward, input gradient and filter gradient timed alone.
+
+  python benchmarks/conv_forms.py --batch 64 --image 28 --channels 16:16,32:32,64:32
+
+Why it exists: the score network is almost only such convolutions, and this is the
+evidence for which form the model uses (XLA's; see benchmarks/README.md). Each form's
+output is checked against XLA's before it is timed.
+"""
+from __future__ import annotations
+
+import argparse
+
+import common
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+def conv_xla(x, k):
+  return lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv_im2col(x, k):
+  """Concatenate the 9 shifted views on the channel axis, then one [BHW, 9C] x [9C, O]."""
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  cols = jnp.concatenate([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], -1)
+  return cols @ k.reshape(-1, k.shape[-1])
+
+
+def conv_shifted(x, k):
+  """Sum over the 9 taps of (shifted view) @ k[i, j]."""
+  h, w = x.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return sum(xp[:, i:i + h, j:j + w] @ k[i, j] for i in range(3) for j in range(3))
+
+
+FORMS = {"xla": conv_xla, "im2col": conv_im2col, "9 shifted matmuls": conv_shifted}
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--image", type=int, default=28)
+  p.add_argument("--channels", default="16:16,32:32,64:32", help="in:out pairs")
+  p.add_argument("--repeats", type=int, default=7)
+  args = p.parse_args()
+  peak = common.matmul_peak()
+  print(f"hardware: {common.hardware()}; {common.load_note()}")
+  print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s\n")
+  print("| in -> out ch | form | fwd ms | d input ms | d filter ms | fwd+bwd ms | GFLOP/s fwd+bwd |")
+  print("|---|---|---|---|---|---|---|")
+  for pair in args.channels.split(","):
+    cin, cout = map(int, pair.split(":"))
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (args.batch, args.image, args.image, cin))
+    k = jax.random.normal(kk, (3, 3, cin, cout)) * (9 * cin) ** -0.5
+    g = jax.random.normal(kg, (args.batch, args.image, args.image, cout))
+    flops = 2.0 * x.size // cin * 9 * cin * cout  # one pass; fwd + bwd = 3 passes
+    ref = conv_xla(x, k)
+    for name, f in FORMS.items():
+      np.testing.assert_allclose(jax.jit(f)(x, k), ref, rtol=1e-4, atol=1e-4)
+      t = lambda fn, *a: common.summary(common.time_fn(jax.jit(fn), *a,
+                                                       repeats=args.repeats))[0]
+      fwd = t(f, x, k)
+      dx = t(lambda g: jax.vjp(lambda x: f(x, k), x)[1](g), g)
+      dk = t(lambda g: jax.vjp(lambda k: f(x, k), k)[1](g), g)
+      both = t(jax.grad(lambda x, k: jnp.sum(jnp.square(f(x, k))), argnums=(0, 1)), x, k)
+      print(f"| {cin} -> {cout} | {name} | {1e3 * fwd:.1f} | {1e3 * dx:.1f} | {1e3 * dk:.1f} "
+            f"| {1e3 * both:.1f} | {3 * flops / both / 1e9:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
