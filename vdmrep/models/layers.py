@@ -18,9 +18,9 @@ def attention(q, k, v, batch_chunk: int = 0):
   batch's (157 MB at B = 64, 28x28), and the backward pass recomputes the weights
   from q, k and the saved log-normaliser instead of storing them. On a 2-core CPU
   that made the attention core 2-4x faster forward + backward than the one-shot
-  form (whole-step figures in benchmarks/README.md). Step i takes examples i, i + B/g, i + 2B/g, ...: with
-  the batch sharded over D devices and g a multiple of D, every device works on its
-  own examples and no data moves between devices. 0 (or a g that does not divide B)
+  form (whole-step figures in benchmarks/README.md). Step i takes examples
+  i, i + B/g, i + 2B/g, ...: with the batch sharded over D devices and g a multiple
+  of D, every device works on its own examples and no data moves between devices. 0 (or a g that does not divide B)
   computes the whole batch at once with plain autodiff, the right choice on
   accelerators, whose compilers fuse it.
   """
