@@ -118,18 +118,21 @@ def _figure(points, path, title):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 5))
-  for name, kl, bpd in pts:
-    ax.scatter(kl, bpd)
-    ax.annotate(name, (kl, bpd), fontsize=7, xytext=(3, 3), textcoords="offset points")
-  for name, bpd in baselines:
-    ax.axhline(bpd, color="gray", ls="--", lw=1)
-    ax.annotate(f"{name} (no encoder)", (0, bpd), fontsize=7, color="gray",
-                xytext=(3, -10), textcoords="offset points")
+  # A legend, not labels beside the points: collapsed runs all sit at KL ~ 0, where
+  # their names would overprint each other.
+  fig, ax = plt.subplots(figsize=(9, 5))
+  markers = "osD^vP*Xh<>p"
+  for i, (name, kl, bpd) in enumerate(pts):
+    ax.scatter(kl, bpd, marker=markers[i % len(markers)], s=36, alpha=0.85,
+               label=f"{name}: KL {kl:.2f}, {bpd:.3f} bpd")
+  for i, (name, bpd) in enumerate(baselines):
+    ax.axhline(bpd, color="gray", ls=("--", ":", "-.")[i % 3], lw=1,
+               label=f"{name} (no encoder): {bpd:.3f} bpd")
   ax.set_xlabel("encoder KL (nats / image)")
   ax.set_ylabel("held-out negative ELBO (bits / dim)")
   ax.set_xscale("symlog", linthresh=0.1)
   ax.set_xlim(left=0, right=max(1.0, 2 * max(k for _, k, _ in pts)))  # KL >= 0
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
   fig.tight_layout()
