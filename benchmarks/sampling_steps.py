@@ -25,11 +25,9 @@ import common
 
 import jax
 import ml_collections
-import numpy as np
 
-from vdmrep import checkpoints, config_lib, quality, sampling
+from vdmrep import checkpoints, quality, sampling
 from vdmrep import classifier as classifier_lib
-from vdmrep import train as train_lib
 
 
 def load_run(workdir: str):
@@ -39,14 +37,10 @@ def load_run(workdir: str):
     raise SystemExit(f"{path} not found: --workdir must be a finished vdmrep.main run")
   with open(path) as fh:
     config = ml_collections.ConfigDict(json.load(fh)["config"])
-  ds, model, tx, mesh = train_lib.setup(config)
-  state = train_lib.initial_state(model, tx, config, ds.image_shape, mesh)
-  ckpt = checkpoints.Checkpoints(workdir, keep=config.training.keep_checkpoints)
-  restored, _ = ckpt.restore_latest(checkpoints.abstract(state),
-                                    config_lib.model_fingerprint(config))
-  ckpt.close()
-  if restored is None:
-    raise SystemExit(f"no checkpoint in {workdir}")
+  try:
+    ds, model, mesh, restored = quality.restore_for_sampling(config, workdir)
+  except checkpoints.CheckpointError as e:
+    raise SystemExit(str(e))
   return config, ds, model, mesh, restored.ema_params, int(restored.step)
 
 

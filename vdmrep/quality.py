@@ -226,9 +226,11 @@ def sample_quality_section(model, params, ds, config, workdir, mesh, key, *, wri
   return res
 
 
-def sample_checkpoint(config, workdir: str) -> dict:
-  """--mode sample: EMA parameters of the latest checkpoint -> pictures + samples.npz."""
-  from clu import metric_writers
+def restore_for_sampling(config, workdir: str):
+  """(dataset, model, mesh, restored train state) of the latest checkpoint in `workdir`.
+
+  Raises checkpoints.CheckpointError when there is none.
+  """
   from vdmrep import checkpoints, config_lib, train
   ds, model, tx, mesh = train.setup(config)
   state = train.initial_state(model, tx, config, ds.image_shape, mesh)
@@ -238,6 +240,13 @@ def sample_checkpoint(config, workdir: str) -> dict:
   ckpt.close()
   if restored is None:
     raise checkpoints.CheckpointError(f"no checkpoint to sample from in {ckpt.directory}")
+  return ds, model, mesh, restored
+
+
+def sample_checkpoint(config, workdir: str) -> dict:
+  """--mode sample: EMA parameters of the latest checkpoint -> pictures + samples.npz."""
+  from clu import metric_writers
+  ds, model, mesh, restored = restore_for_sampling(config, workdir)
   # Its own stream: sampling never reuses the keys of training or of the ELBO evaluation.
   key = jax.random.fold_in(jax.random.key(config.seed), 0x5A4D)
   samples = draw_samples(model, restored.ema_params, ds, config, mesh, key,
