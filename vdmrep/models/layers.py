@@ -20,9 +20,9 @@ def attention(q, k, v, batch_chunk: int = 0):
   that made the attention core 2-4x faster forward + backward than the one-shot
   form (whole-step figures in benchmarks/README.md). Step i takes examples
   i, i + B/g, i + 2B/g, ...: with the batch sharded over D devices and g a multiple
-  of D, every device works on its own examples and no data moves between devices. 0 (or a g that does not divide B)
-  computes the whole batch at once with plain autodiff, the right choice on
-  accelerators, whose compilers fuse it.
+  of D, every device works on its own examples and no data moves between devices.
+  0 (or a g that does not divide B) computes the whole batch at once with plain
+  autodiff, the right choice on accelerators, whose compilers fuse it.
   """
   b, _, c = q.shape
   if batch_chunk <= 0 or batch_chunk >= b or b % batch_chunk:
@@ -32,9 +32,14 @@ def attention(q, k, v, batch_chunk: int = 0):
   return _chunked_attention(q, k, v, batch_chunk)
 
 
+def _logits(q, k):
+  """Scaled attention logits q k^T / sqrt(C) [B, N, N], f32 (forward and recompute)."""
+  return jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) * (q.shape[-1] ** -0.5)
+
+
 def _attention_fwd_core(q, k, v):
   """-> (out [B, N, C], logsumexp of the scaled logits [B, N], f32). Softmax in f32."""
-  s = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) * (q.shape[-1] ** -0.5)
+  s = _logits(q, k)
   lse = jax.nn.logsumexp(s, axis=-1)
   w = jnp.exp(s - lse[..., None]).astype(v.dtype)
   return jnp.einsum("bqk,bkc->bqc", w, v), lse
@@ -67,8 +72,7 @@ def _chunked_attention_bwd(g, res, d_out):
   def one(args):
     q, k, v, out, lse, d_out = args
     scale = q.shape[-1] ** -0.5
-    s = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) * scale
-    w = jnp.exp(s - lse[..., None])  # the forward's softmax weights, f32
+    w = jnp.exp(_logits(q, k) - lse[..., None])  # the forward's softmax weights, f32
     dv = jnp.einsum("bqk,bqc->bkc", w.astype(v.dtype), d_out)
     dw = jnp.einsum("bqc,bkc->bqk", d_out, v).astype(jnp.float32)
     # d softmax: w * (dw - sum_k w dw), and sum_k w dw = <d_out, out> per query.
