@@ -1,11 +1,13 @@
-"""One 3x3 SAME convolution, three exact forms: XLA's convolution, im2col + one matmul,
-and 9 shifted matmuls. Forward, input gradient and filter gradient timed alone.
+"""One 3x3 SAME convolution, four exact forms: XLA's convolution, oneDNN's (the custom
+call of vdmrep/kernels, the model's choice on CPU), im2col + one matmul, and 9 shifted
+matmuls. Forward, input gradient and filter gradient timed alone.
 
   python benchmarks/conv_forms.py --batch 64 --image 28 --channels 16:16,32:32,64:32
 
 Why it exists: the score network is almost only such convolutions, and this is the
-evidence for which form the model uses (XLA's; see benchmarks/README.md). Each form's
-output is checked against XLA's before it is timed.
+evidence for which form the model uses (oneDNN's on CPU, else XLA's; see
+benchmarks/README.md). Each form's output is checked against XLA's before it is timed.
+The oneDNN row is left out (with a note) where its kernels cannot be built.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from vdmrep.kernels import onednn
 
 
 def conv_xla(x, k):
@@ -39,7 +43,13 @@ def conv_shifted(x, k):
   return sum(xp[:, i:i + h, j:j + w] @ k[i, j] for i in range(3) for j in range(3))
 
 
-FORMS = {"xla": conv_xla, "im2col": conv_im2col, "9 shifted matmuls": conv_shifted}
+def conv_onednn(x, k):
+  return onednn.conv_general_dilated(x, k, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+FORMS = {"xla": conv_xla, "onednn": conv_onednn, "im2col": conv_im2col,
+         "9 shifted matmuls": conv_shifted}
 
 
 def main():
@@ -52,6 +62,10 @@ def main():
   peak = common.matmul_peak()
   print(f"hardware: {common.hardware()}; {common.load_note()}")
   print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s\n")
+  forms = dict(FORMS)
+  if (reason := onednn.unavailable_reason()) is not None:
+    print(f"(no oneDNN row: {reason.splitlines()[0]})\n")
+    del forms["onednn"]
   print("| in -> out ch | form | fwd ms | d input ms | d filter ms | fwd+bwd ms | GFLOP/s fwd+bwd |")
   print("|---|---|---|---|---|---|---|")
   for pair in args.channels.split(","):
@@ -62,13 +76,14 @@ def main():
     g = jax.random.normal(kg, (args.batch, args.image, args.image, cout))
     flops = 2.0 * x.size // cin * 9 * cin * cout  # one pass; fwd + bwd = 3 passes
     ref = conv_xla(x, k)
-    for name, f in FORMS.items():
+    for name, f in forms.items():
       np.testing.assert_allclose(jax.jit(f)(x, k), ref, rtol=1e-4, atol=1e-4)
       t = lambda fn, *a: common.summary(common.time_fn(jax.jit(fn), *a,
                                                        repeats=args.repeats))[0]
       fwd = t(f, x, k)
       dx = t(lambda g: jax.vjp(lambda x: f(x, k), x)[1](g), g)
       dk = t(lambda g: jax.vjp(lambda k: f(x, k), k)[1](g), g)
+      # The squared loss needs the forward output, so all three passes run.
       both = t(jax.grad(lambda x, k: jnp.sum(jnp.square(f(x, k))), argnums=(0, 1)), x, k)
       print(f"| {cin} -> {cout} | {name} | {1e3 * fwd:.1f} | {1e3 * dx:.1f} | {1e3 * dk:.1f} "
             f"| {1e3 * both:.1f} | {3 * flops / both / 1e9:.1f} |", flush=True)

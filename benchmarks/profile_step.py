@@ -42,10 +42,12 @@ def main():
   p.add_argument("--dtype", default="float32")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--parts", default="all")
+  p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "onednn"))
   args = p.parse_args()
   config = config_lib.base_config()
   config.model.vdm, config.model.encoder = args.vdm, args.encoder
   config.model.compute_dtype = args.dtype
+  config.model.conv_impl = args.conv_impl
   model = build_model(config.model)
   shape = (args.image, args.image, 1)
   params = model.init(jax.random.key(0), shape)
@@ -79,7 +81,7 @@ def main():
     f = lambda z: jnp.sum(losses.reconstruction_loss(x, z, -13.3))
     rows.append(timed("reconstruction loss fwd+bwd", jax.grad(f), (z0,), args.repeats))
   if want("block"):
-    blk = ResnetBlock(out_ch=ch, zero_init_out=False)
+    blk = ResnetBlock(out_ch=ch, zero_init_out=False, conv_impl=model.score_net.conv_impl)
     bp = blk.init(rng, h, cond)
     f = lambda p, h: jnp.sum(jnp.square(blk.apply(p, h, cond)))
     rows.append(timed(f"one ResNet block ({ch} ch) fwd+bwd", jax.grad(f, argnums=(0, 1)),
@@ -98,7 +100,8 @@ def main():
       u, opt = tx.update(params, opt, params)
       return jax.tree.map(lambda a, b: 0.99 * a + 0.01 * b, params, u), opt
     rows.append(timed("optimiser update + EMA", upd, (params, opt), args.repeats))
-  print(f"hardware: {common.hardware()}; {common.load_note()}\n")
+  print(f"hardware: {common.hardware()}; {common.load_note()}; "
+        f"convolutions: {model.score_net.conv_impl} (GFLOP counts no custom call)\n")
   print("| part | ms median (min..max) | GFLOP | GFLOP/s |\n|---|---|---|---|")
   print("\n".join(rows))
 

@@ -34,12 +34,14 @@ def main():
   p.add_argument("--ref-steps", type=int, default=20)
   p.add_argument("--image", type=int, default=28)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "onednn"))
   p.add_argument("--repeats", type=int, default=3)
   args = p.parse_args()
   peak = common.matmul_peak()
   config = config_lib.base_config()
   config.model.vdm, config.model.encoder = args.vdm, args.encoder
   config.model.compute_dtype = args.dtype
+  config.model.conv_impl = args.conv_impl
   model = build_model(config.model)
   shape = (args.num, args.image, args.image, 1)
   params = model.init(jax.random.key(0), shape[1:])
@@ -61,15 +63,16 @@ def main():
   jax.block_until_ready(z)
   ref = (time.perf_counter() - t0) / args.ref_steps * args.steps
   config.model.attention_chunk = 0
+  config.model.conv_impl = "xla"  # XLA cannot count a custom call's FLOPs
   plain = build_model(config.model)
   flops = args.steps * common.lowered_flops(
       jax.jit(lambda p, z, g: plain.eps_hat(p, z, g, w)).lower(params, z, g))
   print(f"hardware: {common.hardware()}; {common.load_note()}")
   print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s\n")
-  print("| vdm | encoder | images | steps | dtype | s median (min..max) | images/s | GFLOP "
+  print("| vdm | encoder | images | steps | dtype, conv | s median (min..max) | images/s | GFLOP "
         "| GFLOP/s | % matmul peak | N separate forwards, s | ratio |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-  print(f"| {args.vdm} | {args.encoder} | {args.num} | {args.steps} | {args.dtype} | "
+  print(f"| {args.vdm} | {args.encoder} | {args.num} | {args.steps} | {args.dtype} {model.score_net.conv_impl} | "
         f"{fmt_s(med)} ({fmt_s(lo)}..{fmt_s(hi)}) | {args.num / med:.2f} | {flops / 1e9:.0f} | "
         f"{flops / med / 1e9:.1f} | {100 * flops / med / peak:.0f}% | {fmt_s(ref)} | "
         f"{med / ref:.2f} |")

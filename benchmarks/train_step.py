@@ -3,7 +3,8 @@
   python benchmarks/train_step.py --vdm tvdm --encoder te --batch 64 --image 28
   python benchmarks/train_step.py --sweep batch   # step time vs batch size (mvdm+te)
   python benchmarks/train_step.py --sweep image   # step time vs image size (mvdm+te)
-  python benchmarks/train_step.py --sweep variants  # whole-batch attention, bf16, remat
+  python benchmarks/train_step.py --sweep variants  # whole-batch attention, bf16, remat, XLA conv
+  python benchmarks/train_step.py --conv-impl xla  # XLA's convolution instead of oneDNN's
 
 Times the full jitted step (forward + backward + clip + AdamW + EMA, buffers donated)
 after compilation, `--repeats` times, and prints one markdown table row per setting:
@@ -27,24 +28,28 @@ from vdmrep import config_lib, parallel
 from vdmrep import train as train_lib
 from vdmrep.models import build_model
 
-HEADER = ("| vdm | encoder | batch | image | dtype | remat | attn chunk | s/step median (min..max) | images/s "
-          "| GFLOP/step | GFLOP/s | % matmul peak | XLA temp MiB | peak RSS MiB |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| vdm | encoder | batch | image | dtype | remat | attn chunk | conv | s/step median (min..max) "
+          "| images/s | GFLOP/step | GFLOP/s | % matmul peak | XLA temp MiB | peak RSS MiB |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def make_config(vdm, encoder, batch, dtype="float32", remat=False, attention_chunk=-1):
+def make_config(vdm, encoder, batch, dtype="float32", remat=False, attention_chunk=-1,
+                conv_impl="auto"):
   c = config_lib.base_config()
   c.model.vdm, c.model.encoder = vdm, encoder
   c.model.compute_dtype = dtype
   c.model.remat = remat
   c.model.attention_chunk = attention_chunk
+  c.model.conv_impl = conv_impl
   c.training.batch_size = batch
   return c
 
 
 def _model_flops(vdm, encoder, batch, dtype, state, x, key):
-  """FLOPs of one step of the loop-free form (see common.lowered_flops)."""
-  config = make_config(vdm, encoder, batch, dtype, remat=False, attention_chunk=0)
+  """FLOPs of one step of the loop-free form (see common.lowered_flops), with XLA's
+  convolutions (XLA cannot count a custom call's FLOPs; the mathematics is the same)."""
+  config = make_config(vdm, encoder, batch, dtype, remat=False, attention_chunk=0,
+                       conv_impl="xla")
   model = build_model(config.model)
   tx = train_lib.make_optimizer(config.optim)
   step = train_lib.make_train_step(model, tx, config, parallel.make_mesh())
@@ -52,9 +57,9 @@ def _model_flops(vdm, encoder, batch, dtype, state, x, key):
 
 
 def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
-          attention_chunk=-1, repeats=5, peak=None):
+          attention_chunk=-1, conv_impl="auto", repeats=5, peak=None):
   """Returns a dict of the figures for one setting."""
-  config = make_config(vdm, encoder, batch, dtype, remat, attention_chunk)
+  config = make_config(vdm, encoder, batch, dtype, remat, attention_chunk, conv_impl)
   config_lib.validate(config, jax.device_count())
   model = build_model(config.model)
   tx = train_lib.make_optimizer(config.optim)
@@ -79,7 +84,8 @@ def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
   times = common.time_fn(run, repeats=repeats, warmup=1)
   med, lo, hi = common.summary(times)
   return dict(vdm=vdm, encoder=encoder, batch=batch, image=f"{image}x{image}x{channels}",
-              dtype=dtype, remat=remat, chunk=model.score_net.attention_chunk, med=med, lo=lo, hi=hi, ips=batch / med,
+              dtype=dtype, remat=remat, chunk=model.score_net.attention_chunk,
+              conv=model.score_net.conv_impl, med=med, lo=lo, hi=hi, ips=batch / med,
               gflop=flops / 1e9, gflops=flops / med / 1e9,
               frac=(flops / med / peak) if peak else float("nan"),
               temp=mem.get("temp", float("nan")) / 2 ** 20, rss=common.peak_rss_mib())
@@ -87,7 +93,7 @@ def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
 
 def row(r):
   return (f"| {r['vdm']} | {r['encoder']} | {r['batch']} | {r['image']} | {r['dtype']} | "
-          f"{'yes' if r['remat'] else 'no'} | {r['chunk'] or 'all'} | {fmt_s(r['med'])} ({fmt_s(r['lo'])}..{fmt_s(r['hi'])}) | "
+          f"{'yes' if r['remat'] else 'no'} | {r['chunk'] or 'all'} | {r['conv']} | {fmt_s(r['med'])} ({fmt_s(r['lo'])}..{fmt_s(r['hi'])}) | "
           f"{r['ips']:.1f} | {r['gflop']:.1f} | {r['gflops']:.1f} | {100 * r['frac']:.0f}% | "
           f"{r['temp']:.0f} | {r['rss']:.0f} |")
 
@@ -102,6 +108,7 @@ def main():
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--remat", action="store_true")
   p.add_argument("--attention-chunk", type=int, default=-1, help="-1 auto, 0 whole batch")
+  p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "onednn"))
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--sweep", choices=("none", "batch", "image", "sizes", "variants"),
                  default="none")
@@ -119,13 +126,14 @@ def main():
     settings = [dict(vdm=v, encoder=e) for v, e in
                 (("mvdm", "te"), ("tvdm", "te"), ("tvdm", "none"), ("mvdm", "none"))]
   elif args.sweep == "variants":
-    settings = [dict(attention_chunk=0), {}, dict(dtype="bfloat16"), dict(remat=True)]
+    settings = [dict(attention_chunk=0), {}, dict(conv_impl="xla"), dict(dtype="bfloat16"),
+                dict(remat=True)]
   else:
     settings = [{}]
   for s in settings:
     kw = dict(vdm=args.vdm, encoder=args.encoder, batch=args.batch, image=args.image,
               channels=args.channels, dtype=args.dtype, remat=args.remat,
-              attention_chunk=args.attention_chunk)
+              attention_chunk=args.attention_chunk, conv_impl=args.conv_impl)
     kw.update(s)
     print(row(bench(repeats=args.repeats, peak=peak, **kw)), flush=True)
   print(f"\nafter: {common.load_note()}")

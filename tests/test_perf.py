@@ -118,8 +118,9 @@ def _assert_trees_close(a, b, rtol):
 
 @pytest.fixture(scope="module")
 def plain():
-  """(params, x, (loss, grads)) of the straightforward model: attention all at once."""
-  return _loss_and_grads(_tiny_config(attention_chunk=0))
+  """(params, x, (loss, grads)) of the straightforward model: attention all at once,
+  XLA's convolution."""
+  return _loss_and_grads(_tiny_config(attention_chunk=0, conv_impl="xla"))
 
 
 @pytest.mark.parametrize("variant", [dict(attention_chunk=1, remat=True), dict(attention_chunk=2)])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ml_collections
 
 from vdmrep.models.encoder import ENCODER_SIZES
+from vdmrep.models.layers import CONV_IMPLS, resolve_conv_impl
 from vdmrep.models.schedules import SCHEDULES
 from vdmrep.models.score_net import CONDITIONINGS, VDM_SIZES
 
@@ -45,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.compute_dtype = "float32"  # float32 | bfloat16 (params and loss stay f32)
   c.model.remat = False             # recompute score-net block activations (less memory)
   c.model.attention_chunk = -1      # examples per attention chunk; -1 auto (1 on CPU), 0 all
+  c.model.conv_impl = "auto"        # auto | xla | onednn (CPU kernels; auto: where they run)
 
   # Posterior-collapse remedies; formulas and sources in vdmrep/collapse.py. The defaults
   # are the ELBO; each remedy is switched on by its own key and they combine.
@@ -160,6 +162,12 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   _choice(config, "model.conditioning", m.conditioning, CONDITIONINGS)
   _choice(config, "model.gamma_type", m.gamma_type, SCHEDULES)
   _choice(config, "model.compute_dtype", m.compute_dtype, ("float32", "bfloat16"))
+  _choice(config, "model.conv_impl", m.get("conv_impl", "auto"), CONV_IMPLS)
+  if m.get("conv_impl") == "onednn":
+    try:
+      resolve_conv_impl("onednn", m.compute_dtype)
+    except ValueError as e:
+      raise ConfigError(f"config.model.conv_impl: {e}") from None
   if not m.gamma_min < m.gamma_max:
     raise ConfigError(f"config.model.gamma_min={m.gamma_min} must be < "
                       f"config.model.gamma_max={m.gamma_max}")

@@ -118,7 +118,8 @@ def log_param_counts(model, params):
   counts = {name: count_params(p) for name, p in params.items()}
   counts["total"] = sum(counts.values())
   logging.info("parameter counts: %s", counts)
-  parallel.main_print("parameters: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+  parallel.main_print("parameters: " + ", ".join(f"{k}={v:,}" for k, v in counts.items())
+                      + f" (convolutions: {model.score_net.conv_impl})")
   return counts
 
 

@@ -1,5 +1,5 @@
 """Networks of the VAE-VDM and the factory that builds them from a config."""
-from vdmrep.models.layers import default_attention_chunk
+from vdmrep.models.layers import CONV_IMPLS, default_attention_chunk, resolve_conv_impl
 from vdmrep.models.encoder import ENCODER_SIZES, Encoder, make_encoder
 from vdmrep.models.schedules import SCHEDULES, make_schedule
 from vdmrep.models.score_net import CONDITIONINGS, VDM_SIZES, ScoreNet, make_score_net
@@ -12,15 +12,18 @@ def build_model(model_cfg) -> VAEVDM:
   """The VAE-VDM described by `config.model` (validated beforehand)."""
   dtype = jnp.bfloat16 if model_cfg.get("compute_dtype", "float32") == "bfloat16" else jnp.float32
   chunk = default_attention_chunk(model_cfg.get("attention_chunk", -1))
+  conv_impl = resolve_conv_impl(model_cfg.get("conv_impl", "auto"),
+                                model_cfg.get("compute_dtype", "float32"))
   score = make_score_net(
       model_cfg.vdm, gamma_min=model_cfg.gamma_min, gamma_max=model_cfg.gamma_max,
       conditioning=model_cfg.conditioning, dropout=model_cfg.dropout,
       use_fourier_features=model_cfg.fourier_features,
       n_blocks=model_cfg.get("n_blocks"), channels=model_cfg.get("channels"), dtype=dtype,
-      attention_chunk=chunk, remat=model_cfg.get("remat", False))
+      attention_chunk=chunk, remat=model_cfg.get("remat", False), conv_impl=conv_impl)
   return VAEVDM(
       score_net=score,
       schedule=make_schedule(model_cfg.gamma_type, model_cfg.gamma_min, model_cfg.gamma_max),
-      encoder=make_encoder(model_cfg.encoder, dtype=dtype, attention_chunk=chunk),
+      encoder=make_encoder(model_cfg.encoder, dtype=dtype, attention_chunk=chunk,
+                           conv_impl=conv_impl),
       vocab_size=model_cfg.get("vocab_size", 256),
       antithetic_time_sampling=model_cfg.get("antithetic_time_sampling", True))

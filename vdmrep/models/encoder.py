@@ -8,11 +8,12 @@ exactly those of the study's Table 1 (see `tests/test_models.py`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vdmrep.models.layers import AttnBlock, ResnetBlock
+from vdmrep.models.layers import AttnBlock, ResnetBlock, conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,30 +41,33 @@ class Encoder(nn.Module):
   groups: int
   latent: int
   attention_chunk: int = 0  # examples per attention chunk (layers.attention)
+  conv_impl: str = "xla"  # "xla" | "onednn" (layers.resolve_conv_impl)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, deterministic: bool = True):
-    h = nn.Conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(x)
+    h = conv(self.channels, (3, 3), self.conv_impl, dtype=self.dtype, name="conv_in")(x)
+    block = functools.partial(ResnetBlock, groups=self.groups, conv_impl=self.conv_impl,
+                              dtype=self.dtype)
     for i in range(self.layers):
-      h = ResnetBlock(groups=self.groups, dtype=self.dtype, name=f"down_{i}")(
-          h, deterministic=deterministic)
-    h = ResnetBlock(groups=self.groups, dtype=self.dtype, name="mid_block_1")(h)
+      h = block(name=f"down_{i}")(h, deterministic=deterministic)
+    h = block(name="mid_block_1")(h)
     h = AttnBlock(groups=self.groups, batch_chunk=self.attention_chunk, dtype=self.dtype,
                   name="mid_attn")(h)
-    h = ResnetBlock(groups=self.groups, dtype=self.dtype, name="mid_block_2")(h)
+    h = block(name="mid_block_2")(h)
     h = nn.swish(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
-    h = nn.Conv(1, (3, 3), dtype=self.dtype, name="conv_out")(h)
+    h = conv(1, (3, 3), self.conv_impl, dtype=self.dtype, name="conv_out")(h)
     h = h.reshape(h.shape[0], -1)
     moments = nn.Dense(2 * self.latent, dtype=self.dtype, name="to_moments")(h)
     mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
     return mean, logvar
 
 
-def make_encoder(name: str, dtype=jnp.float32, attention_chunk=0) -> Encoder | None:
+def make_encoder(name: str, dtype=jnp.float32, attention_chunk=0,
+                 conv_impl="xla") -> Encoder | None:
   """The named encoder, or None for `none` (an unconditional VDM)."""
   if name == "none":
     return None
   s = ENCODER_SIZES[name]
   return Encoder(channels=s.channels, layers=s.layers, groups=s.groups, latent=s.latent,
-                 attention_chunk=attention_chunk, dtype=dtype)
+                 attention_chunk=attention_chunk, conv_impl=conv_impl, dtype=dtype)

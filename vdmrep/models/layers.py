@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vdmrep.kernels import onednn
+
 
 def attention(q, k, v, batch_chunk: int = 0):
   """softmax(q k^T / sqrt(C)) v, one head: q, k, v [B, N, C] -> [B, N, C].
@@ -101,6 +103,46 @@ def default_attention_chunk(setting: int) -> int:
   return jax.device_count() if jax.default_backend() == "cpu" else 0
 
 
+CONV_IMPLS = ("auto", "xla", "onednn")
+
+
+def resolve_conv_impl(setting: str = "auto", compute_dtype: str = "float32") -> str:
+  """config.model.conv_impl -> "xla" or "onednn" (same mathematics, see `conv`).
+
+  "auto": oneDNN where it can run and is faster (CPU backend, one device, float32
+  compute, kernels built), else XLA. "onednn" insists: ValueError saying why it cannot
+  run. The oneDNN custom call has no SPMD partitioning rule, so a program over several
+  devices keeps XLA's convolution (whose partitioning gives the one gradient all-reduce).
+  """
+  if setting not in CONV_IMPLS:
+    raise ValueError(f"conv_impl={setting!r}: expected one of {CONV_IMPLS}")
+  if setting == "xla":
+    return "xla"
+  reason = None
+  if compute_dtype != "float32":
+    reason = f"compute_dtype={compute_dtype!r} (the oneDNN kernels are float32)"
+  elif jax.device_count() > 1:
+    reason = (f"{jax.device_count()} devices (a custom call is not partitioned "
+              "across devices)")
+  else:
+    reason = onednn.unavailable_reason()
+  if reason is None:
+    return "onednn"
+  if setting == "onednn":
+    raise ValueError(f"conv_impl='onednn' cannot run here: {reason}")
+  return "xla"
+
+
+def conv(features: int, kernel_size, conv_impl: str = "xla", **kwargs) -> nn.Conv:
+  """`nn.Conv` (same parameters) computed by XLA's op or by oneDNN ("onednn").
+
+  The two agree to float32 round-off in values and gradients
+  (tests/test_onednn_conv.py); oneDNN is 2-3x faster on CPU (benchmarks/conv_forms.py).
+  """
+  fn = onednn.conv_general_dilated if conv_impl == "onednn" else None
+  return nn.Conv(features, kernel_size, conv_general_dilated=fn, **kwargs)
+
+
 def num_groups(channels: int) -> int:
   """GroupNorm groups for the score network: min(C // 4, 32), as the VDM ports use."""
   return max(1, min(channels // 4, 32))
@@ -119,6 +161,7 @@ class ResnetBlock(nn.Module):
   dropout: float = 0.0
   norm_eps: float = 1e-6
   zero_init_out: bool = False  # VDM starts each score-net block as the identity
+  conv_impl: str = "xla"  # "xla" | "onednn" (resolved, see resolve_conv_impl)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -128,7 +171,7 @@ class ResnetBlock(nn.Module):
     g_in = self.groups or num_groups(c_in)
     g_out = self.groups or num_groups(out_ch)
     h = nn.swish(nn.GroupNorm(g_in, epsilon=self.norm_eps, dtype=self.dtype, name="norm1")(x))
-    h = nn.Conv(out_ch, (3, 3), dtype=self.dtype, name="conv1")(h)
+    h = conv(out_ch, (3, 3), self.conv_impl, dtype=self.dtype, name="conv1")(h)
     if cond is not None:
       h += nn.Dense(out_ch, use_bias=False, kernel_init=nn.initializers.zeros,
                     dtype=self.dtype, name="cond_proj")(cond)[:, None, None, :]
@@ -140,9 +183,10 @@ class ResnetBlock(nn.Module):
       h = h * (1.0 + scale) + shift
     h = nn.swish(h)
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-    h = nn.Conv(out_ch, (3, 3), kernel_init=(nn.initializers.zeros if self.zero_init_out
-                                   else nn.initializers.lecun_normal()), dtype=self.dtype,
-                name="conv2")(h)
+    h = conv(out_ch, (3, 3), self.conv_impl,
+             kernel_init=(nn.initializers.zeros if self.zero_init_out
+                          else nn.initializers.lecun_normal()), dtype=self.dtype,
+             name="conv2")(h)
     if c_in != out_ch:
       x = nn.Dense(out_ch, dtype=self.dtype, name="nin_shortcut")(x)
     return x + h

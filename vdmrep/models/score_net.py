@@ -21,7 +21,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vdmrep.models.layers import AttnBlock, ResnetBlock
+from vdmrep.models.layers import AttnBlock, ResnetBlock, conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +68,7 @@ class ScoreNet(nn.Module):
   use_fourier_features: bool = True
   attention_chunk: int = 0  # examples per attention chunk (layers.attention)
   remat: bool = False  # recompute each ResNet block's activations in the backward pass
+  conv_impl: str = "xla"  # "xla" | "onednn" (layers.resolve_conv_impl)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -88,15 +89,15 @@ class ScoreNet(nn.Module):
     h = z
     if self.use_fourier_features:
       h = jnp.concatenate([z, fourier_features(z)], axis=-1)
-    h = nn.Conv(c, (3, 3), dtype=self.dtype, name="conv_in")(h.astype(self.dtype))
+    h = conv(c, (3, 3), self.conv_impl, dtype=self.dtype, name="conv_in")(h.astype(self.dtype))
 
     # Remat trades memory for a second forward pass; `deterministic` (argument 4,
     # counting self) must stay a Python bool, hence static.
     block_cls = nn.remat(ResnetBlock, static_argnums=(4,)) if self.remat else ResnetBlock
 
     def block(name, h):
-      out = block_cls(out_ch=c, dropout=self.dropout, zero_init_out=True, dtype=self.dtype,
-                      name=name)
+      out = block_cls(out_ch=c, dropout=self.dropout, zero_init_out=True,
+                      conv_impl=self.conv_impl, dtype=self.dtype, name=name)
       return out(h, cond, film, deterministic)
 
     hs = [h]
@@ -109,16 +110,17 @@ class ScoreNet(nn.Module):
     for i in range(self.n_blocks + 1):
       h = block(f"up_{i}", jnp.concatenate([h, hs.pop()], axis=-1))
     h = nn.swish(nn.GroupNorm(min(c // 4, 32), epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
-    eps_hat = nn.Conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                      name="conv_out")(h)
+    eps_hat = conv(z.shape[-1], (3, 3), self.conv_impl, kernel_init=nn.initializers.zeros,
+                   dtype=self.dtype, name="conv_out")(h)
     return z + eps_hat.astype(jnp.float32)
 
 
 def make_score_net(name: str, *, gamma_min, gamma_max, conditioning, dropout,
                    use_fourier_features, n_blocks=None, channels=None, dtype=jnp.float32,
-                   attention_chunk=0, remat=False):
+                   attention_chunk=0, remat=False, conv_impl="xla"):
   size = VDM_SIZES[name]
   return ScoreNet(n_blocks=n_blocks or size.n_blocks, channels=channels or size.channels,
                   gamma_min=gamma_min, gamma_max=gamma_max, conditioning=conditioning,
                   dropout=dropout, use_fourier_features=use_fourier_features,
-                  attention_chunk=attention_chunk, remat=remat, dtype=dtype)
+                  attention_chunk=attention_chunk, remat=remat, conv_impl=conv_impl,
+                  dtype=dtype)

@@ -1,0 +1,1 @@
+"""Hand-written kernels that XLA does not provide fast enough (optional, CPU only)."""

@@ -1,0 +1,174 @@
+"""oneDNN convolutions for JAX on CPU: a drop-in for `lax.conv_general_dilated`.
+
+XLA's CPU backend runs the score net's 3x3 convolutions at ~40% of the machine's
+matmul rate; oneDNN (what PyTorch uses on CPU) runs them at ~95%
+(`benchmarks/conv_forms.py`). This module builds `onednn_conv.cc` (three XLA FFI
+handlers: forward, input gradient, filter gradient) against the oneDNN of the
+`onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels (the `cpu` extra), registers them
+with XLA, and exposes `conv_general_dilated` with a `custom_vjp`, so `jax.grad`,
+`jax.jit` and `jax.vmap` (one call per mapped element) work as with XLA's op.
+
+Same mathematics as `lax.conv_general_dilated` (tests/test_onednn_conv.py checks values
+and gradients against it to f32 round-off). Only what the model needs is routed to
+oneDNN: 2-D, NHWC/HWIO, float32, no dilation, one feature group, non-negative padding;
+anything else falls through to XLA's op. Use it through `model.conv_impl` (see
+`resolve_conv_impl` in vdmrep/models/layers.py), not directly: a custom call has no
+SPMD partitioning rule, so it is only chosen for single-device CPU programs.
+
+The shared library is compiled once per (source, oneDNN, jaxlib) into
+$VDMREP_KERNEL_CACHE (default ~/.cache/vdmrep/kernels) with $CXX (default g++).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+_SOURCE = Path(__file__).with_name("onednn_conv.cc")
+_TARGETS = {"forward": "VdmrepConvForward", "input_grad": "VdmrepConvInputGrad",
+            "filter_grad": "VdmrepConvFilterGrad"}
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _onednn_prefix() -> Path:
+  """The install prefix holding include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so."""
+  candidates = [os.environ.get("VDMREP_ONEDNN_PREFIX"), sys.prefix,
+                sysconfig.get_paths().get("data")]
+  for c in candidates:
+    if c and (Path(c) / "include/oneapi/dnnl/dnnl.hpp").exists() and any(
+        (Path(c) / "lib").glob("libdnnl.so*")):
+      return Path(c)
+  raise OSError("oneDNN headers/library not found (looked in "
+                f"{[c for c in candidates if c]}); install the `cpu` extra "
+                "(pip install -e '.[cpu]': onednn-cpu-gomp, onednn-devel-cpu-gomp) or set "
+                "VDMREP_ONEDNN_PREFIX")
+
+
+@functools.cache
+def _load() -> None:
+  """Builds (once, cached on disk) and registers the FFI handlers; raises OSError."""
+  prefix = _onednn_prefix()
+  src = _SOURCE.read_bytes()
+  tag = hashlib.sha256(src + str(prefix).encode() + jax.__version__.encode()).hexdigest()[:16]
+  cache = Path(os.environ.get("VDMREP_KERNEL_CACHE",
+                              Path.home() / ".cache" / "vdmrep" / "kernels")) / tag
+  lib_path = cache / "onednn_conv.so"
+  if not lib_path.exists():
+    cache.mkdir(parents=True, exist_ok=True)
+    # Build to a private name, then rename: concurrent processes never load a half file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    cmd = [os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC",
+           str(_SOURCE), "-I", jax.ffi.include_dir(), "-I", str(prefix / "include"),
+           "-L", str(prefix / "lib"), "-ldnnl", f"-Wl,-rpath,{prefix / 'lib'}", "-o", tmp]
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError as e:
+      os.unlink(tmp)
+      raise OSError(f"no C++ compiler to build the oneDNN kernels ({e})") from e
+    if proc.returncode != 0:
+      os.unlink(tmp)
+      raise OSError("building the oneDNN kernels failed:\n" + " ".join(cmd) + "\n"
+                    + proc.stderr[:3000])
+    os.replace(tmp, lib_path)
+  lib = ctypes.CDLL(str(lib_path))
+  for name, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(f"vdmrep_conv_{name}", jax.ffi.pycapsule(getattr(lib, symbol)),
+                                platform="cpu")
+
+
+def unavailable_reason() -> str | None:
+  """None when the oneDNN convolution can run here, else why not (one line or more)."""
+  if jax.default_backend() != "cpu":
+    return f"the default JAX backend is {jax.default_backend()}, not cpu"
+  try:
+    _load()
+  except OSError as e:
+    return str(e)
+  return None
+
+
+def _call(kind, out_shape, a, b, strides, pads):
+  (ph_lo, ph_hi), (pw_lo, pw_hi) = pads
+  f = jax.ffi.ffi_call(f"vdmrep_conv_{kind}", jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                       vmap_method="sequential")
+  i64 = np.int64
+  return f(a, b, stride_h=i64(strides[0]), stride_w=i64(strides[1]), pad_h_lo=i64(ph_lo),
+           pad_h_hi=i64(ph_hi), pad_w_lo=i64(pw_lo), pad_w_hi=i64(pw_hi))
+
+
+def _out_shape(x_shape, w_shape, strides, pads):
+  n, h, w, _ = x_shape
+  kh, kw, _, o = w_shape
+  oh = (h + pads[0][0] + pads[0][1] - kh) // strides[0] + 1
+  ow = (w + pads[1][0] + pads[1][1] - kw) // strides[1] + 1
+  return (n, oh, ow, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x, w, strides, pads):
+  """x: f32 [N, H, W, C], w: f32 [KH, KW, C, O] -> f32 [N, OH, OW, O].
+
+  strides: (sh, sw); pads: ((lo, hi), (lo, hi)), non-negative, as in
+  `lax.conv_general_dilated`. Cross-correlation (no filter flip), like XLA's op.
+  """
+  return _call("forward", _out_shape(x.shape, w.shape, strides, pads), x, w, strides, pads)
+
+
+def _conv2d_fwd(x, w, strides, pads):
+  return conv2d(x, w, strides, pads), (x, w)
+
+
+def _conv2d_bwd(strides, pads, res, dy):
+  x, w = res
+  dx = _call("input_grad", x.shape, dy, w, strides, pads)
+  dw = _call("filter_grad", w.shape, x, dy, strides, pads)
+  return dx, dw
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated`'s signature; oneDNN for the supported case, else XLA.
+
+  Call `unavailable_reason()` (or build the model with conv_impl='onednn') first: this
+  function assumes the handlers are registered.
+  """
+  def xla():
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type)
+
+  if lhs.ndim != 4 or rhs.ndim != 4:
+    return xla()
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  unit = lambda d: d is None or tuple(d) == (1, 1)
+  if (lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32 or given != nhwc
+      or feature_group_count != 1 or batch_group_count != 1
+      or preferred_element_type not in (None, jnp.float32)
+      or not unit(lhs_dilation) or not unit(rhs_dilation)):
+    return xla()
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if min(min(p) for p in pads) < 0:
+    return xla()
+  _load()
+  return conv2d(lhs, rhs, tuple(int(s) for s in window_strides), pads)
