@@ -37,7 +37,7 @@ from jax import lax
 
 _SOURCE = Path(__file__).with_name("onednn_conv.cc")
 _TARGETS = {"forward": "VdmrepConvForward", "input_grad": "VdmrepConvInputGrad",
-            "filter_grad": "VdmrepConvFilterGrad"}
+            "filter_grad": "VdmrepConvFilterGrad", "materialize": "VdmrepMaterialize"}
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -138,6 +138,35 @@ def _conv2d_bwd(strides, pads, res, dy):
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def _hold(x):
+  return jax.ffi.ffi_call("vdmrep_conv_materialize", jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          input_output_aliases={0: 0}, vmap_method="broadcast_all")(x)
+
+
+@jax.custom_vjp
+def materialize(x):
+  """Identity that XLA must compute into memory, forward and backward (a custom call).
+
+  Why: XLA's CPU compiler drops `lax.optimization_barrier` before fusion, and a
+  ResNet stack whose blocks read their input only through fusible elementwise ops
+  and reductions (layers.group_norm) let it recompute the residual sums
+  x_k = x_0 + h_0 + ... + h_(k-1), and their gradients, inside every later block's
+  fusions: quadratic in depth. A custom call's operand is always materialised.
+  """
+  return _hold(x)
+
+
+def _materialize_fwd(x):
+  return _hold(x), None
+
+
+def _materialize_bwd(_, g):
+  return (_hold(g),)
+
+
+materialize.defvjp(_materialize_fwd, _materialize_bwd)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,

@@ -15,8 +15,12 @@
 // scratchpad between primitives, so concurrent calls corrupted each other's results
 // (seen as run-to-run differences in a loss); every call therefore holds one lock.
 // Each call already uses all cores through OpenMP, so little is lost.
+//
+// A fourth handler, an identity custom call, forces XLA to hold a value in memory
+// (vdmrep.kernels.onednn.materialize says why).
 
 #include <array>
+#include <cstring>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -134,20 +138,27 @@ ffi::Error Wrap(const std::function<void()>& body) {
   .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_h_lo")         \
       .Attr<int64_t>("pad_h_hi").Attr<int64_t>("pad_w_lo").Attr<int64_t>("pad_w_hi")
 
+// Checks the shapes (NHWC input, HWIO filter, NHWC output), then runs
+// body(primitives, geometry) for them under Wrap's lock.
+ffi::Error Run(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+               ffi::Span<const int64_t> y, int64_t sh, int64_t sw, int64_t ph_lo, int64_t ph_hi,
+               int64_t pw_lo, int64_t pw_hi,
+               const std::function<void(const Primitives&, const Geometry&)>& body) {
+  Key key;
+  ffi::Error bad = MakeKey(x, w, y, sh, sw, ph_lo, ph_hi, pw_lo, pw_hi, &key);
+  if (!bad.success()) return bad;
+  return Wrap([&] { body(*Get(key), MakeGeometry(key)); });
+}
+
 ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                            ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw,
                            int64_t ph_lo, int64_t ph_hi, int64_t pw_lo, int64_t pw_hi) {
-  Key key;
-  ffi::Error bad = MakeKey(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, ph_lo, ph_hi,
-                     pw_lo, pw_hi, &key);
-  if (!bad.success()) return bad;
-  return Wrap([&] {
-    Primitives* p = Get(key);
-    Geometry g = MakeGeometry(key);
+  return Run(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, ph_lo, ph_hi, pw_lo, pw_hi,
+             [&](const Primitives& p, const Geometry& g) {
     memory src(g.src_md(), Engine(), x.typed_data());
     memory dst(g.dst_md(), Engine(), y->typed_data());
-    memory wei = FilterIn(g, p->fwd_wei, w.typed_data());
-    p->fwd.execute(Stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
+    memory wei = FilterIn(g, p.fwd_wei, w.typed_data());
+    p.fwd.execute(Stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
   });
 }
 
@@ -155,18 +166,13 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 ffi::Error ConvInputGradImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                              ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw,
                              int64_t ph_lo, int64_t ph_hi, int64_t pw_lo, int64_t pw_hi) {
-  Key key;
-  ffi::Error bad = MakeKey(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, ph_lo, ph_hi,
-                     pw_lo, pw_hi, &key);
-  if (!bad.success()) return bad;
-  return Wrap([&] {
-    Primitives* p = Get(key);
-    Geometry g = MakeGeometry(key);
+  return Run(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, ph_lo, ph_hi, pw_lo,
+             pw_hi, [&](const Primitives& p, const Geometry& g) {
     memory diff_dst(g.dst_md(), Engine(), dy.typed_data());
     memory diff_src(g.src_md(), Engine(), dx->typed_data());
-    memory wei = FilterIn(g, p->bwd_data_wei, w.typed_data());
-    p->bwd_data.execute(Stream(), {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei},
-                                   {DNNL_ARG_DIFF_SRC, diff_src}});
+    memory wei = FilterIn(g, p.bwd_data_wei, w.typed_data());
+    p.bwd_data.execute(Stream(), {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei},
+                                  {DNNL_ARG_DIFF_SRC, diff_src}});
   });
 }
 
@@ -174,22 +180,26 @@ ffi::Error ConvInputGradImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
 ffi::Error ConvFilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                               ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw,
                               int64_t ph_lo, int64_t ph_hi, int64_t pw_lo, int64_t pw_hi) {
-  Key key;
-  ffi::Error bad = MakeKey(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, ph_lo, ph_hi,
-                     pw_lo, pw_hi, &key);
-  if (!bad.success()) return bad;
-  return Wrap([&] {
-    Primitives* p = Get(key);
-    Geometry g = MakeGeometry(key);
+  return Run(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, ph_lo, ph_hi, pw_lo,
+             pw_hi, [&](const Primitives& p, const Geometry& g) {
     memory src(g.src_md(), Engine(), x.typed_data());
     memory diff_dst(g.dst_md(), Engine(), dy.typed_data());
     memory user(g.wei_hwio(), Engine(), dw->typed_data());
-    bool direct = p->bwd_weights_wei == g.wei_hwio();
-    memory diff_wei = direct ? user : memory(p->bwd_weights_wei, Engine());
-    p->bwd_weights.execute(Stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
-                                      {DNNL_ARG_DIFF_WEIGHTS, diff_wei}});
+    bool direct = p.bwd_weights_wei == g.wei_hwio();
+    memory diff_wei = direct ? user : memory(p.bwd_weights_wei, Engine());
+    p.bwd_weights.execute(Stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
+                                     {DNNL_ARG_DIFF_WEIGHTS, diff_wei}});
     if (!direct) dnnl::reorder(diff_wei, user).execute(Stream(), diff_wei, user);
   });
+}
+
+// Identity whose result XLA must hold in memory (see vdmrep.kernels.onednn.materialize).
+// The result is declared to alias the operand, so usually there is nothing to copy.
+ffi::Error MaterializeImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  if (y->untyped_data() != x.untyped_data()) {
+    std::memcpy(y->untyped_data(), x.untyped_data(), x.size_bytes());
+  }
+  return ffi::Error::Success();
 }
 
 }  // namespace
@@ -211,3 +221,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VdmrepConvFilterGrad, ConvFilterGradImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() VDMREP_CONV_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VdmrepMaterialize, MaterializeImpl,
+                              ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
