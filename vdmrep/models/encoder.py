@@ -13,7 +13,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vdmrep.models.layers import AttnBlock, ResnetBlock, conv
+from vdmrep.models.layers import AttnBlock, GroupNorm, ResnetBlock, conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +52,12 @@ class Encoder(nn.Module):
     for i in range(self.layers):
       h = block(name=f"down_{i}")(h, deterministic=deterministic)
     h = block(name="mid_block_1")(h)
-    h = AttnBlock(groups=self.groups, batch_chunk=self.attention_chunk, dtype=self.dtype,
-                  name="mid_attn")(h)
+    fold = self.conv_impl == "onednn"  # see layers.GroupNorm
+    h = AttnBlock(groups=self.groups, batch_chunk=self.attention_chunk, fold_norm=fold,
+                  dtype=self.dtype, name="mid_attn")(h)
     h = block(name="mid_block_2")(h)
-    h = nn.swish(nn.GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
+    h = GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, fold=fold,
+                  name="norm_out")(h, swish=True)
     h = conv(1, (3, 3), self.conv_impl, dtype=self.dtype, name="conv_out")(h)
     h = h.reshape(h.shape[0], -1)
     moments = nn.Dense(2 * self.latent, dtype=self.dtype, name="to_moments")(h)

@@ -113,6 +113,8 @@ def resolve_conv_impl(setting: str = "auto", compute_dtype: str = "float32") -> 
   compute, kernels built), else XLA. "onednn" insists: ValueError saying why it cannot
   run. The oneDNN custom call has no SPMD partitioning rule, so a program over several
   devices keeps XLA's convolution (whose partitioning gives the one gradient all-reduce).
+  "onednn" also folds the GroupNorms (`GroupNorm.fold`, which needs the custom calls'
+  `materialize`); "xla" keeps flax's nn.GroupNorm.
   """
   if setting not in CONV_IMPLS:
     raise ValueError(f"conv_impl={setting!r}: expected one of {CONV_IMPLS}")
@@ -148,6 +150,83 @@ def num_groups(channels: int) -> int:
   return max(1, min(channels // 4, 32))
 
 
+def group_norm(x, scale, bias, groups: int, eps: float = 1e-6, *, shift=None, film=None,
+               swish: bool = False, dtype=None):
+  """GroupNorm of NHWC x (+ optional conditioning shift, FiLM and swish) as one affine map.
+
+  x [B, H, W, C]; scale, bias [C] (GroupNorm's parameters); shift [B, C] is added to x
+  before normalising (a time-conditioning projection); film = (s, b), each [B, C],
+  modulates the normalised features as y * (1 + s) + b; swish applies swish last.
+  Returns [B, H, W, C] in `dtype` (default x.dtype); statistics and the map in float32.
+
+  The same function as flax's nn.GroupNorm followed by those ops (tests/test_models.py:
+  float32 round-off in values and gradients), computed differently because XLA's CPU
+  backend reduces flax's [B, H, W, G, C/G] view slowly: here per-channel moments over
+  H x W (C stays the minor, vectorised axis), group statistics by the law of total
+  variance on [B, C] arrays, and everything per (example, channel) folded into one
+  scale and offset, so the big tensor is read once for the moments and once for
+  act(x * scale + offset): the conditioning add and FiLM cost no pass of their own.
+  2.3x faster forward + backward than flax's form on CPU (benchmarks/gn_forms.py).
+  """
+  b, h, w, c = x.shape
+  if c % groups:
+    raise ValueError(f"group_norm: {c} channels do not split into {groups} groups")
+  x32 = x.astype(jnp.float32)
+  n = h * w
+  mean_c = jnp.sum(x32, axis=(1, 2)) / n                          # [B, C]
+  # Within-channel variance, as flax's fast variance does it over the whole group.
+  var_c = jnp.maximum(jnp.sum(x32 * x32, axis=(1, 2)) / n - mean_c * mean_c, 0.0)
+  if shift is not None:
+    mean_c = mean_c + shift.astype(jnp.float32)  # a per-channel shift moves the mean only
+  grouped = lambda t: t.reshape(-1, groups, c // groups)  # [B or 1, C] -> [., G, C/G]
+  mean_g = jnp.mean(grouped(mean_c), axis=-1, keepdims=True)      # [B, G, 1]
+  var_g = (jnp.mean(grouped(var_c), axis=-1, keepdims=True)
+           + jnp.mean(jnp.square(grouped(mean_c) - mean_g), axis=-1, keepdims=True))
+  inv = jax.lax.rsqrt(var_g + eps) * grouped(scale.astype(jnp.float32))  # [B, G, C/G]
+  offset = grouped(bias.astype(jnp.float32)) - mean_g * inv
+  if shift is not None:
+    offset = offset + grouped(shift.astype(jnp.float32)) * inv
+  inv, offset = inv.reshape(b, c), offset.reshape(b, c)
+  if film is not None:
+    gain = 1.0 + film[0].astype(jnp.float32)
+    inv, offset = inv * gain, offset * gain + film[1].astype(jnp.float32)
+  y = x32 * inv[:, None, None, :] + offset[:, None, None, :]
+  if swish:
+    y = nn.swish(y)
+  return y.astype(dtype or x.dtype)
+
+
+class GroupNorm(nn.Module):
+  """nn.GroupNorm's parameters (scale, bias [C], float32), with the optional `shift`,
+  `film` and `swish` of `group_norm`; checkpoints of either module load into the other.
+
+  fold=True computes it all with `group_norm` (fast on CPU, but it needs each ResNet
+  block's output held in memory: `onednn.materialize`, so the oneDNN path only);
+  fold=False runs nn.GroupNorm itself (whose reshaped reductions keep XLA from fusing
+  across blocks on its own) and the add, FiLM and swish as separate ops.
+  """
+  num_groups: int
+  epsilon: float = 1e-6
+  dtype: Optional[jnp.dtype] = None
+  fold: bool = False
+
+  @nn.compact
+  def __call__(self, x, *, shift=None, film=None, swish: bool = False):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    if self.fold:
+      return group_norm(x, scale, bias, self.num_groups, self.epsilon, shift=shift,
+                        film=film, swish=swish, dtype=self.dtype)
+    if shift is not None:
+      x = x + shift[:, None, None, :]
+    y = nn.GroupNorm(self.num_groups, epsilon=self.epsilon, dtype=self.dtype).apply(
+        {"params": {"scale": scale, "bias": bias}}, x)
+    if film is not None:
+      y = y * (1.0 + film[0][:, None, None, :]) + film[1][:, None, None, :]
+    return nn.swish(y) if swish else y
+
+
 class ResnetBlock(nn.Module):
   """Pre-activation ResNet block: norm, swish, conv, (+cond), norm, swish, dropout, conv.
 
@@ -170,18 +249,19 @@ class ResnetBlock(nn.Module):
     out_ch = self.out_ch or c_in
     g_in = self.groups or num_groups(c_in)
     g_out = self.groups or num_groups(out_ch)
-    h = nn.swish(nn.GroupNorm(g_in, epsilon=self.norm_eps, dtype=self.dtype, name="norm1")(x))
+    fold = self.conv_impl == "onednn"
+    norm = functools.partial(GroupNorm, epsilon=self.norm_eps, dtype=self.dtype, fold=fold)
+    h = norm(g_in, name="norm1")(x, swish=True)
     h = conv(out_ch, (3, 3), self.conv_impl, dtype=self.dtype, name="conv1")(h)
+    shift = None
     if cond is not None:
-      h += nn.Dense(out_ch, use_bias=False, kernel_init=nn.initializers.zeros,
-                    dtype=self.dtype, name="cond_proj")(cond)[:, None, None, :]
-    h = nn.GroupNorm(g_out, epsilon=self.norm_eps, dtype=self.dtype, name="norm2")(h)
+      shift = nn.Dense(out_ch, use_bias=False, kernel_init=nn.initializers.zeros,
+                       dtype=self.dtype, name="cond_proj")(cond)
     if film is not None:
-      scale, shift = jnp.split(
-          nn.Dense(2 * out_ch, kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                   name="film")(film)[:, None, None, :], 2, axis=-1)
-      h = h * (1.0 + scale) + shift
-    h = nn.swish(h)
+      film = jnp.split(nn.Dense(2 * out_ch, kernel_init=nn.initializers.zeros,
+                                dtype=self.dtype, name="film")(film), 2, axis=-1)
+    # h + cond, normalised, FiLM-modulated, swish: one pass (see group_norm).
+    h = norm(g_out, name="norm2")(h, shift=shift, film=film, swish=True)
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     h = conv(out_ch, (3, 3), self.conv_impl,
              kernel_init=(nn.initializers.zeros if self.zero_init_out
@@ -189,7 +269,9 @@ class ResnetBlock(nn.Module):
              name="conv2")(h)
     if c_in != out_ch:
       x = nn.Dense(out_ch, dtype=self.dtype, name="nin_shortcut")(x)
-    return x + h
+    # Folded norms read the block's input only through fusible ops: without this the
+    # residual sums would be recomputed in every later block (see onednn.materialize).
+    return onednn.materialize(x + h) if fold else x + h
 
 
 class AttnBlock(nn.Module):
@@ -197,13 +279,14 @@ class AttnBlock(nn.Module):
   groups: Optional[int] = None
   norm_eps: float = 1e-6
   batch_chunk: int = 0  # see `attention`
+  fold_norm: bool = False  # GroupNorm.fold (its input is a materialised block output)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     b, hgt, wid, c = x.shape
-    h = nn.GroupNorm(self.groups or num_groups(c), epsilon=self.norm_eps, dtype=self.dtype,
-                     name="norm")(x).reshape(b, hgt * wid, c)
+    h = GroupNorm(self.groups or num_groups(c), epsilon=self.norm_eps, dtype=self.dtype,
+                  fold=self.fold_norm, name="norm")(x).reshape(b, hgt * wid, c)
     q = nn.Dense(c, dtype=self.dtype, name="q")(h)
     k = nn.Dense(c, dtype=self.dtype, name="k")(h)
     v = nn.Dense(c, dtype=self.dtype, name="v")(h)

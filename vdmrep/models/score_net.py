@@ -21,7 +21,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vdmrep.models.layers import AttnBlock, ResnetBlock, conv
+from vdmrep.models.layers import AttnBlock, GroupNorm, ResnetBlock, conv, num_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,11 +105,14 @@ class ScoreNet(nn.Module):
       h = block(f"down_{i}", h)
       hs.append(h)
     h = block("mid_block_1", h)
-    h = AttnBlock(batch_chunk=self.attention_chunk, dtype=self.dtype, name="mid_attn")(h)
+    fold = self.conv_impl == "onednn"  # see layers.GroupNorm
+    h = AttnBlock(batch_chunk=self.attention_chunk, fold_norm=fold, dtype=self.dtype,
+                  name="mid_attn")(h)
     h = block("mid_block_2", h)
     for i in range(self.n_blocks + 1):
       h = block(f"up_{i}", jnp.concatenate([h, hs.pop()], axis=-1))
-    h = nn.swish(nn.GroupNorm(min(c // 4, 32), epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
+    h = GroupNorm(num_groups(c), epsilon=1e-6, dtype=self.dtype, fold=fold,
+                  name="norm_out")(h, swish=True)
     eps_hat = conv(z.shape[-1], (3, 3), self.conv_impl, kernel_init=nn.initializers.zeros,
                    dtype=self.dtype, name="conv_out")(h)
     return z + eps_hat.astype(jnp.float32)
