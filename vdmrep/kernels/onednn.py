@@ -141,6 +141,7 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 def _hold(x):
+  _load()  # trace time only (cached): registers the handler if no convolution has yet
   return jax.ffi.ffi_call("vdmrep_conv_materialize", jax.ShapeDtypeStruct(x.shape, x.dtype),
                           input_output_aliases={0: 0}, vmap_method="broadcast_all")(x)
 
