@@ -35,16 +35,26 @@ def attention(q, k, v, batch_chunk: int = 0):
 
 
 def _logits(q, k):
-  """Scaled attention logits q k^T / sqrt(C) [B, N, N], f32 (forward and recompute)."""
-  return jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) * (q.shape[-1] ** -0.5)
+  """Scaled attention logits (q / sqrt(C)) k^T [B, N, N], f32 (forward and recompute).
+
+  The scale multiplies q ([B, N, C]) rather than the [B, N, N] product: one pass over
+  the small array instead of the large one.
+  """
+  return jnp.einsum("bqc,bkc->bqk", q * (q.shape[-1] ** -0.5), k).astype(jnp.float32)
 
 
 def _attention_fwd_core(q, k, v):
-  """-> (out [B, N, C], logsumexp of the scaled logits [B, N], f32). Softmax in f32."""
+  """-> (out [B, N, C], logsumexp of the scaled logits [B, N], f32). Softmax in f32.
+
+  One exponential per logit: e = exp(s - max s) feeds both the normaliser l and the
+  product e v, and the [B, N, C] output is divided by l (not the [B, N, N] weights).
+  """
   s = _logits(q, k)
-  lse = jax.nn.logsumexp(s, axis=-1)
-  w = jnp.exp(s - lse[..., None]).astype(v.dtype)
-  return jnp.einsum("bqk,bkc->bqc", w, v), lse
+  m = jnp.max(s, axis=-1, keepdims=True)
+  e = jnp.exp(s - m)
+  l = jnp.sum(e, axis=-1, keepdims=True)
+  out = jnp.einsum("bqk,bkc->bqc", e.astype(v.dtype), v).astype(jnp.float32) / l
+  return out.astype(v.dtype), (m + jnp.log(l))[..., 0]
 
 
 def _strided_split(t, g):
@@ -77,11 +87,12 @@ def _chunked_attention_bwd(g, res, d_out):
     w = jnp.exp(_logits(q, k) - lse[..., None])  # the forward's softmax weights, f32
     dv = jnp.einsum("bqk,bqc->bkc", w.astype(v.dtype), d_out)
     dw = jnp.einsum("bqc,bkc->bqk", d_out, v).astype(jnp.float32)
-    # d softmax: w * (dw - sum_k w dw), and sum_k w dw = <d_out, out> per query.
+    # d softmax: w * (dw - sum_k w dw), and sum_k w dw = <d_out, out> per query. The
+    # logits' scale is applied to the [B, N, C] gradients, not to this [B, N, N] array.
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
-    ds = (w * (dw - row) * scale).astype(q.dtype)
-    dq = jnp.einsum("bqk,bkc->bqc", ds, k)
-    dk = jnp.einsum("bqk,bqc->bkc", ds, q)
+    ds = (w * (dw - row)).astype(q.dtype)
+    dq = jnp.einsum("bqk,bkc->bqc", ds, k) * scale
+    dk = jnp.einsum("bqk,bqc->bkc", ds, q) * scale
     return dq, dk, dv
 
   parts = jax.lax.map(one, tuple(_strided_split(t, g) for t in res + (d_out,)))
