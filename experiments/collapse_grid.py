@@ -44,7 +44,7 @@ def main():
   p.add_argument("--encoders", default="oepp,oe,se,te,ue,none")
   p.add_argument("--betas", default="10000,1")
   args = p.parse_args()
-  runs = runs_for(args)
+  runs = sc.with_seeds(runs_for(args), sc.parse_seeds(args.seeds))
   if not args.table_only:
     harness.run_all(args.out, runs, parallel=args.parallel)
   sc.write_results(args, runs, title=f"Study A: the reference grid (VDM size x encoder x beta) on {args.dataset}",

@@ -63,7 +63,7 @@ def main():
   p.add_argument("--only", default="", help="comma-separated run names (e.g. "
                  "unconditional,elbo,free_bits); default: every remedy")
   args = p.parse_args()
-  runs = runs_for(args)
+  runs = sc.with_seeds(runs_for(args), sc.parse_seeds(args.seeds))
   if not args.table_only:
     harness.run_all(args.out, runs, parallel=args.parallel)
   title = f"Study B: collapse remedies ({args.vdm} + {args.encoder}) on {args.dataset}"

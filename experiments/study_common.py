@@ -1,8 +1,10 @@
 """Flags, budgets and the results table shared by the study scripts."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import statistics
 import sys
 
 import harness
@@ -32,6 +34,38 @@ def add_common_flags(p):
                  help="samples for the Frechet distance (CPU budget; full budget: config's)")
   p.add_argument("--sample-steps", type=int, default=200,
                  help="sampler steps for sample quality (CPU budget; full budget: config's)")
+  p.add_argument("--seeds", default="0",
+                 help="comma-separated training seeds (config.seed); more than one adds a "
+                 "seed column and a table of mean ± sd over seeds. Seed 0 keeps the "
+                 "run's plain name, so existing runs count as seed 0")
+
+
+def parse_seeds(text: str) -> list:
+  try:
+    seeds = [int(s) for s in text.split(",")]
+  except ValueError:
+    raise SystemExit(f"error: --seeds={text!r}: expected comma-separated integers")
+  if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+    raise SystemExit(f"error: --seeds={text!r}: expected distinct non-negative integers")
+  return seeds
+
+
+def with_seeds(runs: list, seeds: list) -> list:
+  """Each run once per training seed, seed by seed within a run (table order).
+
+  Seed s > 0 is run `<name>_seed<s>` with `--config.seed=s` (the data split and the
+  random-encoder probe keep their own fixed seeds); seed 0 is the run itself.
+  """
+  out = []
+  for run in runs:
+    for seed in seeds:
+      labels = dict(run.labels, seed=str(seed))
+      if seed == 0:
+        out.append(dataclasses.replace(run, labels=labels))
+      else:
+        out.append(harness.Run(f"{run.name}_seed{seed}", run.config,
+                               run.overrides + [f"--config.seed={seed}"], labels))
+  return out
 
 
 def base_config_file(args) -> str:
@@ -74,22 +108,66 @@ COLUMNS = [
 ]
 
 
+# Numeric metrics summarised over seeds: (column, metric key, digits).
+SEED_COLUMNS = [
+    ("bpd (ELBO)", "bpd", 3),
+    ("KL nats", "kl_nats", 2),
+    ("active units", "active_units", 1),
+    ("MI nats", "mi_nats", 2),
+    ("usefulness gap bpd", "usefulness_gap_bpd", 4),
+    ("probe: latent", "encoder_logreg_acc", 3),
+    ("probe: random enc", "random_encoder_logreg_acc", 3),
+    ("sample FD", "fd_classifier", 2),
+]
+
+
+def seed_summary(args, runs, label_cols) -> str:
+  """Markdown table: per row of the study, mean ± sd (sample sd, n - 1) over the seeds
+  whose runs finished; "-" where a metric is absent (e.g. KL without an encoder)."""
+  groups = {}
+  for run in runs:
+    key = tuple(run.labels.get(c, "") for c in label_cols)
+    groups.setdefault(key, []).append(harness.load_report(args.out, run))
+  rows = []
+  for key, reports in groups.items():
+    metrics = [r.get("metrics", {}) for r in reports if r is not None]
+    cells = []
+    for _, name, digits in SEED_COLUMNS:
+      xs = [float(m[name]) for m in metrics
+            if m.get(name) is not None and not math.isnan(float(m[name]))]
+      if not xs:
+        cells.append("-")
+      elif len(xs) == 1:
+        cells.append(f"{xs[0]:.{digits}f}")
+      else:
+        cells.append(f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}")
+    rows.append(list(key) + [f"{len(metrics)}/{len(reports)}"] + cells)
+  return harness.markdown_table(label_cols + ["seeds done"] + [c for c, _, _ in SEED_COLUMNS],
+                                rows)
+
+
 def write_results(args, runs, *, title, label_cols, filename):
   rows, points = [], []
   note = ""
+  seeds = parse_seeds(getattr(args, "seeds", "0"))
+  row_cols = label_cols + (["seed"] if len(seeds) > 1 else [])
   for run in runs:
     rep = harness.load_report(args.out, run)
     if rep is None:
-      rows.append([run.labels.get(c, "") for c in label_cols] + ["not finished"] +
+      rows.append([run.labels.get(c, "") for c in row_cols] + ["not finished"] +
                   [""] * len(COLUMNS))
       continue
     note = note or harness.get(rep, "dataset.note", "")
     m = rep.get("metrics", {})
-    rows.append([run.labels.get(c, "") for c in label_cols] +
+    rows.append([run.labels.get(c, "") for c in row_cols] +
                 [f(m) for _, f in COLUMNS] + [f"{harness.wall_minutes(args.out, run):.1f}"])
     points.append((run.name, m.get("kl_nats"), m.get("bpd")))
-  header = label_cols + [c for c, _ in COLUMNS] + ["wall min"]
+  header = row_cols + [c for c, _ in COLUMNS] + ["wall min"]
   table = harness.markdown_table(header, rows)
+  if len(seeds) > 1:
+    table += ("\n\nOver training seeds " + ", ".join(map(str, seeds)) + " (mean ± sd; "
+              "the ± above is the standard error over eval images of one run):\n\n"
+              + seed_summary(args, runs, label_cols))
   cmd = "python " + " ".join(os.path.relpath(a, harness.ROOT) if os.path.exists(a) else a
                              for a in sys.argv)
   text = "\n".join([

@@ -90,3 +90,39 @@ def test_finished_runs_are_skipped_and_tabulated_from_their_reports(tmp_path, ca
   assert rows[2] == ("| ELBO (beta = 1), additive | 4.830 ± 0.055 | 4.830 | 0.06 | 0/128 | "
                      "0.01 | 0.0045 | 0.670 / 0.956 / 0.963 | - (-) | - | 1.5 |")
   assert "Data: digits (a note)." in text
+
+
+def test_seeds_expand_runs_and_keep_seed_zero_as_the_plain_run():
+  runs = study_common.with_seeds(mitigation.runs_for(_args(only="elbo")),
+                                 study_common.parse_seeds("0,2"))
+  assert [r.name for r in runs] == ["elbo", "elbo_seed2"]
+  assert [r.labels["seed"] for r in runs] == ["0", "2"]
+  assert _load(runs[0]).seed == 0 and _load(runs[1]).seed == 2
+  assert runs[1].overrides[:-1] == runs[0].overrides  # only the seed differs
+  for bad in ("1,1", "a", "-1"):
+    with pytest.raises(SystemExit, match="--seeds"):
+      study_common.parse_seeds(bad)
+
+
+def test_seed_summary_is_mean_and_sample_sd_over_finished_seeds(tmp_path):
+  out = str(tmp_path)
+  args = _args(out=out, seeds="0,1,2")
+  runs = study_common.with_seeds(mitigation.runs_for(_args(only="unconditional,elbo")),
+                                 [0, 1, 2])
+  reports = {"elbo": dict(bpd=4.8, kl_nats=0.1, active_units=0, mi_nats=0.0),
+             "elbo_seed1": dict(bpd=5.0, kl_nats=0.3, active_units=4, mi_nats=0.2),
+             "elbo_seed2": dict(bpd=4.9, kl_nats=0.2, active_units=2, mi_nats=0.1),
+             "unconditional": dict(bpd=4.7)}  # its seeds 1 and 2 not finished
+  for name, metrics in reports.items():
+    os.makedirs(os.path.join(out, "runs", name))
+    with open(os.path.join(out, "runs", name, "report.json"), "w") as fh:
+      json.dump({"metrics": metrics}, fh)
+  text = study_common.seed_summary(args, runs, ["remedy"])
+  rows = [l for l in text.splitlines() if l.startswith("| ")][1:]
+  assert rows[0].startswith("| unconditional VDM | 1/3 | 4.700 | - | - |")
+  assert rows[1].startswith("| ELBO (beta = 1), additive | 3/3 | 4.900 ± 0.100 | "
+                            "0.20 ± 0.10 | 2.0 ± 2.0 | 0.10 ± 0.10 |")
+  study_common.write_results(args, runs, title="t", label_cols=["remedy"], filename="t.md")
+  with open(os.path.join(out, "t.md")) as fh:
+    table = fh.read()
+  assert "| remedy | seed | bpd (ELBO) |" in table and "Over training seeds 0, 1, 2" in table
