@@ -72,3 +72,16 @@ def test_eval_bpd_of_uniform_noise_is_not_below_8_bits(tmp_path):
   assert bpd > 8.0 - 3.0 * se, line
   assert bpd < 10.5, f"model too far from the data to test the bound: {line}"
   assert math.isfinite(se) and se > 0
+
+
+def test_package_import_is_light_and_versioned():
+  """`import vdmrep` gives the installed version and imports neither jax nor tensorflow."""
+  code = ("import sys, vdmrep; print(vdmrep.__version__); "
+          "print(sorted(m for m in ('jax', 'tensorflow', 'flax') if m in sys.modules))")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=120, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr
+  version, loaded = proc.stdout.split("\n")[:2]
+  with open(os.path.join(ROOT, "pyproject.toml")) as fh:
+    assert f'version = "{version}"' in fh.read()
+  assert loaded == "[]"

@@ -1,0 +1,26 @@
+"""vdmrep: a VAE with a Variational Diffusion Model decoder, in JAX.
+
+Where things are (data flow left to right: config -> data -> model -> loss -> step ->
+evaluation, samples and report):
+
+  config_lib.py   the base ConfigDict and `validate` (every key checked before compiling)
+  data.py         sources (digits, idx:, npz:, tfds:) -> deterministic uint8 batches
+  models/         encoder q(w|x), gamma schedules, the score network, VAEVDM (ELBO terms)
+  losses.py       the objective's pure functions (nats per example; bpd conversion)
+  collapse.py     beta, annealing, free bits, capacity, MMD: the trained objective
+  train.py        TrainState, train_step, train_and_evaluate (sharded, orbax, clu)
+  evaluate.py     held-out ELBO with its standard error, KL, active units, MI, probes
+  sampling.py     the ancestral sampler (any step count), guided and trajectory modes
+  main.py         `python -m vdmrep.main --config configs/X.py --workdir DIR`
+  and around them: parallel.py (mesh, sharding), checkpoints.py, probes.py,
+  diagnostics.py, quality.py (Frechet distances), plots.py, report.py
+
+Importing `vdmrep` loads nothing heavy; import the module you need, e.g.
+`from vdmrep import losses`.
+"""
+from importlib import metadata as _metadata
+
+try:
+  __version__ = _metadata.version("vdmrep")
+except _metadata.PackageNotFoundError:  # a source checkout on PYTHONPATH, not installed
+  __version__ = "0+unknown"
