@@ -48,7 +48,9 @@ def main():
   if not args.table_only:
     harness.run_all(args.out, runs, parallel=args.parallel)
   sc.write_results(args, runs, title=f"Study A: the reference grid (VDM size x encoder x beta) on {args.dataset}",
-                   label_cols=["VDM", "encoder", "beta"], filename="results_grid.md")
+                   label_cols=["VDM", "encoder", "beta"], filename="results_grid.md",
+                   baseline_of=lambda key: (key[0], "none", "-"),
+                   baseline_note="the same VDM size without an encoder, same seed")
 
 
 if __name__ == "__main__":

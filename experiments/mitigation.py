@@ -68,7 +68,9 @@ def main():
     harness.run_all(args.out, runs, parallel=args.parallel)
   title = f"Study B: collapse remedies ({args.vdm} + {args.encoder}) on {args.dataset}"
   sc.write_results(args, runs, title=title, label_cols=["remedy"],
-                   filename="results_mitigation.md")
+                   filename="results_mitigation.md",
+                   baseline_of=lambda key: (REMEDIES[0][0],),
+                   baseline_note=f"the {REMEDIES[0][0]} trained with the same seed")
 
 
 if __name__ == "__main__":

@@ -121,36 +121,60 @@ SEED_COLUMNS = [
 ]
 
 
-def seed_summary(args, runs, label_cols) -> str:
+def _mean_sd(xs, digits):
+  if not xs:
+    return "-"
+  if len(xs) == 1:
+    return f"{xs[0]:.{digits}f}"
+  return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+
+def seed_summary(args, runs, label_cols, baseline_of=None) -> str:
   """Markdown table: per row of the study, mean ± sd (sample sd, n - 1) over the seeds
-  whose runs finished; "-" where a metric is absent (e.g. KL without an encoder)."""
-  groups = {}
+  whose runs finished; "-" where a metric is absent (e.g. KL without an encoder).
+
+  `baseline_of(labels) -> labels or None` names each row's baseline row (e.g. the
+  unconditional VDM); the last column is then bpd minus the baseline's bpd, paired by
+  seed (same seed: same initialisation key and the same batches), which removes the
+  seed-to-seed variation the two runs share.
+  """
+  groups, bpd_by_seed = {}, {}
   for run in runs:
     key = tuple(run.labels.get(c, "") for c in label_cols)
-    groups.setdefault(key, []).append(harness.load_report(args.out, run))
+    rep = harness.load_report(args.out, run)
+    groups.setdefault(key, []).append(rep)
+    if rep is not None and rep.get("metrics", {}).get("bpd") is not None:
+      bpd_by_seed.setdefault(key, {})[run.labels.get("seed", "0")] = rep["metrics"]["bpd"]
   rows = []
   for key, reports in groups.items():
     metrics = [r.get("metrics", {}) for r in reports if r is not None]
     cells = []
     for _, name, digits in SEED_COLUMNS:
-      xs = [float(m[name]) for m in metrics
-            if m.get(name) is not None and not math.isnan(float(m[name]))]
-      if not xs:
-        cells.append("-")
-      elif len(xs) == 1:
-        cells.append(f"{xs[0]:.{digits}f}")
-      else:
-        cells.append(f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}")
+      cells.append(_mean_sd([float(m[name]) for m in metrics
+                             if m.get(name) is not None and not math.isnan(float(m[name]))],
+                            digits))
+    if baseline_of is not None:
+      base = baseline_of(key)
+      mine, theirs = bpd_by_seed.get(key, {}), bpd_by_seed.get(base, {})
+      diffs = [mine[s] - theirs[s] for s in sorted(mine) if s in theirs]
+      cells.append("-" if base is None or base == key or not diffs else
+                   f"{_mean_sd(diffs, 3)} (n={len(diffs)})")
     rows.append(list(key) + [f"{len(metrics)}/{len(reports)}"] + cells)
-  return harness.markdown_table(label_cols + ["seeds done"] + [c for c, _, _ in SEED_COLUMNS],
-                                rows)
+  header = label_cols + ["seeds done"] + [c for c, _, _ in SEED_COLUMNS]
+  if baseline_of is not None:
+    header.append("bpd - baseline, paired by seed")
+  return harness.markdown_table(header, rows)
 
 
-def write_results(args, runs, *, title, label_cols, filename):
+def write_results(args, runs, *, title, label_cols, filename, baseline_of=None,
+                  baseline_note=""):
   rows, points = [], []
   note = ""
   seeds = parse_seeds(getattr(args, "seeds", "0"))
   row_cols = label_cols + (["seed"] if len(seeds) > 1 else [])
+  if len(seeds) > 1:  # beside, not over, the one-seed table of the same runs
+    filename = filename.replace(".md", "_seeds.md")
+    title += ", training seeds " + ", ".join(map(str, seeds))
   for run in runs:
     rep = harness.load_report(args.out, run)
     if rep is None:
@@ -166,8 +190,9 @@ def write_results(args, runs, *, title, label_cols, filename):
   table = harness.markdown_table(header, rows)
   if len(seeds) > 1:
     table += ("\n\nOver training seeds " + ", ".join(map(str, seeds)) + " (mean ± sd; "
-              "the ± above is the standard error over eval images of one run):\n\n"
-              + seed_summary(args, runs, label_cols))
+              "the ± above is the standard error over eval images of one run"
+              + (f"; baseline: {baseline_note}" if baseline_note else "") + "):\n\n"
+              + seed_summary(args, runs, label_cols, baseline_of))
   cmd = "python " + " ".join(os.path.relpath(a, harness.ROOT) if os.path.exists(a) else a
                              for a in sys.argv)
   text = "\n".join([

@@ -112,17 +112,22 @@ def test_seed_summary_is_mean_and_sample_sd_over_finished_seeds(tmp_path):
   reports = {"elbo": dict(bpd=4.8, kl_nats=0.1, active_units=0, mi_nats=0.0),
              "elbo_seed1": dict(bpd=5.0, kl_nats=0.3, active_units=4, mi_nats=0.2),
              "elbo_seed2": dict(bpd=4.9, kl_nats=0.2, active_units=2, mi_nats=0.1),
-             "unconditional": dict(bpd=4.7)}  # its seeds 1 and 2 not finished
+             "unconditional": dict(bpd=4.7),
+             "unconditional_seed1": dict(bpd=4.95)}  # its seed 2 not finished
   for name, metrics in reports.items():
     os.makedirs(os.path.join(out, "runs", name))
     with open(os.path.join(out, "runs", name, "report.json"), "w") as fh:
       json.dump({"metrics": metrics}, fh)
-  text = study_common.seed_summary(args, runs, ["remedy"])
+  text = study_common.seed_summary(args, runs, ["remedy"],
+                                  baseline_of=lambda key: ("unconditional VDM",))
   rows = [l for l in text.splitlines() if l.startswith("| ")][1:]
-  assert rows[0].startswith("| unconditional VDM | 1/3 | 4.700 | - | - |")
+  assert rows[0].startswith("| unconditional VDM | 2/3 | 4.825 ± 0.177 | - | - |")
+  assert rows[0].endswith("| - |")  # the baseline has no difference with itself
   assert rows[1].startswith("| ELBO (beta = 1), additive | 3/3 | 4.900 ± 0.100 | "
                             "0.20 ± 0.10 | 2.0 ± 2.0 | 0.10 ± 0.10 |")
+  # paired by seed: seed 0 4.8 - 4.7, seed 1 5.0 - 4.95; seed 2 has no baseline run
+  assert rows[1].endswith("| 0.075 ± 0.035 (n=2) |")
   study_common.write_results(args, runs, title="t", label_cols=["remedy"], filename="t.md")
-  with open(os.path.join(out, "t.md")) as fh:
+  with open(os.path.join(out, "t_seeds.md")) as fh:
     table = fh.read()
   assert "| remedy | seed | bpd (ELBO) |" in table and "Over training seeds 0, 1, 2" in table
