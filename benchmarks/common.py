@@ -2,7 +2,8 @@
 
 Every benchmark times a compiled function (compile excluded), repeats it, and reports
 the median and spread (min..max) in seconds, FLOPs from XLA's cost analysis, achieved
-FLOP/s, the fraction of this machine's f32 matmul peak measured in the same process,
+FLOP/s, the fraction of this machine's matmul peak (measured in the same process, in
+the dtype the benchmark computes in),
 and memory (XLA's compiled memory analysis and the process's peak RSS).
 """
 from __future__ import annotations
@@ -86,8 +87,15 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
-  """Measured FLOP/s of one large n x n x n matmul (2 n^3 FLOPs), median of repeats."""
+def matmul_peak(n: int | None = None, repeats: int = 5, dtype=jnp.float32) -> float:
+  """Measured FLOP/s of one n x n x n `jnp.dot` in `dtype` (2 n^3 FLOPs), median of repeats.
+
+  n defaults to 2048 on CPU and 8192 on accelerators (a 2048^3 product takes tens of
+  microseconds on a GPU, too short to reach its rate). Default matmul precision, as the
+  model uses: on NVIDIA GPUs that makes a float32 product TF32.
+  """
+  if n is None:
+    n = 2048 if jax.default_backend() == "cpu" else 8192
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   f = jax.jit(jnp.dot)

@@ -5,13 +5,15 @@
   python benchmarks/train_step.py --sweep image   # step time vs image size (mvdm+te)
   python benchmarks/train_step.py --sweep variants  # whole-batch attention, bf16, remat, XLA conv
   python benchmarks/train_step.py --conv-impl xla  # XLA's convolution instead of oneDNN's
+  python benchmarks/train_step.py --sweep accelerator --batch 128  # SVDM+OE, f32 and bf16
 
 Times the full jitted step (forward + backward + clip + AdamW + EMA, buffers donated)
 after compilation, `--repeats` times, and prints one markdown table row per setting:
 median (min..max) seconds, images/s, model GFLOP per step (XLA cost analysis of the
 loop-free form: common.lowered_flops), achieved
-GFLOP/s, fraction of the f32 matmul peak measured in the same run, XLA's temp memory
-and the process's peak RSS.
+GFLOP/s, fraction of the matmul peak measured in the same run in the row's compute
+dtype (float32 rows against the float32 peak, bfloat16 rows against the bfloat16 peak:
+the model-FLOPs utilisation, MFU), XLA's temp memory and the process's peak RSS.
 """
 from __future__ import annotations
 
@@ -110,14 +112,10 @@ def main():
   p.add_argument("--attention-chunk", type=int, default=-1, help="-1 auto, 0 whole batch")
   p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "onednn"))
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--sweep", choices=("none", "batch", "image", "sizes", "variants"),
-                 default="none")
+  p.add_argument("--sweep", choices=("none", "batch", "image", "sizes", "variants",
+                                      "accelerator"), default="none")
   args = p.parse_args()
 
-  peak = common.matmul_peak()
-  print(f"hardware: {common.hardware()}; {common.load_note()}")
-  print(f"measured f32 matmul peak (2048^3 jnp.dot): {peak / 1e9:.1f} GFLOP/s\n")
-  print(HEADER)
   if args.sweep == "batch":
     settings = [dict(batch=b) for b in (8, 16, 32, 64, 128)]
   elif args.sweep == "image":
@@ -125,17 +123,27 @@ def main():
   elif args.sweep == "sizes":
     settings = [dict(vdm=v, encoder=e) for v, e in
                 (("mvdm", "te"), ("tvdm", "te"), ("tvdm", "none"), ("mvdm", "none"))]
+  elif args.sweep == "accelerator":  # issue 8's accelerator figures: SVDM+OE, f32 and bf16
+    settings = [dict(vdm="svdm", encoder="oe", dtype=d) for d in ("float32", "bfloat16")]
   elif args.sweep == "variants":
     settings = [dict(attention_chunk=0), {}, dict(conv_impl="xla"), dict(dtype="bfloat16"),
                 dict(remat=True)]
   else:
     settings = [{}]
-  for s in settings:
-    kw = dict(vdm=args.vdm, encoder=args.encoder, batch=args.batch, image=args.image,
+  base = dict(vdm=args.vdm, encoder=args.encoder, batch=args.batch, image=args.image,
               channels=args.channels, dtype=args.dtype, remat=args.remat,
               attention_chunk=args.attention_chunk, conv_impl=args.conv_impl)
-    kw.update(s)
-    print(row(bench(repeats=args.repeats, peak=peak, **kw)), flush=True)
+  settings = [{**base, **s} for s in settings]
+
+  print(f"hardware: {common.hardware()}; {common.load_note()}")
+  # Each row's utilisation is against the matmul peak of its own compute dtype.
+  peaks = {d: common.matmul_peak(dtype=jnp.dtype(d))
+           for d in sorted({s["dtype"] for s in settings} | {"float32"})}
+  for d, v in peaks.items():
+    print(f"measured {d} matmul peak (jnp.dot, default precision): {v / 1e9:.1f} GFLOP/s")
+  print("\n" + HEADER)
+  for kw in settings:
+    print(row(bench(repeats=args.repeats, peak=peaks[kw["dtype"]], **kw)), flush=True)
   print(f"\nafter: {common.load_note()}")
 
 
