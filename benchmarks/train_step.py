@@ -5,7 +5,7 @@
   python benchmarks/train_step.py --sweep image   # step time vs image size (mvdm+te)
   python benchmarks/train_step.py --sweep variants  # whole-batch attention, bf16, remat, XLA conv
   python benchmarks/train_step.py --conv-impl xla  # XLA's convolution instead of oneDNN's
-  python benchmarks/train_step.py --sweep accelerator --batch 128  # SVDM+OE, f32 and bf16
+  python benchmarks/train_step.py --sweep accelerator  # SVDM+OE, f32 and bf16 (for a GPU)
 
 Times the full jitted step (forward + backward + clip + AdamW + EMA, buffers donated)
 after compilation, `--repeats` times, and prints one markdown table row per setting:
