@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 
 from vdmrep import checkpoints, collapse, config_lib, diagnostics, parallel
 from vdmrep import data as data_lib
@@ -152,6 +151,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   start = int(state.step)
   num_steps = config.training.num_steps
 
+  from clu import metric_writers, periodic_actions  # here: clu's writers import TensorFlow
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   if start == 0:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
@@ -252,6 +252,7 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   restored, _ = ckpt.restore_latest(checkpoints.abstract(state), fingerprint, ds.image_shape)
   if restored is None:
     raise checkpoints.CheckpointError(f"no checkpoint to evaluate in {ckpt.directory}")
+  from clu import metric_writers  # here: clu's writers import TensorFlow
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   summary = _eval_and_write(model, restored, ds, config, mesh, writer, int(restored.step),
                             workdir)
