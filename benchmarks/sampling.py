@@ -36,8 +36,9 @@ def main():
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "onednn"))
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--count-flops", action="store_true",
+                 help="print flops=N of the N forwards and exit (timing skipped)")
   args = p.parse_args()
-  peak = common.matmul_peak()
   config = config_lib.base_config()
   config.model.vdm, config.model.encoder = args.vdm, args.encoder
   config.model.compute_dtype = args.dtype
@@ -45,6 +46,24 @@ def main():
   model = build_model(config.model)
   shape = (args.num, args.image, args.image, 1)
   params = model.init(jax.random.key(0), shape[1:])
+  w = jnp.zeros((args.num, model.encoder.latent)) if model.conditional else None
+  z, g = jnp.zeros(shape), jnp.full((args.num,), -1.0)
+  plain_config = config.copy_and_resolve_references()
+  plain_config.model.attention_chunk = 0
+  plain_config.model.conv_impl = "xla"  # XLA cannot count a custom call's FLOPs
+  plain = build_model(plain_config.model)
+  flops = args.steps * common.lowered_flops(
+      jax.jit(lambda p, z, g: plain.eps_hat(p, z, g, w)).lower(params, z, g))
+  if args.count_flops:
+    print(f"flops={flops!r}")
+    return
+  if np.isnan(flops) and jax.default_backend() != "cpu":
+    flops = common.flops_on_cpu(__file__, [
+        "--count-flops", f"--vdm={args.vdm}", f"--encoder={args.encoder}",
+        f"--num={args.num}", f"--steps={args.steps}", f"--image={args.image}",
+        f"--dtype={args.dtype}"])
+
+  peak = common.matmul_peak()
   x = jnp.zeros(shape, jnp.uint8)
   key = jax.random.key(1)
   run = jax.jit(lambda p, k, x: sampling.run_mode(model, p, k, x, mode="unconditional",
@@ -53,20 +72,13 @@ def main():
   med, lo, hi = common.summary(common.time_fn(compiled, params, key, x, repeats=args.repeats))
 
   # Reference: one jitted forward per step, dispatched from Python.
-  w = jnp.zeros((args.num, model.encoder.latent)) if model.conditional else None
   fwd = jax.jit(lambda p, z, g: model.eps_hat(p, z, g, w))
-  z, g = jnp.zeros(shape), jnp.full((args.num,), -1.0)
   jax.block_until_ready(fwd(params, z, g))
   t0 = time.perf_counter()
   for _ in range(args.ref_steps):
     z = fwd(params, z, g) * 0.5
   jax.block_until_ready(z)
   ref = (time.perf_counter() - t0) / args.ref_steps * args.steps
-  config.model.attention_chunk = 0
-  config.model.conv_impl = "xla"  # XLA cannot count a custom call's FLOPs
-  plain = build_model(config.model)
-  flops = args.steps * common.lowered_flops(
-      jax.jit(lambda p, z, g: plain.eps_hat(p, z, g, w)).lower(params, z, g))
   print(f"hardware: {common.hardware()}; {common.load_note()}")
   print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s\n")
   print("| vdm | encoder | images | steps | dtype, conv | s median (min..max) | images/s | GFLOP "

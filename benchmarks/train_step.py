@@ -83,6 +83,10 @@ def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
                and model.score_net.conv_impl == "xla")
   flops = _model_flops(vdm, encoder, batch, dtype, state, x, key,
                        timed=compiled if loop_free else None)
+  if np.isnan(flops) and jax.default_backend() != "cpu":
+    flops = common.flops_on_cpu(__file__, [
+        "--count-flops", f"--vdm={vdm}", f"--encoder={encoder}", f"--batch={batch}",
+        f"--image={image}", f"--channels={channels}", f"--dtype={dtype}"])
   mem = common.memory_of(compiled)
   # Donation consumes `state`, so thread it through the timed calls.
   holder = [state]
@@ -122,7 +126,22 @@ def main():
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--sweep", choices=("none", "batch", "image", "sizes", "variants",
                                       "accelerator"), default="none")
+  p.add_argument("--count-flops", action="store_true",
+                 help="print flops=N of one step's loop-free form and exit (no timing)")
   args = p.parse_args()
+
+  if args.count_flops:
+    config = make_config(args.vdm, args.encoder, args.batch, args.dtype)
+    model = build_model(config.model)
+    tx = train_lib.make_optimizer(config.optim)
+    mesh = parallel.make_mesh()
+    shape = (args.image, args.image, args.channels)
+    state = train_lib.initial_state(model, tx, config, shape, mesh)
+    x = parallel.global_batch(mesh, np.zeros((args.batch,) + shape, np.uint8))
+    flops = _model_flops(args.vdm, args.encoder, args.batch, args.dtype, state, x,
+                         jax.random.key(0))
+    print(f"flops={flops!r}")
+    return
 
   if args.sweep == "batch":
     settings = [dict(batch=b) for b in (8, 16, 32, 64, 128)]
