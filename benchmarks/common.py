@@ -8,7 +8,6 @@ and memory (XLA's compiled memory analysis and the process's peak RSS).
 """
 from __future__ import annotations
 
-import math
 import os
 import platform
 import resource
@@ -56,19 +55,18 @@ def flops_of(compiled) -> float:
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-def lowered_flops(lowered, compiled=None) -> float:
+def lowered_flops(lowered) -> float:
   """FLOPs of a lowered function from XLA's cost analysis, or nan.
 
   XLA counts a loop body once, whatever its trip count: benchmarks therefore count
   the FLOPs of the loop-free form of the same mathematics (attention over the whole
   batch at once, no remat, one Monte Carlo draw times K), the usual "model FLOPs".
 
-  The count is of the program before optimisation where the backend can analyse an
-  uncompiled module (CPU). Backends reached through a PJRT plugin (CUDA) cannot, so
-  there the compiled program is counted instead: `compiled` if given (the same
-  mathematics, compiled), else `lowered.compile()`. On CPU the two counts of the train
-  step agree within 1.5% (SVDM+OE and MVDM+TE, f32 and bf16). Where neither count
-  exists, see `flops_on_cpu`.
+  The count is of the program before optimisation, which CPU can analyse and CUDA's
+  plugin cannot (there: nan, and the benchmarks call `flops_on_cpu`). The compiled
+  program's count is no substitute on GPUs: XLA's GPU cost analysis leaves out the
+  cuDNN convolutions (SVDM+OE, batch 64: 81 GFLOP per step compiled for an H100,
+  1129 GFLOP counted before optimisation).
   """
   try:
     cost = lowered.cost_analysis()
@@ -76,23 +74,18 @@ def lowered_flops(lowered, compiled=None) -> float:
     cost = None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
-  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-  if math.isnan(flops):
-    try:
-      flops = flops_of(compiled if compiled is not None else lowered.compile())
-    except Exception:
-      pass
-  return flops
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
 def flops_on_cpu(script: str, args: list[str]) -> float:
   """Runs `python script *args` on the CPU backend alone and returns the number it
   prints on a line `flops=N` (nan if none).
 
-  For accelerators whose plugin gives no cost analysis at all (jax 0.11's CUDA plugin,
-  seen on an H100): the same function, traced and lowered for CPU, has the same
-  convolutions, matmuls and elementwise operations, so XLA's count of it is the
-  model's FLOPs. Lowering only: nothing compiles or runs.
+  For accelerators whose plugin cannot analyse a lowered module (jax 0.11.2's CUDA
+  plugin on an H100: `Lowered.cost_analysis()` returns None): the same function,
+  traced and lowered for CPU, has the same convolutions, matmuls and elementwise
+  operations, so XLA's count of it is the model's FLOPs. Lowering only: nothing
+  compiles or runs.
   """
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   done = subprocess.run([sys.executable, script, *args], env=env, capture_output=True,

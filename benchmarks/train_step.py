@@ -47,20 +47,15 @@ def make_config(vdm, encoder, batch, dtype="float32", remat=False, attention_chu
   return c
 
 
-def _model_flops(vdm, encoder, batch, dtype, state, x, key, timed=None):
+def _model_flops(vdm, encoder, batch, dtype, state, x, key):
   """FLOPs of one step of the loop-free form (see common.lowered_flops), with XLA's
-  convolutions (XLA cannot count a custom call's FLOPs; the mathematics is the same).
-
-  `timed`: the timed step's compiled program when it already is that form (attention
-  over the whole batch, no remat, XLA's convolutions: the accelerator default), which
-  spares a second compilation where the count needs a compiled program.
-  """
+  convolutions (XLA cannot count a custom call's FLOPs; the mathematics is the same)."""
   config = make_config(vdm, encoder, batch, dtype, remat=False, attention_chunk=0,
                        conv_impl="xla")
   model = build_model(config.model)
   tx = train_lib.make_optimizer(config.optim)
   step = train_lib.make_train_step(model, tx, config, parallel.make_mesh())
-  return common.lowered_flops(step.lower(state, x, key), compiled=timed)
+  return common.lowered_flops(step.lower(state, x, key))
 
 
 def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
@@ -79,10 +74,7 @@ def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
   key = jax.random.key(0)
   step = train_lib.make_train_step(model, tx, config, mesh)
   compiled = step.lower(state, x, key).compile()
-  loop_free = (model.score_net.attention_chunk == 0 and not remat
-               and model.score_net.conv_impl == "xla")
-  flops = _model_flops(vdm, encoder, batch, dtype, state, x, key,
-                       timed=compiled if loop_free else None)
+  flops = _model_flops(vdm, encoder, batch, dtype, state, x, key)
   if np.isnan(flops) and jax.default_backend() != "cpu":
     flops = common.flops_on_cpu(__file__, [
         "--count-flops", f"--vdm={vdm}", f"--encoder={encoder}", f"--batch={batch}",
