@@ -18,6 +18,7 @@ the model-FLOPs utilisation, MFU), XLA's temp memory and the process's peak RSS.
 from __future__ import annotations
 
 import argparse
+import functools
 
 import common  # noqa: F401  (sets sys.path)
 from common import fmt_s
@@ -126,10 +127,11 @@ def main():
     config = make_config(args.vdm, args.encoder, args.batch, args.dtype)
     model = build_model(config.model)
     tx = train_lib.make_optimizer(config.optim)
-    mesh = parallel.make_mesh()
     shape = (args.image, args.image, args.channels)
-    state = train_lib.initial_state(model, tx, config, shape, mesh)
-    x = parallel.global_batch(mesh, np.zeros((args.batch,) + shape, np.uint8))
+    # Shapes suffice to lower: nothing is initialised or compiled.
+    state = jax.eval_shape(functools.partial(train_lib.create_train_state, model, tx,
+                                             image_shape=shape), jax.random.key(0))
+    x = jax.ShapeDtypeStruct((args.batch,) + shape, jnp.uint8)
     flops = _model_flops(args.vdm, args.encoder, args.batch, args.dtype, state, x,
                          jax.random.key(0))
     print(f"flops={flops!r}")
