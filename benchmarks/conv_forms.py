@@ -1,6 +1,7 @@
-"""One 3x3 SAME convolution, four exact forms: XLA's convolution, oneDNN's (the custom
-call of vdmrep/kernels, the model's choice on CPU), im2col + one matmul, and 9 shifted
-matmuls. Forward, input gradient and filter gradient timed alone.
+"""One 3x3 SAME convolution, five exact forms: XLA's convolution, oneDNN's (the custom
+call of vdmrep/kernels, the model's choice on CPU), im2col + one matmul, 9 shifted
+matmuls, and Winograd F(2x2, 3x3) in XLA (4/9 of the multiply-adds). Forward, input
+gradient and filter gradient timed alone; GFLOP/s counts the direct form's FLOPs.
 
   python benchmarks/conv_forms.py --batch 64 --image 28 --channels 16:16,32:32,64:32
 
@@ -48,8 +49,40 @@ def conv_onednn(x, k):
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+# Winograd F(2x2, 3x3) (Lavin & Gray 2016): out = A^T [(G k G^T) * (B^T d B)] A per
+# 4x4 input tile d and 2x2 output tile; 16 matmuls of [tiles, C] x [C, O] do 4/9 of the
+# direct form's multiply-adds. Exact in real arithmetic (float error ~3e-7 here).
+_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_G = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float32)
+_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def _combine(rows, xs):
+  """[sum_c rows[r][c] * xs[c] for r]: the 0/+-1 transforms as adds, not matmuls."""
+  out = []
+  for row in rows:
+    terms = [v if c == 1 else -v for c, v in zip(row, xs) if c != 0]
+    out.append(sum(terms[1:], terms[0]))
+  return out
+
+
+def conv_winograd(x, k):
+  """Winograd F(2x2, 3x3), SAME padding; needs even height and width."""
+  b, h, w, c = x.shape
+  xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  d = [[xp[:, i:i + h:2, j:j + w:2] for j in range(4)] for i in range(4)]  # [B,h/2,w/2,C]
+  cols = [_combine(_BT, [d[i][j] for i in range(4)]) for j in range(4)]   # (B^T d)[i][j]
+  v = jnp.stack([jnp.stack(_combine(_BT, [cols[j][i] for j in range(4)])) for i in range(4)])
+  u = jnp.einsum("ia,abco,jb->ijco", _G, k, _G).reshape(16, c, -1)
+  # 16 plain [tiles, C] x [C, O] matmuls (a 6-d einsum here is 4x slower in fwd+bwd).
+  m = jnp.matmul(v.reshape(16, -1, c), u).reshape(4, 4, b, h // 2, w // 2, -1)
+  rows = [_combine(_AT, [m[i, j] for i in range(4)]) for j in range(4)]   # (A^T m)[p][j]
+  y = [jnp.stack(_combine(_AT, [rows[j][p] for j in range(4)]), -2) for p in range(2)]
+  return jnp.stack(y, 2).reshape(b, h, w, k.shape[-1])  # [B, h/2, 2, w/2, 2, O]
+
+
 FORMS = {"xla": conv_xla, "onednn": conv_onednn, "im2col": conv_im2col,
-         "9 shifted matmuls": conv_shifted}
+         "9 shifted matmuls": conv_shifted, "winograd F(2x2,3x3)": conv_winograd}
 
 
 def main():
