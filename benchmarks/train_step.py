@@ -60,8 +60,13 @@ def _model_flops(vdm, encoder, batch, dtype, state, x, key):
 
 
 def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
-          attention_chunk=-1, conv_impl="auto", repeats=5, peak=None):
-  """Returns a dict of the figures for one setting."""
+          attention_chunk=-1, conv_impl="auto", repeats=5, peak=None, pipeline=1):
+  """Returns a dict of the figures for one setting.
+
+  `pipeline` = K > 1 times K steps dispatched back to back with one wait at the end
+  (as the training loop runs them: no host sync per step) and reports the time per
+  step; 1 waits after every step (latency, the CPU figures' convention).
+  """
   config = make_config(vdm, encoder, batch, dtype, remat, attention_chunk, conv_impl)
   config_lib.validate(config, jax.device_count())
   model = build_model(config.model)
@@ -85,10 +90,11 @@ def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
   holder = [state]
 
   def run():
-    holder[0], metrics = compiled(holder[0], x, key)
+    for _ in range(pipeline):
+      holder[0], metrics = compiled(holder[0], x, key)
     return metrics
   run()
-  times = common.time_fn(run, repeats=repeats, warmup=1)
+  times = [t / pipeline for t in common.time_fn(run, repeats=repeats, warmup=1)]
   med, lo, hi = common.summary(times)
   return dict(vdm=vdm, encoder=encoder, batch=batch, image=f"{image}x{image}x{channels}",
               dtype=dtype, remat=remat, chunk=model.score_net.attention_chunk,
@@ -119,9 +125,13 @@ def main():
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--sweep", choices=("none", "batch", "image", "sizes", "variants",
                                       "accelerator"), default="none")
+  p.add_argument("--pipeline", type=int, default=1,
+                 help="steps per timed call, one wait at the end (s/step = time / K)")
   p.add_argument("--count-flops", action="store_true",
                  help="print flops=N of one step's loop-free form and exit (no timing)")
   args = p.parse_args()
+  if args.pipeline < 1:
+    p.error(f"--pipeline must be >= 1 (steps per timed call), got {args.pipeline}")
 
   if args.count_flops:
     config = make_config(args.vdm, args.encoder, args.batch, args.dtype)
@@ -164,7 +174,8 @@ def main():
     print(f"measured {d} matmul peak (jnp.dot, default precision): {v / 1e9:.1f} GFLOP/s")
   print("\n" + HEADER)
   for kw in settings:
-    print(row(bench(repeats=args.repeats, peak=peaks[kw["dtype"]], **kw)), flush=True)
+    print(row(bench(repeats=args.repeats, peak=peaks[kw["dtype"]], pipeline=args.pipeline,
+                    **kw)), flush=True)
   print(f"\nafter: {common.load_note()}")
 
 
