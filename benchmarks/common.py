@@ -44,15 +44,21 @@ def summary(times):
   return statistics.median(times), min(times), max(times)
 
 
-def flops_of(compiled) -> float:
-  """FLOPs of one call of a compiled XLA executable (its cost analysis), or nan."""
+def _cost_flops(stage) -> float:
+  """The "flops" of `stage.cost_analysis()` (a Lowered or Compiled), or nan where the
+  backend gives none (it raises, or returns None or an empty dict)."""
   try:
-    cost = compiled.cost_analysis()
-  except Exception:  # some backends do not implement it
+    cost = stage.cost_analysis()
+  except Exception:  # NotImplementedError, or a runtime error naming UNIMPLEMENTED
     return float("nan")
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def flops_of(compiled) -> float:
+  """FLOPs of one call of a compiled XLA executable (its cost analysis), or nan."""
+  return _cost_flops(compiled)
 
 
 def lowered_flops(lowered) -> float:
@@ -68,13 +74,7 @@ def lowered_flops(lowered) -> float:
   cuDNN convolutions (SVDM+OE, batch 64: 81 GFLOP per step compiled for an H100,
   1129 GFLOP counted before optimisation).
   """
-  try:
-    cost = lowered.cost_analysis()
-  except Exception:  # NotImplementedError, or a runtime error naming UNIMPLEMENTED
-    cost = None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+  return _cost_flops(lowered)
 
 
 def flops_on_cpu(script: str, args: list[str]) -> float:
