@@ -109,6 +109,22 @@ def memory_of(compiled) -> dict:
           "temp": m.temp_size_in_bytes, "alias": m.alias_size_in_bytes}
 
 
+def stream_bandwidth(mib: float, repeats: int = 9) -> float:
+  """Measured bytes/s of y = 1.5 x + 0.5 over a float32 array of `mib` MiB (bytes read
+  plus bytes written, divided by the median time).
+
+  The elementwise roofline: an array that fits the last-level cache (a few MiB) gives
+  the cache's rate; one far larger (hundreds of MiB) the memory's. A train step's
+  activations are tens of MiB each pass and hundreds in all, so its normalisation,
+  swish, add and concatenate passes run near the second.
+  """
+  n = int(mib * 2 ** 20) // 4
+  x = jnp.ones((n,), jnp.float32)
+  f = jax.jit(lambda x: x * 1.5 + 0.5)
+  med, _, _ = summary(time_fn(f, x, repeats=repeats, warmup=2))
+  return 2.0 * 4 * n / med
+
+
 def peak_rss_mib() -> float:
   """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

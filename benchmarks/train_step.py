@@ -59,14 +59,10 @@ def _model_flops(vdm, encoder, batch, dtype, state, x, key):
   return common.lowered_flops(step.lower(state, x, key))
 
 
-def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
-          attention_chunk=-1, conv_impl="auto", repeats=5, peak=None, pipeline=1):
-  """Returns a dict of the figures for one setting.
-
-  `pipeline` = K > 1 times K steps dispatched back to back with one wait at the end
-  (as the training loop runs them: no host sync per step) and reports the time per
-  step; 1 waits after every step (latency, the CPU figures' convention).
-  """
+def build(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
+          attention_chunk=-1, conv_impl="auto"):
+  """(model, compiled step, state, batch, key) for one setting: a uint8 batch drawn
+  from seed 0, the state initialised and placed as the training loop places it."""
   config = make_config(vdm, encoder, batch, dtype, remat, attention_chunk, conv_impl)
   config_lib.validate(config, jax.device_count())
   model = build_model(config.model)
@@ -75,11 +71,22 @@ def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
   shape = (image, image, channels)
   state = train_lib.initial_state(model, tx, config, shape, mesh)
   rng = np.random.default_rng(0)
-  batch_np = rng.integers(0, 256, (batch,) + shape, dtype=np.uint8)
-  x = parallel.global_batch(mesh, batch_np)
+  x = parallel.global_batch(mesh, rng.integers(0, 256, (batch,) + shape, dtype=np.uint8))
   key = jax.random.key(0)
   step = train_lib.make_train_step(model, tx, config, mesh)
-  compiled = step.lower(state, x, key).compile()
+  return model, step.lower(state, x, key).compile(), state, x, key
+
+
+def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
+          attention_chunk=-1, conv_impl="auto", repeats=5, peak=None, pipeline=1):
+  """Returns a dict of the figures for one setting.
+
+  `pipeline` = K > 1 times K steps dispatched back to back with one wait at the end
+  (as the training loop runs them: no host sync per step) and reports the time per
+  step; 1 waits after every step (latency, the CPU figures' convention).
+  """
+  model, compiled, state, x, key = build(vdm, encoder, batch, image, channels, dtype, remat,
+                                         attention_chunk, conv_impl)
   flops = _model_flops(vdm, encoder, batch, dtype, state, x, key)
   if np.isnan(flops) and jax.default_backend() != "cpu":
     flops = common.flops_on_cpu(__file__, [

@@ -1,0 +1,199 @@
+"""Where the compiled train step's time goes, op by op (CPU backend).
+
+  python benchmarks/trace_step.py --vdm tvdm --encoder te --batch 64 --image 28 --steps 3
+
+Traces a few steps of the compiled train step with `jax.profiler`, reads the time of
+every op XLA's CPU runtime executed (one trace event per op on XLA's threads), names
+each op by the model code it came from (the `op_name` metadata of the compiled HLO;
+ops inside loop bodies and fusions inherit their caller's) and sums them into groups:
+convolutions, GroupNorm + swish, the attention blocks, the U-Net's skip concatenations,
+... , split into forward and backward (`transpose(...)` in the name). Beside the table
+it measures, in the same process, the matmul peak and the elementwise bandwidth of a
+cache-sized and of a memory-sized array: the two roofs a group runs under.
+
+Prints a markdown table (group, forward / backward / total ms per step, share of the
+op time, ops per step) and, with --top K, the K slowest single ops.
+The ops of one step run mostly one at a time (each uses both cores: a oneDNN call
+through OpenMP, an XLA fusion split in two), so their sum is close to the step's time;
+both are printed.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+import time
+
+import common
+import train_step
+
+import jax
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLEE = re.compile(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+# Ops that only run other ops (their events span their body's events): not counted.
+_CONTROL = {"while", "call", "conditional"}
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+  """Instruction name -> the op_name metadata it came from, for every instruction of a
+  compiled HLO module's text; an instruction without one (inside a fusion or a loop
+  body) takes its calling instruction's, recursively; "" if none up the chain."""
+  computation_of, own, caller = {}, {}, {}
+  current = None
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      current = m.group(1)
+      continue
+    m = _INSTRUCTION.match(line)
+    if not m:
+      continue
+    name = m.group(1)
+    computation_of[name] = current
+    o = _OP_NAME.search(line)
+    if o:
+      own[name] = o.group(1)
+    callees = _CALLEE.findall(line)
+    for b in _BRANCHES.findall(line):
+      callees += [c.strip().lstrip("%") for c in b.split(",")]
+    for c in callees:
+      caller.setdefault(c, name)
+
+  def resolve(name):
+    for _ in range(64):  # nesting depth bound: fusion in loop body in loop body ...
+      if name in own:
+        return own[name]
+      name = caller.get(computation_of.get(name))
+      if name is None:
+        return ""
+    return ""
+  return {n: resolve(n) for n in computation_of}
+
+
+def op_times(trace_file: str, instructions) -> tuple[collections.Counter, collections.Counter]:
+  """(total seconds, number of events) per HLO instruction name, from a perfetto trace
+  (`jax.profiler.trace(..., create_perfetto_trace=True)`): complete events whose name
+  is one of `instructions`, control-flow ops excluded."""
+  with gzip.open(trace_file) as fh:
+    events = json.load(fh)["traceEvents"]
+  seconds, count = collections.Counter(), collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    if e.get("ph") != "X" or name not in instructions:
+      continue
+    if re.sub(r"\.\d+$", "", name) in _CONTROL:
+      continue
+    seconds[name] += e["dur"] * 1e-6
+    count[name] += 1
+  return seconds, count
+
+
+def group_of(instruction: str, op_name: str) -> str:
+  """The part of the model an op belongs to, from its op_name (flax module path)."""
+  is_conv_op = instruction.startswith(("ffi_call", "custom-call", "convolution"))
+  if re.search(r"(^|/)\w*attn", op_name):
+    return "attention blocks (norm, q/k/v/out, softmax core)"
+  if re.search(r"/conv\w*/", op_name) and is_conv_op:
+    return "3x3 convolutions"
+  if re.search(r"/norm\w*/", op_name):
+    return "GroupNorm + swish"
+  if re.search(r"/(concatenate|split)", op_name):
+    return "U-Net skip concatenate / split"
+  if "nin_shortcut" in op_name:
+    return "1x1 shortcuts (64 -> 32 channels)"
+  if re.search(r"(ScoreNet|Encoder)", op_name):
+    if re.search(r"/(add|add_any)$", op_name):
+      return "residual, bias and conditioning adds"
+    return "rest of the networks"
+  return "loss terms, optimiser, rest"
+
+
+def breakdown(names, seconds, count, steps):
+  """Rows (group, fwd s, bwd s, total s, ops) per step, slowest group first."""
+  groups = collections.defaultdict(lambda: [0.0, 0.0, 0])
+  for inst, sec in seconds.items():
+    op = names.get(inst, "")
+    g = groups[group_of(inst, op)]
+    g[1 if "transpose(" in op else 0] += sec / steps
+    g[2] += count[inst]
+  rows = [(k, f, b, f + b, n / steps) for k, (f, b, n) in groups.items()]
+  return sorted(rows, key=lambda r: -r[3])
+
+
+def trace(compiled, state, x, key, steps, logdir):
+  """Runs one untraced step, then `steps` traced ones; returns (wall seconds per traced
+  step, the perfetto trace file)."""
+  state, metrics = compiled(state, x, key)
+  jax.block_until_ready(metrics)
+  walls = []
+  with jax.profiler.trace(logdir, create_perfetto_trace=True):
+    for _ in range(steps):
+      t0 = time.perf_counter()
+      state, metrics = compiled(state, x, key)
+      jax.block_until_ready(metrics)
+      walls.append(time.perf_counter() - t0)
+  files = glob.glob(os.path.join(logdir, "**", "perfetto_trace.json.gz"), recursive=True)
+  if not files:
+    raise RuntimeError(f"jax.profiler wrote no perfetto_trace.json.gz under {logdir}")
+  return walls, max(files, key=os.path.getmtime)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--vdm", default="tvdm")
+  p.add_argument("--encoder", default="te")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--image", type=int, default=28)
+  p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "onednn"))
+  p.add_argument("--steps", type=int, default=3, help="traced steps (after one untraced)")
+  p.add_argument("--top", type=int, default=0, help="also list the K slowest single ops")
+  p.add_argument("--logdir", default=None, help="keep the trace here (default: temporary)")
+  args = p.parse_args()
+  if args.steps < 1:
+    p.error(f"--steps must be >= 1, got {args.steps}")
+  if jax.default_backend() != "cpu":
+    p.error("trace_step.py reads XLA:CPU's per-op trace events; this backend is "
+            f"{jax.default_backend()} (use the vendor's profiler there)")
+
+  print(f"hardware: {common.hardware()}; {common.load_note()}")
+  peak = common.matmul_peak()
+  cache_bw, memory_bw = common.stream_bandwidth(12), common.stream_bandwidth(512)
+  print(f"measured float32 matmul peak {peak / 1e9:.1f} GFLOP/s; elementwise y = 1.5x + 0.5 "
+        f"(bytes read + written): {cache_bw / 1e9:.1f} GB/s over 12 MiB (fits the cache), "
+        f"{memory_bw / 1e9:.1f} GB/s over 512 MiB (memory)")
+  model, compiled, state, x, key = train_step.build(
+      args.vdm, args.encoder, args.batch, args.image, conv_impl=args.conv_impl)
+  names = op_names(compiled.as_text())
+  with tempfile.TemporaryDirectory() as tmp:
+    walls, trace_file = trace(compiled, state, x, key, args.steps, args.logdir or tmp)
+    seconds, count = op_times(trace_file, names)
+  rows = breakdown(names, seconds, count, args.steps)
+  total = sum(r[3] for r in rows)
+  med, lo, hi = common.summary(walls)
+  print(f"\n{args.vdm} + {args.encoder}, batch {args.batch}, {args.image}x{args.image}, "
+        f"convolutions {model.score_net.conv_impl}: step {med:.3f} s ({lo:.3f}..{hi:.3f}) "
+        f"over {args.steps} traced steps; ops sum to {total:.3f} s per step\n")
+  print("| group | forward ms | backward ms | total ms | share | ops per step |")
+  print("|---|---|---|---|---|---|")
+  for g, f, b, t, n in rows:
+    print(f"| {g} | {1e3 * f:.1f} | {1e3 * b:.1f} | {1e3 * t:.1f} | {100 * t / total:.0f}% | "
+          f"{n:.0f} |")
+  if args.top:
+    print("\n| op | ms per step | calls per step | op_name |\n|---|---|---|---|")
+    for inst, sec in seconds.most_common(args.top):
+      print(f"| {inst} | {1e3 * sec / args.steps:.2f} | {count[inst] / args.steps:.0f} | "
+            f"{names.get(inst, '')} |")
+  print(f"\nafter: {common.load_note()}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,93 @@
+"""benchmarks/trace_step.py names every op of a traced train step by the model code it
+came from: the per-group table the performance notes rest on."""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import trace_step  # noqa: E402
+import train_step  # noqa: E402
+
+
+def test_ops_inside_a_loop_body_inherit_the_loops_name():
+  def f(x):
+    with jax.named_scope("outer_scope"):
+      return jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ h), x)
+  compiled = jax.jit(f).lower(jnp.ones((8, 8))).compile()
+  names = trace_step.op_names(compiled.as_text())
+  dots = [n for n in names if n.startswith("dot")]
+  assert dots, "the compiled loop has no dot instruction"
+  # The dot sits in the while body; whether or not XLA put metadata on it, its name
+  # must lead back to the code that wrote it.
+  assert all("outer_scope" in names[d] for d in dots), {d: names[d] for d in dots}
+
+
+def test_op_names_follow_callers_up_nested_computations():
+  hlo = """HloModule m
+
+%fused (q: f32[2]) -> f32[2] {
+  %q = f32[2]{0} parameter(0)
+  ROOT %e = f32[2]{0} exponential(%q)
+}
+
+%body (p: f32[2]) -> f32[2] {
+  %p = f32[2]{0} parameter(0)
+  ROOT %ynn_fusion.1 = f32[2]{0} fusion(%p), kind=kCustom, calls=%fused
+}
+
+ENTRY %main (a: f32[2]) -> f32[2] {
+  %a = f32[2]{0} parameter(0)
+  %while.1 = f32[2]{0} while(%a), condition=%cond, body=%body, metadata={op_name="jit(f)/mid_attn/while"}
+  ROOT %add.2 = f32[2]{0} add(%while.1, %a), metadata={op_name="jit(f)/add"}
+}
+"""
+  names = trace_step.op_names(hlo)
+  assert names["ynn_fusion.1"] == names["e"] == "jit(f)/mid_attn/while"
+  assert names["add.2"] == "jit(f)/add"
+  assert names["a"] == ""  # the entry's parameter: nothing calls it
+
+
+@pytest.mark.parametrize("op_name,instruction,group", [
+    ("jit(train_step)/jvp(ScoreNet)/up_3/conv1/ffi_call", "ffi_call.12", "3x3 convolutions"),
+    ("jit(train_step)/transpose(jvp(ScoreNet))/down_0/conv2/conv_general_dilated",
+     "convolution.3", "3x3 convolutions"),
+    ("jit(train_step)/jvp(ScoreNet)/up_3/conv1/add", "add_fusion.2",
+     "residual, bias and conditioning adds"),
+    ("jit(train_step)/jvp(ScoreNet)/up_3/norm1/jit(silu)/div", "add_divide_fusion.13",
+     "GroupNorm + swish"),
+    ("jit(train_step)/transpose(jvp(Encoder))/mid_attn/while/body/closed_call/exp",
+     "subtract_exponential_fusion.3", "attention blocks (norm, q/k/v/out, softmax core)"),
+    ("jit(train_step)/jvp(ScoreNet)/concatenate", "concatenate.19",
+     "U-Net skip concatenate / split"),
+    ("jit(train_step)/jvp(ScoreNet)/up_0/nin_shortcut/dot_general", "dot.4",
+     "1x1 shortcuts (64 -> 32 channels)"),
+    ("jit(train_step)/clip_by_global_norm/mul", "multiply_fusion.1",
+     "loss terms, optimiser, rest"),
+])
+def test_group_of(op_name, instruction, group):
+  assert trace_step.group_of(instruction, op_name) == group
+
+
+def test_traced_step_is_named_and_sums_to_the_step(tmp_path):
+  model, compiled, state, x, key = train_step.build("mvdm", "te", 2, 8)
+  names = trace_step.op_names(compiled.as_text())
+  walls, trace_file = trace_step.trace(compiled, state, x, key, 2, str(tmp_path))
+  seconds, count = trace_step.op_times(trace_file, names)
+  total = sum(seconds.values())
+  assert total > 0 and len(seconds) > 50
+  unnamed = sum(s for inst, s in seconds.items() if not names[inst])
+  assert unnamed < 0.05 * total, sorted(
+      ((s, i) for i, s in seconds.items() if not names[i]), reverse=True)[:5]
+  rows = {r[0]: r for r in trace_step.breakdown(names, seconds, count, 2)}
+  for group in ("3x3 convolutions", "GroupNorm + swish",
+                "attention blocks (norm, q/k/v/out, softmax core)"):
+    assert rows[group][1] > 0 and rows[group][2] > 0, (group, rows[group])  # fwd and bwd
+  assert abs(sum(r[3] for r in rows.values()) - total / 2) < 1e-9
+  # The ops run one after another on this step, each over the whole machine: their sum
+  # is of the order of the step's wall time, not several times it.
+  assert 0.2 * sum(walls) < total < 1.5 * sum(walls) * os.cpu_count()
