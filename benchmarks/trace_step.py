@@ -12,7 +12,9 @@ it measures, in the same process, the matmul peak and the elementwise bandwidth 
 cache-sized and of a memory-sized array: the two roofs a group runs under.
 
 Prints a markdown table (group, forward / backward / total ms per step, share of the
-op time, ops per step) and, with --top K, the K slowest single ops.
+op time, ops per step, the bytes its ops read and write if nothing stayed in cache and
+the rate that makes) and, with --top K, the K slowest single ops. A group whose rate
+is near the memory figure is bound by memory traffic, not arithmetic.
 The ops of one step run mostly one at a time (each uses both cores: a oneDNN call
 through OpenMP, an XLA fusion split in two), so their sum is close to the step's time;
 both are printed.
@@ -79,6 +81,54 @@ def op_names(hlo_text: str) -> dict[str, str]:
   return {n: resolve(n) for n in computation_of}
 
 
+_DTYPE_BYTES = {"f64": 8, "s64": 8, "u64": 8, "c64": 8, "f32": 4, "s32": 4, "u32": 4,
+                "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "s8": 1, "u8": 1, "pred": 1}
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+
+
+def _array_bytes(shape: str) -> int:
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    n = 1
+    for d in filter(None, dims.split(",")):
+      n *= int(d)
+    total += n * _DTYPE_BYTES[dtype]
+  return total
+
+
+def _balanced(text: str, start: int) -> int:
+  """Index just past the parenthesis group opening at text[start]."""
+  depth = 0
+  for i in range(start, len(text)):
+    depth += {"(": 1, ")": -1}.get(text[i], 0)
+    if depth == 0:
+      return i + 1
+  return len(text)
+
+
+def op_bytes(hlo_text: str) -> dict[str, int]:
+  """Instruction name -> bytes of its operands plus its outputs (compiled HLO text):
+  what one execution reads and writes if nothing stays in cache, the traffic a
+  memory-bound op cannot run faster than. Bitcasts and tuples move nothing but are
+  counted as written; only executed ops (trace events) are used, which excludes them."""
+  shape_of, lines = {}, []
+  for line in hlo_text.splitlines():
+    m = _INSTRUCTION.match(line)
+    if not m:
+      continue
+    rest = line[m.end():]
+    end = _balanced(rest, 0) if rest.startswith("(") else rest.find(" ")
+    shape_of[m.group(1)] = _array_bytes(rest[:end])
+    lines.append((m.group(1), rest[end:]))
+  out = {}
+  for name, rest in lines:
+    open_at = rest.find("(")
+    operands = rest[open_at:_balanced(rest, open_at)] if open_at >= 0 else ""
+    out[name] = shape_of[name] + sum(shape_of.get(o, 0)
+                                     for o in re.findall(r"%([\w.\-]+)", operands))
+  return out
+
+
 def op_times(trace_file: str, instructions) -> tuple[collections.Counter, collections.Counter]:
   """(total seconds, number of events) per HLO instruction name, from a perfetto trace
   (`jax.profiler.trace(..., create_perfetto_trace=True)`): complete events whose name
@@ -109,7 +159,7 @@ def group_of(instruction: str, op_name: str) -> str:
   if re.search(r"/(concatenate|split)", op_name):
     return "U-Net skip concatenate / split"
   if "nin_shortcut" in op_name:
-    return "1x1 shortcuts (64 -> 32 channels)"
+    return "1x1 shortcuts (nin_shortcut)"
   if re.search(r"(ScoreNet|Encoder)", op_name):
     if re.search(r"/(add|add_any)$", op_name):
       return "residual, bias and conditioning adds"
@@ -117,15 +167,17 @@ def group_of(instruction: str, op_name: str) -> str:
   return "loss terms, optimiser, rest"
 
 
-def breakdown(names, seconds, count, steps):
-  """Rows (group, fwd s, bwd s, total s, ops) per step, slowest group first."""
-  groups = collections.defaultdict(lambda: [0.0, 0.0, 0])
+def breakdown(names, seconds, count, steps, nbytes=None):
+  """Rows (group, fwd s, bwd s, total s, ops, bytes moved) per step, slowest group
+  first; bytes from `nbytes` (op_bytes) times each op's executions, 0 without it."""
+  groups = collections.defaultdict(lambda: [0.0, 0.0, 0, 0])
   for inst, sec in seconds.items():
     op = names.get(inst, "")
     g = groups[group_of(inst, op)]
     g[1 if "transpose(" in op else 0] += sec / steps
     g[2] += count[inst]
-  rows = [(k, f, b, f + b, n / steps) for k, (f, b, n) in groups.items()]
+    g[3] += (nbytes or {}).get(inst, 0) * count[inst]
+  rows = [(k, f, b, f + b, n / steps, m / steps) for k, (f, b, n, m) in groups.items()]
   return sorted(rows, key=lambda r: -r[3])
 
 
@@ -172,21 +224,23 @@ def main():
         f"{memory_bw / 1e9:.1f} GB/s over 512 MiB (memory)")
   model, compiled, state, x, key = train_step.build(
       args.vdm, args.encoder, args.batch, args.image, conv_impl=args.conv_impl)
-  names = op_names(compiled.as_text())
+  text = compiled.as_text()
+  names, nbytes = op_names(text), op_bytes(text)
   with tempfile.TemporaryDirectory() as tmp:
     walls, trace_file = trace(compiled, state, x, key, args.steps, args.logdir or tmp)
     seconds, count = op_times(trace_file, names)
-  rows = breakdown(names, seconds, count, args.steps)
+  rows = breakdown(names, seconds, count, args.steps, nbytes)
   total = sum(r[3] for r in rows)
   med, lo, hi = common.summary(walls)
   print(f"\n{args.vdm} + {args.encoder}, batch {args.batch}, {args.image}x{args.image}, "
         f"convolutions {model.score_net.conv_impl}: step {med:.3f} s ({lo:.3f}..{hi:.3f}) "
         f"over {args.steps} traced steps; ops sum to {total:.3f} s per step\n")
-  print("| group | forward ms | backward ms | total ms | share | ops per step |")
-  print("|---|---|---|---|---|---|")
-  for g, f, b, t, n in rows:
+  print("| group | forward ms | backward ms | total ms | share | ops per step | "
+        "GB read + written | GB/s |")
+  print("|---|---|---|---|---|---|---|---|")
+  for g, f, b, t, n, m in rows:
     print(f"| {g} | {1e3 * f:.1f} | {1e3 * b:.1f} | {1e3 * t:.1f} | {100 * t / total:.0f}% | "
-          f"{n:.0f} |")
+          f"{n:.0f} | {m / 1e9:.2f} | {m / t / 1e9:.1f} |")
   if args.top:
     print("\n| op | ms per step | calls per step | op_name |\n|---|---|---|---|")
     for inst, sec in seconds.most_common(args.top):

@@ -50,6 +50,8 @@ ENTRY %main (a: f32[2]) -> f32[2] {
   assert names["ynn_fusion.1"] == names["e"] == "jit(f)/mid_attn/while"
   assert names["add.2"] == "jit(f)/add"
   assert names["a"] == ""  # the entry's parameter: nothing calls it
+  nbytes = trace_step.op_bytes(hlo)  # operands + outputs, 4 bytes per f32
+  assert nbytes["ynn_fusion.1"] == 16 and nbytes["add.2"] == 24 and nbytes["e"] == 16
 
 
 @pytest.mark.parametrize("op_name,instruction,group", [
@@ -65,7 +67,7 @@ ENTRY %main (a: f32[2]) -> f32[2] {
     ("jit(train_step)/jvp(ScoreNet)/concatenate", "concatenate.19",
      "U-Net skip concatenate / split"),
     ("jit(train_step)/jvp(ScoreNet)/up_0/nin_shortcut/dot_general", "dot.4",
-     "1x1 shortcuts (64 -> 32 channels)"),
+     "1x1 shortcuts (nin_shortcut)"),
     ("jit(train_step)/clip_by_global_norm/mul", "multiply_fusion.1",
      "loss terms, optimiser, rest"),
 ])
@@ -83,11 +85,15 @@ def test_traced_step_is_named_and_sums_to_the_step(tmp_path):
   unnamed = sum(s for inst, s in seconds.items() if not names[inst])
   assert unnamed < 0.05 * total, sorted(
       ((s, i) for i, s in seconds.items() if not names[i]), reverse=True)[:5]
-  rows = {r[0]: r for r in trace_step.breakdown(names, seconds, count, 2)}
+  nbytes = trace_step.op_bytes(compiled.as_text())
+  rows = {r[0]: r for r in trace_step.breakdown(names, seconds, count, 2, nbytes)}
   for group in ("3x3 convolutions", "GroupNorm + swish",
                 "attention blocks (norm, q/k/v/out, softmax core)"):
     assert rows[group][1] > 0 and rows[group][2] > 0, (group, rows[group])  # fwd and bwd
   assert abs(sum(r[3] for r in rows.values()) - total / 2) < 1e-9
+  # A 3x3 convolution reads at least its input and writes its output: batch 2, 8x8.
+  conv = rows["3x3 convolutions"]
+  assert conv[5] > conv[4] * 2 * 8 * 8 * 4 * 2
   # The ops run one after another on this step, each over the whole machine: their sum
   # is of the order of the step's wall time, not several times it.
   assert 0.2 * sum(walls) < total < 1.5 * sum(walls) * os.cpu_count()
