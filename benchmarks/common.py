@@ -8,6 +8,7 @@ and memory (XLA's compiled memory analysis and the process's peak RSS).
 """
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import resource
@@ -192,6 +193,18 @@ def load_note(window_s: float = 1.0) -> str:
     return ""
   return (f"other processes busy {busy:.2f}/{cores} cores" +
           (" (UNDER LOAD)" if busy > 0.25 * cores else ""))
+
+
+def step_parser(doc: str) -> argparse.ArgumentParser:
+  """An argument parser (description: doc's first line) with the model and batch every
+  train-step benchmark takes: --vdm, --encoder, --batch, --image (defaults: issue 8's
+  TVDM + TE, 64 images of 28x28)."""
+  p = argparse.ArgumentParser(description=doc.splitlines()[0])
+  p.add_argument("--vdm", default="tvdm")
+  p.add_argument("--encoder", default="te")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--image", type=int, default=28)
+  return p
 
 
 def fmt_s(x: float) -> str:

@@ -10,7 +10,6 @@ update (clip + AdamW + EMA) alone.
 """
 from __future__ import annotations
 
-import argparse
 
 import common
 from common import fmt_s
@@ -34,11 +33,7 @@ def timed(name, fn, args, repeats):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--vdm", default="tvdm")
-  p.add_argument("--encoder", default="te")
-  p.add_argument("--batch", type=int, default=64)
-  p.add_argument("--image", type=int, default=28)
+  p = common.step_parser(__doc__)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--parts", default="all")

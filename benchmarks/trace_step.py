@@ -21,7 +21,6 @@ both are printed.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -200,11 +199,7 @@ def trace(compiled, state, x, key, steps, logdir):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--vdm", default="tvdm")
-  p.add_argument("--encoder", default="te")
-  p.add_argument("--batch", type=int, default=64)
-  p.add_argument("--image", type=int, default=28)
+  p = common.step_parser(__doc__)
   p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "onednn"))
   p.add_argument("--steps", type=int, default=3, help="traced steps (after one untraced)")
   p.add_argument("--top", type=int, default=0, help="also list the K slowest single ops")

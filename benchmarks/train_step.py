@@ -17,7 +17,6 @@ the model-FLOPs utilisation, MFU), XLA's temp memory and the process's peak RSS.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 
 import common  # noqa: F401  (sets sys.path)
@@ -119,11 +118,7 @@ def row(r):
 
 
 def main():
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--vdm", default="tvdm")
-  p.add_argument("--encoder", default="te")
-  p.add_argument("--batch", type=int, default=64)
-  p.add_argument("--image", type=int, default=28)
+  p = common.step_parser(__doc__)
   p.add_argument("--channels", type=int, default=1)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--remat", action="store_true")
