@@ -169,16 +169,18 @@ def main():
   settings = [{**base, **s} for s in settings]
 
   print(f"hardware: {common.hardware()}; {common.load_note()}")
-  # Each row's utilisation is against the matmul peak of its own compute dtype.
-  peaks = {d: common.matmul_peak(dtype=jnp.dtype(d))
-           for d in sorted({s["dtype"] for s in settings} | {"float32"})}
-  for d, v in peaks.items():
-    print(f"measured {d} matmul peak (jnp.dot, default precision): {v / 1e9:.1f} GFLOP/s")
+  # Each row's utilisation is against the matmul peak of its own compute dtype, measured
+  # just before the row: this VM's rate moves between minutes.
+  peaks = []
   print("\n" + HEADER)
   for kw in settings:
-    print(row(bench(repeats=args.repeats, peak=peaks[kw["dtype"]], pipeline=args.pipeline,
-                    **kw)), flush=True)
-  print(f"\nafter: {common.load_note()}")
+    peak = common.matmul_peak(dtype=jnp.dtype(kw["dtype"]))
+    peaks.append(f"{kw['dtype']} {peak / 1e9:.1f}")
+    print(row(bench(repeats=args.repeats, peak=peak, pipeline=args.pipeline, **kw)),
+          flush=True)
+  print(f"\nmatmul peak (jnp.dot, default precision, best of 9) before each row, GFLOP/s: "
+        f"{', '.join(peaks)}")
+  print(f"after: {common.load_note()}")
 
 
 if __name__ == "__main__":
