@@ -22,6 +22,7 @@ both are printed.
 from __future__ import annotations
 
 import collections
+import functools
 import glob
 import gzip
 import json
@@ -42,42 +43,6 @@ _CALLEE = re.compile(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 # Ops that only run other ops (their events span their body's events): not counted.
 _CONTROL = {"while", "call", "conditional"}
-
-
-def op_names(hlo_text: str) -> dict[str, str]:
-  """Instruction name -> the op_name metadata it came from, for every instruction of a
-  compiled HLO module's text; an instruction without one (inside a fusion or a loop
-  body) takes its calling instruction's, recursively; "" if none up the chain."""
-  computation_of, own, caller = {}, {}, {}
-  current = None
-  for line in hlo_text.splitlines():
-    m = _COMPUTATION.match(line)
-    if m:
-      current = m.group(1)
-      continue
-    m = _INSTRUCTION.match(line)
-    if not m:
-      continue
-    name = m.group(1)
-    computation_of[name] = current
-    o = _OP_NAME.search(line)
-    if o:
-      own[name] = o.group(1)
-    callees = _CALLEE.findall(line)
-    for b in _BRANCHES.findall(line):
-      callees += [c.strip().lstrip("%") for c in b.split(",")]
-    for c in callees:
-      caller.setdefault(c, name)
-
-  def resolve(name):
-    for _ in range(64):  # nesting depth bound: fusion in loop body in loop body ...
-      if name in own:
-        return own[name]
-      name = caller.get(computation_of.get(name))
-      if name is None:
-        return ""
-    return ""
-  return {n: resolve(n) for n in computation_of}
 
 
 _DTYPE_BYTES = {"f64": 8, "s64": 8, "u64": 8, "c64": 8, "f32": 4, "s32": 4, "u32": 4,
@@ -105,27 +70,74 @@ def _balanced(text: str, start: int) -> int:
   return len(text)
 
 
-def op_bytes(hlo_text: str) -> dict[str, int]:
-  """Instruction name -> bytes of its operands plus its outputs (compiled HLO text):
-  what one execution reads and writes if nothing stays in cache, the traffic a
-  memory-bound op cannot run faster than. Bitcasts and tuples move nothing but are
-  counted as written; only executed ops (trace events) are used, which excludes them."""
-  shape_of, lines = {}, []
+def _parse(hlo_text: str) -> dict[str, dict]:
+  """Instruction name -> computation, own op_name (or None), output bytes, operand
+  names and called computations, for every instruction of a compiled module's text."""
+  out, current = {}, None
   for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      current = m.group(1)
+      continue
     m = _INSTRUCTION.match(line)
     if not m:
       continue
     rest = line[m.end():]
     end = _balanced(rest, 0) if rest.startswith("(") else rest.find(" ")
-    shape_of[m.group(1)] = _array_bytes(rest[:end])
-    lines.append((m.group(1), rest[end:]))
-  out = {}
-  for name, rest in lines:
-    open_at = rest.find("(")
-    operands = rest[open_at:_balanced(rest, open_at)] if open_at >= 0 else ""
-    out[name] = shape_of[name] + sum(shape_of.get(o, 0)
-                                     for o in re.findall(r"%([\w.\-]+)", operands))
+    args_at = rest.find("(", end)
+    args = rest[args_at:_balanced(rest, args_at)] if args_at >= 0 else ""
+    callees = _CALLEE.findall(line)
+    for b in _BRANCHES.findall(line):
+      callees += [c.strip().lstrip("%") for c in b.split(",")]
+    o = _OP_NAME.search(line)
+    out[m.group(1)] = dict(computation=current, op_name=o.group(1) if o else None,
+                           bytes=_array_bytes(rest[:end]),
+                           operands=re.findall(r"%([\w.\-]+)", args), callees=callees)
   return out
+
+
+def op_names(hlo_text: str) -> dict[str, str]:
+  """Instruction name -> the op_name metadata it came from, for every instruction of a
+  compiled HLO module's text. One without its own takes its calling instruction's
+  (inside a fusion or a loop body), recursively; failing that, its first named
+  operand's (ops XLA's passes create, e.g. a convolution's filter gradient rewritten
+  after layout assignment), through unnamed operands too; "" if nothing leads anywhere."""
+  inst = _parse(hlo_text)
+  caller = {}
+  for name, i in inst.items():
+    for c in i["callees"]:
+      caller.setdefault(c, name)
+
+  def from_callers(name):
+    for _ in range(64):  # nesting depth bound: fusion in loop body in loop body ...
+      if name not in inst:
+        return None
+      if inst[name]["op_name"] is not None:
+        return inst[name]["op_name"]
+      name = caller.get(inst[name]["computation"])
+    return None
+
+  @functools.cache
+  def resolve(name, depth=0):
+    found = from_callers(name)
+    if found is None and depth < 16 and name in inst:
+      for operand in inst[name]["operands"]:
+        found = resolve(operand, depth + 1)
+        if found is not None:
+          break
+    return found
+
+  return {name: resolve(name) or "" for name in inst}
+
+
+def op_bytes(hlo_text: str) -> dict[str, int]:
+  """Instruction name -> bytes of its operands plus its outputs (compiled HLO text):
+  what one execution reads and writes if nothing stays in cache, the traffic a
+  memory-bound op cannot run faster than. Bitcasts and tuples move nothing but are
+  counted as written; only executed ops (trace events) are used, which excludes them."""
+  inst = _parse(hlo_text)
+  return {name: i["bytes"] + sum(inst[o]["bytes"] for o in i["operands"] if o in inst)
+          for name, i in inst.items()}
 
 
 def op_times(trace_file: str, instructions) -> tuple[collections.Counter, collections.Counter]:
@@ -146,12 +158,15 @@ def op_times(trace_file: str, instructions) -> tuple[collections.Counter, collec
   return seconds, count
 
 
-def group_of(instruction: str, op_name: str) -> str:
-  """The part of the model an op belongs to, from its op_name (flax module path)."""
-  is_conv_op = instruction.startswith(("ffi_call", "custom-call", "convolution"))
+def group_of(op_name: str) -> str:
+  """The part of the model an op belongs to, from its op_name (flax module path).
+
+  A convolution is XLA's op (whatever thunk runs it: `convolution`, an XNNPACK/YNN
+  fusion, a layout copy feeding it) or the oneDNN custom call inside a conv module.
+  """
   if re.search(r"(^|/)\w*attn", op_name):
     return "attention blocks (norm, q/k/v/out, softmax core)"
-  if re.search(r"/conv\w*/", op_name) and is_conv_op:
+  if re.search(r"(conv_general_dilated|/conv\w*/ffi_call)$", op_name):
     return "3x3 convolutions"
   if re.search(r"/norm\w*/", op_name):
     return "GroupNorm + swish"
@@ -172,7 +187,7 @@ def breakdown(names, seconds, count, steps, nbytes=None):
   groups = collections.defaultdict(lambda: [0.0, 0.0, 0, 0])
   for inst, sec in seconds.items():
     op = names.get(inst, "")
-    g = groups[group_of(inst, op)]
+    g = groups[group_of(op)]
     g[1 if "transpose(" in op else 0] += sec / steps
     g[2] += count[inst]
     g[3] += (nbytes or {}).get(inst, 0) * count[inst]
