@@ -10,7 +10,6 @@ update (clip + AdamW + EMA) alone.
 """
 from __future__ import annotations
 
-
 import common
 from common import fmt_s
 

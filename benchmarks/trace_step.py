@@ -5,7 +5,8 @@
 Traces a few steps of the compiled train step with `jax.profiler`, reads the time of
 every op XLA's CPU runtime executed (one trace event per op on XLA's threads), names
 each op by the model code it came from (the `op_name` metadata of the compiled HLO;
-ops inside loop bodies and fusions inherit their caller's) and sums them into groups:
+ops inside loop bodies and fusions inherit their caller's, ops XLA's passes made
+without one their operands') and sums them into groups:
 convolutions, GroupNorm + swish, the attention blocks, the U-Net's skip concatenations,
 ... , split into forward and backward (`transpose(...)` in the name). Beside the table
 it measures, in the same process, the matmul peak and the elementwise bandwidth of a
@@ -70,6 +71,7 @@ def _balanced(text: str, start: int) -> int:
   return len(text)
 
 
+@functools.lru_cache(maxsize=2)  # op_names and op_bytes read the same module
 def _parse(hlo_text: str) -> dict[str, dict]:
   """Instruction name -> computation, own op_name (or None), output bytes, operand
   names and called computations, for every instruction of a compiled module's text."""
