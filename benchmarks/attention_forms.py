@@ -1,7 +1,8 @@
-"""The attention core softmax(q k^T / sqrt(C)) v alone: one-shot (plain autodiff) and
-example-chunked (`layers.attention`'s custom VJP), forward and forward + backward.
+"""The attention core softmax(q k^T / sqrt(C)) v alone: one-shot (plain autodiff),
+example-chunked (`layers.attention`'s custom VJP) and the fused CPU kernel
+(`onednn.attention`, what conv_impl='onednn' runs), forward and forward + backward.
 
-  python benchmarks/attention_forms.py --batch 64 --positions 784 --channels 16,32 --chunks 0,1,2,4
+  python benchmarks/attention_forms.py --batch 64 --positions 784 --channels 16,32 --chunks 0,1,2,4,kernel
   git show REV:vdmrep/models/layers.py > /tmp/old_layers.py
   python benchmarks/attention_forms.py --chunks 1 --against /tmp/old_layers.py
 
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdmrep.kernels import onednn
 from vdmrep.models import layers
 
 
@@ -56,15 +58,19 @@ def main():
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--positions", type=int, default=784)
   p.add_argument("--channels", default="16,32")
-  p.add_argument("--chunks", default="0,1,2,4",
-                 help="examples per chunk; 0 = the whole batch at once (plain autodiff)")
+  p.add_argument("--chunks", default="0,1,2,4,kernel",
+                 help="examples per chunk; 0 = the whole batch at once (plain autodiff); "
+                      "'kernel' = the fused oneDNN kernel")
   p.add_argument("--repeats", type=int, default=7)
   p.add_argument("--against", default="", help="another layers.py to time alongside")
   args = p.parse_args()
   b, n = args.batch, args.positions
-  versions = {"current": layers.attention}
+  layer_versions = {"current": layers.attention}
   if args.against:
-    versions["--against"] = load_layers(args.against).attention
+    layer_versions["--against"] = load_layers(args.against).attention
+  kernel = {"onednn kernel": lambda q, k, v, g: onednn.attention(q, k, v)}
+  if "kernel" in args.chunks.split(",") and onednn.unavailable_reason():
+    p.error(f"--chunks kernel: {onednn.unavailable_reason()}")
   print(f"hardware: {common.hardware()}; {common.load_note()}\n")
   print("| channels | chunk | version | fwd ms | fwd+bwd ms | GFLOP/s fwd+bwd (matmuls) |")
   print("|---|---|---|---|---|---|")
@@ -74,7 +80,9 @@ def main():
     probe = jax.random.normal(ks[3], (b, n, c))
     matmul = 2.0 * b * n * n * c  # one [N, N] x [N, C] product per example
     ref = None
-    for g in map(int, args.chunks.split(",")):
+    for chunk in args.chunks.split(","):
+      g = -1 if chunk == "kernel" else int(chunk)
+      versions = kernel if chunk == "kernel" else layer_versions
       fwd, both = {}, {}
       for name, attention in versions.items():
         fwd[name] = jax.jit(lambda q, k, v, f=attention, g=g: f(q, k, v, g))
@@ -88,9 +96,9 @@ def main():
           np.testing.assert_allclose(a, r, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(r))))
       t_fwd = interleaved(fwd, (q, k, v), args.repeats)
       t_both = interleaved(both, (q, k, v), args.repeats)
-      count = 6 if g <= 0 or g >= b or b % g else 7
+      count = 6 if 0 <= g and (g == 0 or g >= b or b % g) else 7  # kernel: recomputes
       for name in versions:
-        print(f"| {c} | {g} | {name} | {1e3 * t_fwd[name]:.1f} | {1e3 * t_both[name]:.1f} | "
+        print(f"| {c} | {chunk} | {name} | {1e3 * t_fwd[name]:.1f} | {1e3 * t_both[name]:.1f} | "
               f"{count * matmul / t_both[name] / 1e9:.1f} |", flush=True)
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.compute_dtype = "float32"  # float32 | bfloat16 (params and loss stay f32)
   c.model.remat = False             # recompute score-net block activations (less memory)
   c.model.attention_chunk = -1      # examples per attention chunk; -1 auto (1 on CPU), 0 all
-  c.model.conv_impl = "auto"        # auto | xla | onednn (CPU kernels; auto: where they run)
+  c.model.conv_impl = "auto"        # auto | xla | onednn (CPU kernels for the convolutions
+                                    # and attention; auto: where they run)
 
   # Posterior-collapse remedies; formulas and sources in vdmrep/collapse.py. The defaults
   # are the ELBO; each remedy is switched on by its own key and they combine.

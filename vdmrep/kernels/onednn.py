@@ -1,4 +1,5 @@
-"""oneDNN convolutions for JAX on CPU: a drop-in for `lax.conv_general_dilated`.
+"""oneDNN kernels for JAX on CPU: convolutions (a drop-in for `lax.conv_general_dilated`)
+and a fused single-head attention.
 
 XLA's CPU backend runs the score net's 3x3 convolutions at ~40% of the machine's
 matmul rate; oneDNN (what PyTorch uses on CPU) runs them at ~95%
@@ -15,7 +16,11 @@ anything else falls through to XLA's op. Use it through `model.conv_impl` (see
 `resolve_conv_impl` in vdmrep/models/layers.py), not directly: a custom call has no
 SPMD partitioning rule, so it is only chosen for single-device CPU programs.
 
-The shared library is compiled once per (source, oneDNN, jaxlib) into
+`attention` (attention.cc) computes softmax(q k^T / sqrt(C)) v forward and backward
+in [64, N] row tiles that stay in cache, with oneDNN's sgemm for the products: XLA's
+form writes and re-reads [N, N] matrices per example (layers.attention).
+
+The shared library is compiled once per (sources, oneDNN, jaxlib, CPU) into
 $VDMREP_KERNEL_CACHE (default ~/.cache/vdmrep/kernels) with $CXX (default g++).
 """
 from __future__ import annotations
@@ -35,9 +40,25 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-_SOURCE = Path(__file__).with_name("onednn_conv.cc")
-_TARGETS = {"forward": "VdmrepConvForward", "input_grad": "VdmrepConvInputGrad",
-            "filter_grad": "VdmrepConvFilterGrad", "materialize": "VdmrepMaterialize"}
+_SOURCES = tuple(Path(__file__).with_name(f) for f in ("onednn_conv.cc", "attention.cc"))
+_TARGETS = {"vdmrep_conv_forward": "VdmrepConvForward",
+            "vdmrep_conv_input_grad": "VdmrepConvInputGrad",
+            "vdmrep_conv_filter_grad": "VdmrepConvFilterGrad",
+            "vdmrep_conv_materialize": "VdmrepMaterialize",
+            "vdmrep_attention_forward": "VdmrepAttentionForward",
+            "vdmrep_attention_backward": "VdmrepAttentionBackward"}
+
+
+def _cpu_flags() -> bytes:
+  """The CPU's feature flags (-march=native code is only valid where they match)."""
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("flags"):
+        return line.encode()
+  except OSError:
+    pass
+  import platform
+  return platform.processor().encode()
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -59,18 +80,21 @@ def _onednn_prefix() -> Path:
 def _load() -> None:
   """Builds (once, cached on disk) and registers the FFI handlers; raises OSError."""
   prefix = _onednn_prefix()
-  src = _SOURCE.read_bytes()
-  tag = hashlib.sha256(src + str(prefix).encode() + jax.__version__.encode()).hexdigest()[:16]
+  src = b"".join(f.read_bytes() for f in _SOURCES)
+  tag = hashlib.sha256(src + str(prefix).encode() + jax.__version__.encode()
+                       + _cpu_flags()).hexdigest()[:16]
   cache = Path(os.environ.get("VDMREP_KERNEL_CACHE",
                               Path.home() / ".cache" / "vdmrep" / "kernels")) / tag
-  lib_path = cache / "onednn_conv.so"
+  lib_path = cache / "vdmrep_kernels.so"
   if not lib_path.exists():
     cache.mkdir(parents=True, exist_ok=True)
     # Build to a private name, then rename: concurrent processes never load a half file.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
     os.close(fd)
-    cmd = [os.environ.get("CXX", "g++"), "-O2", "-std=c++17", "-shared", "-fPIC",
-           str(_SOURCE), "-I", jax.ffi.include_dir(), "-I", str(prefix / "include"),
+    # -fopenmp: attention.cc's threads and `omp simd` loops (the same libgomp oneDNN
+    # uses); -march=native: its vectorised softmax (the cache tag includes the CPU).
+    cmd = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-fopenmp", "-std=c++17",
+           "-shared", "-fPIC", *map(str, _SOURCES), "-I", jax.ffi.include_dir(), "-I", str(prefix / "include"),
            "-L", str(prefix / "lib"), "-ldnnl", f"-Wl,-rpath,{prefix / 'lib'}", "-o", tmp]
     try:
       proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -84,8 +108,7 @@ def _load() -> None:
     os.replace(tmp, lib_path)
   lib = ctypes.CDLL(str(lib_path))
   for name, symbol in _TARGETS.items():
-    jax.ffi.register_ffi_target(f"vdmrep_conv_{name}", jax.ffi.pycapsule(getattr(lib, symbol)),
-                                platform="cpu")
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
 
 
 def unavailable_reason() -> str | None:
@@ -202,3 +225,49 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     return xla()
   _load()
   return conv2d(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+
+
+def _attention_call(q, k, v):
+  b, n, _ = q.shape
+  f = jax.ffi.ffi_call("vdmrep_attention_forward",
+                       (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                        jax.ShapeDtypeStruct((b, n), jnp.float32)), vmap_method="sequential")
+  return f(q, k, v)
+
+
+@jax.custom_vjp
+def _attention(q, k, v):
+  return _attention_call(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v):
+  out, lse = _attention_call(q, k, v)
+  # O(B N C) residuals: the backward pass recomputes the [N, N] weights tile by tile.
+  return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(res, d_out):
+  grad = jax.ShapeDtypeStruct(res[0].shape, jnp.float32)
+  return jax.ffi.ffi_call("vdmrep_attention_backward", (grad, grad, grad),
+                          vmap_method="sequential")(*res, d_out.astype(jnp.float32))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def attention(q, k, v):
+  """softmax(q k^T / sqrt(C)) v, one head, f32: q, k, v [B, N, C] -> [B, N, C].
+
+  Same mathematics as `vdmrep.models.layers.attention` (tests/test_onednn_attention.py
+  checks values and gradients against it to f32 round-off; the softmax's exponential
+  is a polynomial accurate to a few ulp). Differentiable (custom_vjp); `jax.vmap`
+  maps it one call per element. Raises OSError where the kernels cannot be built.
+  """
+  if q.ndim != 3 or k.shape != q.shape or v.shape != q.shape:
+    raise ValueError(f"attention: q, k, v must be equal [B, N, C], got {q.shape}, "
+                     f"{k.shape}, {v.shape}")
+  if any(t.dtype != jnp.float32 for t in (q, k, v)):
+    raise ValueError("attention: the kernel is float32 only, got "
+                     f"{q.dtype}, {k.dtype}, {v.dtype}")
+  _load()
+  return _attention(q, k, v)

@@ -54,7 +54,7 @@ class Encoder(nn.Module):
     h = block(name="mid_block_1")(h)
     fold = self.conv_impl == "onednn"  # see layers.GroupNorm
     h = AttnBlock(groups=self.groups, batch_chunk=self.attention_chunk, fold_norm=fold,
-                  dtype=self.dtype, name="mid_attn")(h)
+                  conv_impl=self.conv_impl, dtype=self.dtype, name="mid_attn")(h)
     h = block(name="mid_block_2")(h)
     h = GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, fold=fold,
                   name="norm_out")(h, swish=True)

@@ -24,7 +24,9 @@ def attention(q, k, v, batch_chunk: int = 0):
   i, i + B/g, i + 2B/g, ...: with the batch sharded over D devices and g a multiple
   of D, every device works on its own examples and no data moves between devices.
   0 (or a g that does not divide B) computes the whole batch at once with plain
-  autodiff, the right choice on accelerators, whose compilers fuse it.
+  autodiff, the right choice on accelerators, whose compilers fuse it. On a CPU run
+  with conv_impl='onednn', AttnBlock calls the fused kernel `onednn.attention` (same
+  mathematics, ~1.7-1.9x faster forward + backward again) instead of this function.
   """
   b, _, c = q.shape
   if batch_chunk <= 0 or batch_chunk >= b or b % batch_chunk:
@@ -292,6 +294,7 @@ class AttnBlock(nn.Module):
   norm_eps: float = 1e-6
   batch_chunk: int = 0  # see `attention`
   fold_norm: bool = False  # GroupNorm.fold (its input is a materialised block output)
+  conv_impl: str = "xla"  # "onednn": the fused CPU kernel (onednn.attention), no chunks
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -302,6 +305,9 @@ class AttnBlock(nn.Module):
     q = nn.Dense(c, dtype=self.dtype, name="q")(h)
     k = nn.Dense(c, dtype=self.dtype, name="k")(h)
     v = nn.Dense(c, dtype=self.dtype, name="v")(h)
-    h = attention(q, k, v, self.batch_chunk)
+    if self.conv_impl == "onednn":
+      h = onednn.attention(q, k, v)
+    else:
+      h = attention(q, k, v, self.batch_chunk)
     h = nn.Dense(c, dtype=self.dtype, name="out")(h)
     return x + h.reshape(b, hgt, wid, c)

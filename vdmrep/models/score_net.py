@@ -107,7 +107,7 @@ class ScoreNet(nn.Module):
     h = block("mid_block_1", h)
     fold = self.conv_impl == "onednn"  # see layers.GroupNorm
     h = AttnBlock(batch_chunk=self.attention_chunk, fold_norm=fold, dtype=self.dtype,
-                  name="mid_attn")(h)
+                  conv_impl=self.conv_impl, name="mid_attn")(h)
     h = block("mid_block_2", h)
     for i in range(self.n_blocks + 1):
       h = block(f"up_{i}", jnp.concatenate([h, hs.pop()], axis=-1))
