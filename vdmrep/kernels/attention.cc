@@ -82,33 +82,35 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
 #pragma omp parallel
   {
     std::vector<float> s(kTile * n), inv(kTile);
+    // Row tiles are independent in the forward pass: (example, tile) pairs are shared
+    // out, so a batch of one still uses every thread (the sampler's small batches).
+    const int64_t tiles = (n + kTile - 1) / kTile;
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < bsz; ++b) {
+    for (int64_t bt = 0; bt < bsz * tiles; ++bt) {
+      const int64_t b = bt / tiles, r0 = (bt % tiles) * kTile;
       const float *qb = qp + b * n * c, *kb = kp + b * n * c, *vb = vp + b * n * c;
-      for (int64_t r0 = 0; r0 < n; r0 += kTile) {
-        const int64_t t = std::min(kTile, n - r0);
-        Gemm('N', 'T', t, n, c, scale, qb + r0 * c, c, kb, c, 0.f, s.data(), n);
-        for (int64_t i = 0; i < t; ++i) {
-          float* row = s.data() + i * n;
-          float m = -INFINITY;
+      const int64_t t = std::min(kTile, n - r0);
+      Gemm('N', 'T', t, n, c, scale, qb + r0 * c, c, kb, c, 0.f, s.data(), n);
+      for (int64_t i = 0; i < t; ++i) {
+        float* row = s.data() + i * n;
+        float m = -INFINITY;
 #pragma omp simd reduction(max : m)
-          for (int64_t j = 0; j < n; ++j) m = m > row[j] ? m : row[j];
-          float l = 0.f;
+        for (int64_t j = 0; j < n; ++j) m = m > row[j] ? m : row[j];
+        float l = 0.f;
 #pragma omp simd reduction(+ : l)
-          for (int64_t j = 0; j < n; ++j) {
-            row[j] = ExpNonPositive(row[j] - m);
-            l += row[j];
-          }
-          lp[b * n + r0 + i] = m + std::log(l);
-          inv[i] = 1.f / l;
+        for (int64_t j = 0; j < n; ++j) {
+          row[j] = ExpNonPositive(row[j] - m);
+          l += row[j];
         }
-        // Unnormalised weights times v, then each [C] output row divided by its sum
-        // (one multiply per channel rather than per position).
-        float* ob = op + (b * n + r0) * c;
-        Gemm('N', 'N', t, c, n, 1.f, s.data(), n, vb, c, 0.f, ob, c);
-        for (int64_t i = 0; i < t; ++i)
-          for (int64_t j = 0; j < c; ++j) ob[i * c + j] *= inv[i];
+        lp[b * n + r0 + i] = m + std::log(l);
+        inv[i] = 1.f / l;
       }
+      // Unnormalised weights times v, then each [C] output row divided by its sum
+      // (one multiply per channel rather than per position).
+      float* ob = op + (b * n + r0) * c;
+      Gemm('N', 'N', t, c, n, 1.f, s.data(), n, vb, c, 0.f, ob, c);
+      for (int64_t i = 0; i < t; ++i)
+        for (int64_t j = 0; j < c; ++j) ob[i * c + j] *= inv[i];
     }
   }
   return ffi::Error::Success();
