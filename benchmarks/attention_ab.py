@@ -1,0 +1,67 @@
+"""Whole train step with the fused attention kernel vs XLA's chunked attention, A/B.
+
+  python benchmarks/attention_ab.py --vdm mvdm --encoder te --repeats 11
+
+Both programs use oneDNN convolutions (conv_impl='onednn'); the second is built with
+`onednn.attention` replaced by `layers.attention(q, k, v, 1)` (one example per chunk,
+what the attention blocks ran before the kernel) while it is traced. Steps alternate
+A, B, A, B, ... in one process: on this noisy VM a 10% difference survives that and is
+lost between processes. The first step's metrics of both are printed side by side (same
+parameters, batch and key: they must agree to float32 round-off).
+"""
+from __future__ import annotations
+
+import time
+
+import common
+import train_step
+
+import jax
+import numpy as np
+
+from vdmrep.kernels import onednn
+from vdmrep.models import layers
+
+
+def main():
+  p = common.step_parser(__doc__)
+  p.add_argument("--repeats", type=int, default=9)
+  args = p.parse_args()
+  if onednn.unavailable_reason():
+    p.error(f"the kernels cannot run here: {onednn.unavailable_reason()}")
+  kernel = onednn.attention
+  built = {}
+  for name, attention in (("kernel", kernel),
+                          ("xla chunked", lambda q, k, v: layers.attention(q, k, v, 1))):
+    onednn.attention = attention  # read when the model is traced, i.e. inside build()
+    try:
+      _, compiled, state, x, key = train_step.build(args.vdm, args.encoder, args.batch,
+                                                    args.image, conv_impl="onednn")
+    finally:
+      onednn.attention = kernel
+    built[name] = [compiled, state, x, key]
+  print(f"hardware: {common.hardware()}; {common.load_note()}")
+  times, first = {n: [] for n in built}, {}
+  for r in range(args.repeats + 1):
+    for name, b in built.items():
+      t = time.perf_counter()
+      b[1], metrics = b[0](b[1], b[2], b[3])  # the state is donated: thread it through
+      jax.block_until_ready(metrics)
+      if r:
+        times[name].append(time.perf_counter() - t)
+      else:
+        first[name] = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+  print(f"\n{args.vdm} + {args.encoder}, batch {args.batch}, {args.image}x{args.image}, "
+        f"float32, oneDNN convolutions, {args.repeats} steps each, alternating:")
+  for name, ts in times.items():
+    med, lo, hi = common.summary(ts)
+    print(f"  attention {name}: {common.fmt_s(med)} s/step ({common.fmt_s(lo)}..{common.fmt_s(hi)})")
+  a, b = first["kernel"], first["xla chunked"]
+  for k in ("loss_bpd", "diffusion_bpd", "kl_nats", "grad_norm"):
+    if k in a and k in b:
+      print(f"  first step {k}: {a[k]:.7g} vs {b[k]:.7g}")
+  print(f"after: {common.load_note()}")
+
+
+if __name__ == "__main__":
+  main()
