@@ -19,12 +19,15 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+
+std::mutex& VdmrepKernelLock();  // onednn_conv.cc
 
 namespace {
 
@@ -79,6 +82,7 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   const float scale = 1.f / std::sqrt(static_cast<float>(c));
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float *op = out->typed_data(), *lp = lse->typed_data();
+  std::lock_guard<std::mutex> lock(VdmrepKernelLock());  // see onednn_conv.cc
 #pragma omp parallel
   {
     std::vector<float> s(kTile * n), inv(kTile);
@@ -133,6 +137,7 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const float *outp = out.typed_data(), *lp = lse.typed_data(), *dop = dout.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  std::lock_guard<std::mutex> lock(VdmrepKernelLock());  // see onednn_conv.cc
 #pragma omp parallel
   {
     std::vector<float> p(kTile * n), dp(kTile * n), rowdot(kTile);

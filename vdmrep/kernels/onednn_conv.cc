@@ -36,6 +36,14 @@ namespace ffi = xla::ffi;
 using dnnl::memory;
 using tag = memory::format_tag;
 
+// One lock for every kernel call in this library (attention.cc takes it too): each call
+// already spreads over all cores through OpenMP, and two at once (XLA runs independent
+// ops on two threads) would put two thread teams on the same cores.
+std::mutex& VdmrepKernelLock() {
+  static std::mutex* mu = new std::mutex();
+  return *mu;
+}
+
 namespace {
 
 dnnl::engine& Engine() {
@@ -123,8 +131,7 @@ memory FilterIn(const Geometry& g, const memory::desc& want, float* hwio) {
 }
 
 ffi::Error Wrap(const std::function<void()>& body) {
-  static std::mutex* mu = new std::mutex();
-  std::lock_guard<std::mutex> lock(*mu);
+  std::lock_guard<std::mutex> lock(VdmrepKernelLock());
   try {
     body();
     Stream().wait();
