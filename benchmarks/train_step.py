@@ -18,6 +18,7 @@ the model-FLOPs utilisation, MFU), XLA's temp memory and the process's peak RSS.
 from __future__ import annotations
 
 import functools
+import resource
 
 import common  # noqa: F401  (sets sys.path)
 from common import fmt_s
@@ -31,8 +32,9 @@ from vdmrep import train as train_lib
 from vdmrep.models import build_model
 
 HEADER = ("| vdm | encoder | batch | image | dtype | remat | attention | conv | s/step median (min..max) "
-          "| images/s | GFLOP/step | GFLOP/s | % matmul peak | XLA temp MiB | peak RSS MiB |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| images/s | GFLOP/step | GFLOP/s | % matmul peak | XLA temp MiB | peak RSS MiB "
+          "| page faults/step |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def make_config(vdm, encoder, batch, dtype="float32", remat=False, attention_chunk=-1,
@@ -100,14 +102,19 @@ def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
       holder[0], metrics = compiled(holder[0], x, key)
     return metrics
   run()
+  # Minor page faults: fresh 4 KiB pages first touched (vdmrep/hostmem.py says why).
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   times = [t / pipeline for t in common.time_fn(run, repeats=repeats, warmup=1)]
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (
+      (repeats + 1) * pipeline)
   med, lo, hi = common.summary(times)
   return dict(vdm=vdm, encoder=encoder, batch=batch, image=f"{image}x{image}x{channels}",
               dtype=dtype, remat=remat, chunk=model.score_net.attention_chunk,
               conv=model.score_net.conv_impl, med=med, lo=lo, hi=hi, ips=batch / med,
               gflop=flops / 1e9, gflops=flops / med / 1e9,
               frac=(flops / med / peak) if peak else float("nan"),
-              temp=mem.get("temp", float("nan")) / 2 ** 20, rss=common.peak_rss_mib())
+              temp=mem.get("temp", float("nan")) / 2 ** 20, rss=common.peak_rss_mib(),
+              faults=faults)
 
 
 def row(r):
@@ -116,7 +123,7 @@ def row(r):
   return (f"| {r['vdm']} | {r['encoder']} | {r['batch']} | {r['image']} | {r['dtype']} | "
           f"{'yes' if r['remat'] else 'no'} | {attention} | {r['conv']} | {fmt_s(r['med'])} ({fmt_s(r['lo'])}..{fmt_s(r['hi'])}) | "
           f"{r['ips']:.1f} | {r['gflop']:.1f} | {r['gflops']:.1f} | {100 * r['frac']:.0f}% | "
-          f"{r['temp']:.0f} | {r['rss']:.0f} |")
+          f"{r['temp']:.0f} | {r['rss']:.0f} | {r['faults']:.0f} |")
 
 
 def main():

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+if __name__ == "__main__":  # before anything heavy: it may re-execute this process
+  from vdmrep import hostmem
+  hostmem.reexec_with_huge_pages()
 
-from vdmrep import config_lib
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from vdmrep import config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
