@@ -55,7 +55,8 @@ def main():
         f"float32, oneDNN convolutions, {args.repeats} steps each, alternating:")
   for name, ts in times.items():
     med, lo, hi = common.summary(ts)
-    print(f"  attention {name}: {common.fmt_s(med)} s/step ({common.fmt_s(lo)}..{common.fmt_s(hi)})")
+    fmt = common.fmt_s
+    print(f"  attention {name}: {fmt(med)} s/step ({fmt(lo)}..{fmt(hi)})")
   a, b = first["kernel"], first["xla chunked"]
   for k in ("loss_bpd", "diffusion_bpd", "kl_nats", "grad_norm"):
     if k in a and k in b:

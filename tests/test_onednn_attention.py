@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"oneDNN kernels: {_
 
 
 def _qkv(shape, scale=1.0, seed=0):
-  return tuple(scale * jax.random.normal(k, shape) for k in jax.random.split(jax.random.key(seed), 3))
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return tuple(scale * jax.random.normal(k, shape) for k in keys)
 
 
 def _check(q, k, v, rtol=2e-5):

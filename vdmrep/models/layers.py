@@ -26,7 +26,7 @@ def attention(q, k, v, batch_chunk: int = 0):
   0 (or a g that does not divide B) computes the whole batch at once with plain
   autodiff, the right choice on accelerators, whose compilers fuse it. On a CPU run
   with conv_impl='onednn', AttnBlock calls the fused kernel `onednn.attention` (same
-  mathematics, ~1.7-1.9x faster forward + backward again) instead of this function.
+  mathematics, 1.6-1.9x faster forward + backward again) instead of this function.
   """
   b, _, c = q.shape
   if batch_chunk <= 0 or batch_chunk >= b or b % batch_chunk:
