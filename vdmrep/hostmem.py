@@ -5,9 +5,9 @@ for a TVDM+TE train step at batch 64, 445 MiB at MVDM+TE), and glibc serves size
 large with a fresh mmap each time, so every step first-touches them 4 KiB page by
 page: 322,000 minor page faults per TVDM+TE step. With
 GLIBC_TUNABLES=glibc.malloc.hugetlb=1 malloc asks the kernel for transparent huge
-pages (madvise) and the faults fall to ~1,000 per step (2 MiB pages): measured on the
-2-core CPU, TVDM+TE 1.80 -> 1.61 s and MVDM+TE 0.64 -> 0.52 s per step, same numbers
-out (benchmarks/README.md, "Huge pages").
+pages (madvise) and the faults fall to ~1,000-2,500 per step (2 MiB pages). On the
+2-core CPU, processes alternating on / off: MVDM+TE 0.44-0.50 vs 0.54-0.55 s per step,
+TVDM+TE 1.35-1.88 vs 1.76-1.77 s; same numbers out (benchmarks/README.md, "Huge pages").
 
 glibc reads its tunables when the process starts, so entry points (`vdmrep.main`, the
 benchmark scripts) call `reexec_with_huge_pages()` first: it re-executes the same
