@@ -3,7 +3,8 @@
   python benchmarks/train_step.py --vdm tvdm --encoder te --batch 64 --image 28
   python benchmarks/train_step.py --sweep batch   # step time vs batch size (mvdm+te)
   python benchmarks/train_step.py --sweep image   # step time vs image size (mvdm+te)
-  python benchmarks/train_step.py --sweep variants  # XLA conv + whole-batch attention, default, XLA conv, bf16, remat
+  python benchmarks/train_step.py --sweep variants  # XLA conv + one-shot attention, default,
+                                                    # XLA conv, bf16, remat
   python benchmarks/train_step.py --conv-impl xla  # XLA's convolution instead of oneDNN's
   python benchmarks/train_step.py --sweep accelerator  # SVDM+OE, f32 and bf16 (for a GPU)
 
