@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vdmrep.kernels import onednn
 from vdmrep.models.layers import GroupNorm, group_norm, num_groups
 
 
@@ -41,8 +42,13 @@ def folded_form(x, scale, bias, shift):
   return group_norm(x, scale, bias, num_groups(x.shape[-1]), 1e-6, shift=shift, swish=True)
 
 
+def kernel_form(x, scale, bias, shift):
+  return onednn.group_norm(x, scale, bias, num_groups(x.shape[-1]), 1e-6, shift=shift,
+                           swish=True)
+
+
 FORMS = {"flax GroupNorm + add + swish": flax_form, "GroupNorm(fold=False)": module_form,
-         "folded (layers.group_norm)": folded_form}
+         "folded (layers.group_norm)": folded_form, "fused kernel (onednn.group_norm)": kernel_form}
 
 
 def main():

@@ -108,14 +108,15 @@ def _model_loss_and_grads(conv_impl, vdm="mvdm", encoder="te"):
 
 
 def test_model_loss_and_gradients_match_xla():
-  """The whole VAE-VDM (encoder + score net, every conv on oneDNN, GroupNorms folded,
-  block outputs materialised, attention on the fused kernel): same loss and gradients
+  """The whole VAE-VDM (encoder + score net, every conv on oneDNN, GroupNorms and
+  attention on the fused kernels, block outputs materialised): same loss and gradients
   as with XLA's convolution, flax's GroupNorm and XLA's attention, and no XLA
   convolution left in the program."""
   (loss, g), hlo = _model_loss_and_grads("onednn")
   (loss_ref, g_ref), hlo_ref = _model_loss_and_grads("xla")
   assert "convolution" in hlo_ref and "convolution" not in hlo
   assert "vdmrep_conv_filter_grad" in hlo and "vdmrep_attention_backward" in hlo
+  assert "vdmrep_group_norm_backward" in hlo
   np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
   scale = max(float(jnp.max(jnp.abs(v))) for v in jax.tree.leaves(g_ref))
   for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):

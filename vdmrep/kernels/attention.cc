@@ -26,44 +26,17 @@
 #include <vector>
 
 #include "oneapi/dnnl/dnnl.h"
+#include "vec_math.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using vdmrep::ExpNonPositive;
 
 std::mutex& VdmrepKernelLock();  // onednn_conv.cc
 
 namespace {
 
 constexpr int64_t kTile = 64;  // query rows per tile: a [64, 784] f32 tile is 200 KB
-
-// exp(x) for x <= 0 (Cody-Waite reduction to |r| <= ln2/2, degree-6 Taylor polynomial
-// in Horner form): relative error <= 2.3e-7 over [-87, 0] against double-precision exp
-// (every 16th float checked; f32 round-off is 6e-8). Written so that GCC vectorises it inside the
-// `omp simd` loops below without -ffast-math: libm's expf, std::floor and std::max
-// each kept those loops scalar (10x slower). Adding 1.5 * 2^23 rounds x log2(e) to
-// the nearest integer n and leaves n in the low mantissa bits. Inputs below -87.3
-// give ~2^-126 instead of a denormal: a weight < 1.2e-38 beside a row maximum of 1.
-inline float ExpNonPositive(float x) {
-  x = x < -87.3f ? -87.3f : x;
-  const float shifter = 12582912.f;
-  const float kf = x * 1.44269504088896341f + shifter;
-  const float n = kf - shifter;
-  int32_t ki;
-  std::memcpy(&ki, &kf, sizeof(ki));
-  float r = x - n * 0.693145751953125f;  // ln2 = hi + lo; n * hi is exact
-  r -= n * 1.428606765330187e-06f;
-  float p = 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int32_t bits = (ki - 0x4B400000 + 127) << 23;  // 2^n
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return p * two_n;
-}
 
 // C[m, n] = alpha * op(A) op(B) + beta * C, row-major (oneDNN's sgemm convention);
 // a failure is recorded in `failed` (threads cannot return an error from the loop).

@@ -214,10 +214,12 @@ class GroupNorm(nn.Module):
   """nn.GroupNorm's parameters (scale, bias [C], float32), with the optional `shift`,
   `film` and `swish` of `group_norm`; checkpoints of either module load into the other.
 
-  fold=True computes it all with `group_norm` (fast on CPU, but it needs each ResNet
-  block's output held in memory: `onednn.materialize`, so the oneDNN path only);
-  fold=False runs nn.GroupNorm itself (whose reshaped reductions keep XLA from fusing
-  across blocks on its own) and the add, FiLM and swish as separate ops.
+  fold=True computes it all as `group_norm` does, for the oneDNN path only: in float32
+  through the fused kernel `onednn.group_norm` (one read of each example from memory,
+  forward and backward), otherwise with `group_norm` itself (which needs each ResNet
+  block's output held in memory: `onednn.materialize`). fold=False runs nn.GroupNorm
+  itself (whose reshaped reductions keep XLA from fusing across blocks on its own) and
+  the add, FiLM and swish as separate ops.
   """
   num_groups: int
   epsilon: float = 1e-6
@@ -229,6 +231,9 @@ class GroupNorm(nn.Module):
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    if self.fold and x.dtype == jnp.float32 and self.dtype in (None, jnp.float32):
+      return onednn.group_norm(x, scale, bias, self.num_groups, self.epsilon, shift=shift,
+                               film=film, swish=swish)
     if self.fold:
       return group_norm(x, scale, bias, self.num_groups, self.epsilon, shift=shift,
                         film=film, swish=swish, dtype=self.dtype)

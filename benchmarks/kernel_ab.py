@@ -1,10 +1,12 @@
-"""Whole train step with the fused attention kernel vs XLA's chunked attention, A/B.
+"""Whole train step with one fused CPU kernel vs the XLA form it replaced, A/B.
 
-  python benchmarks/attention_ab.py --vdm mvdm --encoder te --repeats 11
+  python benchmarks/kernel_ab.py --kernel attention --vdm mvdm --encoder te --repeats 11
+  python benchmarks/kernel_ab.py --kernel group_norm --vdm tvdm --encoder te
 
 Both programs use oneDNN convolutions (conv_impl='onednn'); the second is built with
-`onednn.attention` replaced by `layers.attention(q, k, v, 1)` (one example per chunk,
-what the attention blocks ran before the kernel) while it is traced. Steps alternate
+the kernel replaced while it is traced: `onednn.attention` by `layers.attention(q, k,
+v, 1)` (one example per chunk, what the attention blocks ran before the kernel), or
+`onednn.group_norm` by `layers.group_norm` (the folded norm in XLA). Steps alternate
 A, B, A, B, ... in one process: on this noisy VM a 10% difference survives that and is
 lost between processes. The first step's metrics of both are printed side by side (same
 parameters, batch and key: they must agree to float32 round-off).
@@ -22,23 +24,28 @@ import numpy as np
 from vdmrep.kernels import onednn
 from vdmrep.models import layers
 
+# kernel -> the XLA form it replaced (same signature).
+BASELINES = {"attention": ("xla chunked", lambda q, k, v: layers.attention(q, k, v, 1)),
+             "group_norm": ("xla folded", layers.group_norm)}
+
 
 def main():
   p = common.step_parser(__doc__)
+  p.add_argument("--kernel", choices=sorted(BASELINES), default="attention")
   p.add_argument("--repeats", type=int, default=9)
   args = p.parse_args()
   if onednn.unavailable_reason():
     p.error(f"the kernels cannot run here: {onednn.unavailable_reason()}")
-  kernel = onednn.attention
+  kernel = getattr(onednn, args.kernel)
+  baseline_name, baseline = BASELINES[args.kernel]
   built = {}
-  for name, attention in (("kernel", kernel),
-                          ("xla chunked", lambda q, k, v: layers.attention(q, k, v, 1))):
-    onednn.attention = attention  # read when the model is traced, i.e. inside build()
+  for name, fn in (("kernel", kernel), (baseline_name, baseline)):
+    setattr(onednn, args.kernel, fn)  # read when the model is traced, i.e. inside build()
     try:
       _, compiled, state, x, key = train_step.build(args.vdm, args.encoder, args.batch,
                                                     args.image, conv_impl="onednn")
     finally:
-      onednn.attention = kernel
+      setattr(onednn, args.kernel, kernel)
     built[name] = [compiled, state, x, key]
   print(f"hardware: {common.hardware()}; {common.load_note()}")
   times, first = {n: [] for n in built}, {}
@@ -56,8 +63,8 @@ def main():
   for name, ts in times.items():
     med, lo, hi = common.summary(ts)
     fmt = common.fmt_s
-    print(f"  attention {name}: {fmt(med)} s/step ({fmt(lo)}..{fmt(hi)})")
-  a, b = first["kernel"], first["xla chunked"]
+    print(f"  {args.kernel} {name}: {fmt(med)} s/step ({fmt(lo)}..{fmt(hi)})")
+  a, b = first["kernel"], first[baseline_name]
   for k in ("loss_bpd", "diffusion_bpd", "kl_nats", "grad_norm"):
     if k in a and k in b:
       print(f"  first step {k}: {a[k]:.7g} vs {b[k]:.7g}")
