@@ -2,11 +2,14 @@
 
   python benchmarks/kernel_ab.py --kernel attention --vdm mvdm --encoder te --repeats 11
   python benchmarks/kernel_ab.py --kernel group_norm --vdm tvdm --encoder te
+  python benchmarks/kernel_ab.py --kernel parts --vdm tvdm --encoder te
 
 Both programs use oneDNN convolutions (conv_impl='onednn'); the second is built with
 the kernel replaced while it is traced: `onednn.attention` by `layers.attention(q, k,
 v, 1)` (one example per chunk, what the attention blocks ran before the kernel), or
-`onednn.group_norm` by `layers.group_norm` (the folded norm in XLA). Steps alternate
+`onednn.group_norm` by `layers.group_norm` (the folded norm in XLA); with `parts`,
+the up blocks normalise and project a concatenated [h, skip] instead of the two parts.
+Steps alternate
 A, B, A, B, ... in one process: on this noisy VM a 10% difference survives that and is
 lost between processes. The first step's metrics of both are printed side by side (same
 parameters, batch and key: they must agree to float32 round-off).
@@ -18,15 +21,43 @@ import time
 import common
 import train_step
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vdmrep.kernels import onednn
 from vdmrep.models import layers
 
-# kernel -> the XLA form it replaced (same signature).
-BASELINES = {"attention": ("xla chunked", lambda q, k, v: layers.attention(q, k, v, 1)),
-             "group_norm": ("xla folded", layers.group_norm)}
+def _joined(x):
+  """A tuple of channel parts as one tensor (the U-Net's [h, skip] concatenation)."""
+  return jnp.concatenate(x, axis=-1) if isinstance(x, (tuple, list)) else x
+
+
+class _DenseOnConcatenation(layers.PartsDense):
+  """PartsDense (same parameters) as the nn.Dense on the concatenation it replaced."""
+
+  @nn.compact
+  def __call__(self, parts):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (sum(p.shape[-1] for p in parts), self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return nn.Dense(self.features, dtype=self.dtype).apply(
+        {"params": {"kernel": kernel, "bias": bias}}, _joined(parts))
+
+
+# --kernel -> (the baseline's name, {(owner, attribute): the form it replaced}).
+BASELINES = {
+    "attention": ("xla chunked",
+                  {(onednn, "attention"): lambda q, k, v: layers.attention(q, k, v, 1)}),
+    "group_norm": ("xla folded", {(onednn, "group_norm"):
+                                  lambda x, *a, **k: layers.group_norm(_joined(x), *a, **k)}),
+    # The up blocks' [h, skip] as parts (norm kernel and 1x1 shortcut read them) vs one
+    # concatenated tensor (XLA merges the two identical concatenations into one).
+    "parts": ("concatenated", {
+        (onednn, "group_norm"): lambda x, *a, _f=onednn.group_norm, **k: _f(_joined(x), *a, **k),
+        (layers, "PartsDense"): _DenseOnConcatenation}),
+}
 
 
 def main():
@@ -36,16 +67,19 @@ def main():
   args = p.parse_args()
   if onednn.unavailable_reason():
     p.error(f"the kernels cannot run here: {onednn.unavailable_reason()}")
-  kernel = getattr(onednn, args.kernel)
-  baseline_name, baseline = BASELINES[args.kernel]
+  baseline_name, patches = BASELINES[args.kernel]
   built = {}
-  for name, fn in (("kernel", kernel), (baseline_name, baseline)):
-    setattr(onednn, args.kernel, fn)  # read when the model is traced, i.e. inside build()
+  for name in ("kernel", baseline_name):
+    saved = {key: getattr(*key) for key in patches}
+    if name != "kernel":
+      for (owner, attr), fn in patches.items():  # read when the model is traced (build())
+        setattr(owner, attr, fn)
     try:
       _, compiled, state, x, key = train_step.build(args.vdm, args.encoder, args.batch,
                                                     args.image, conv_impl="onednn")
     finally:
-      setattr(onednn, args.kernel, kernel)
+      for (owner, attr), fn in saved.items():
+        setattr(owner, attr, fn)
     built[name] = [compiled, state, x, key]
   print(f"hardware: {common.hardware()}; {common.load_note()}")
   times, first = {n: [] for n in built}, {}

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import flax.linen as nn
+
 from vdmrep import config_lib
 from vdmrep.kernels import onednn
 from vdmrep.models import build_model, layers
@@ -72,6 +74,70 @@ def test_matches_layers_group_norm(shape, groups, use_shift, use_film, swish):
     assert float(jnp.max(jnp.abs(grads[3]))) > 0.1
 
 
+@pytest.mark.parametrize("split,groups", [((16, 16), 8), ((6, 6), 3), ((5, 3), 2)])
+def test_two_parts_match_their_concatenation(split, groups):
+  """x given as (x1, x2) is normalised as concatenate([x1, x2], -1) (groups may straddle
+  the boundary), and each part gets its slice of the gradient."""
+  shape = (2, 4, 5, sum(split))
+  a = _inputs(shape, seed=3)
+  x1, x2 = a["x"][..., :split[0]], 3.0 * a["x"][..., split[0]:] - 1.0
+  args = (x1, x2, a["scale"], a["bias"], a["shift"], a["fs"], a["fb"])
+  def loss(joined):
+    def f(x1, x2, scale, bias, shift, fs, fb):
+      x = jnp.concatenate([x1, x2], -1) if joined else (x1, x2)
+      fn = layers.group_norm if joined else onednn.group_norm
+      return jnp.sum(fn(x, scale, bias, groups, shift=shift, film=(fs, fb), swish=True)
+                     * a["probe"])
+    return jax.jit(jax.value_and_grad(f, argnums=range(7)))
+  (v, grads), (v_ref, grads_ref) = loss(False)(*args), loss(True)(*args)
+  np.testing.assert_allclose(v, v_ref, rtol=1e-5)
+  for i, (g, r) in enumerate(zip(grads, grads_ref)):
+    assert g.shape == r.shape
+    np.testing.assert_allclose(g, r, rtol=0, atol=2e-5 * max(float(jnp.max(jnp.abs(r))), 0.1),
+                               err_msg=f"argument {i}")
+
+
+def test_resnet_block_on_parts_equals_block_on_concatenation():
+  """The U-Net's up block given (h, skip): same parameters (tree, values at init) and
+  the same output and gradients as given their concatenation, with no concatenation
+  in its program (the norm kernel and the 1x1 shortcut read the parts)."""
+  k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
+  h, skip = jax.random.normal(k1, (2, 6, 6, 16)), jax.random.normal(k2, (2, 6, 6, 16))
+  cond = jax.random.normal(k3, (2, 8))
+  block = layers.ResnetBlock(out_ch=16, conv_impl="onednn")
+  params = block.init(jax.random.key(0), (h, skip), cond)
+  params_joined = block.init(jax.random.key(0), jnp.concatenate([h, skip], -1), cond)
+  assert jax.tree.structure(params) == jax.tree.structure(params_joined)
+  for u, v in zip(jax.tree.leaves(params), jax.tree.leaves(params_joined)):
+    np.testing.assert_array_equal(u, v)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(5), p.shape),
+                        params)  # non-zero cond_proj and conv2, unlike at init
+  probe = jax.random.normal(jax.random.key(6), h.shape)
+  f = lambda p, h, s: jnp.sum(block.apply(p, (h, s), cond) * probe)
+  f_joined = lambda p, h, s: jnp.sum(block.apply(p, jnp.concatenate([h, s], -1), cond) * probe)
+  step = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+  (v, g), (v_ref, g_ref) = step(params, h, skip), jax.value_and_grad(
+      f_joined, argnums=(0, 1, 2))(params, h, skip)
+  np.testing.assert_allclose(v, v_ref, rtol=1e-5)
+  scale = max(float(jnp.max(jnp.abs(t))) for t in jax.tree.leaves(g_ref))
+  for u, r in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(u, r, rtol=0, atol=2e-5 * scale)
+  hlo = step.lower(params, h, skip).as_text()
+  assert "vdmrep_group_norm_parts_backward" in hlo and "concatenate" not in hlo
+
+
+def test_parts_dense_is_dense_on_the_concatenation():
+  parts = (jax.random.normal(jax.random.key(0), (3, 5)),
+           jax.random.normal(jax.random.key(1), (3, 7)))
+  joined = jnp.concatenate(parts, -1)
+  p = layers.PartsDense(4).init(jax.random.key(2), parts)
+  p_dense = nn.Dense(4).init(jax.random.key(2), joined)
+  for u, v in zip(jax.tree.leaves(p), jax.tree.leaves(p_dense)):
+    np.testing.assert_array_equal(u, v)
+  np.testing.assert_allclose(layers.PartsDense(4).apply(p, parts),
+                             nn.Dense(4).apply(p_dense, joined), rtol=1e-6, atol=1e-6)
+
+
 def test_statistics_are_accurate_where_one_pass_variance_is_not():
   """x = 100 + 0.01 noise: E[x^2] - E[x]^2 in float32 loses every digit of the variance
   (1e-4 against 1e4); the kernel's two-pass double statistics match a float64 GroupNorm."""
@@ -108,6 +174,8 @@ def test_rejects_bad_inputs():
     onednn.group_norm(x.astype(jnp.bfloat16), jnp.ones(8), jnp.zeros(8), 2)
   with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
     onednn.group_norm(jnp.ones((4, 8)), jnp.ones(8), jnp.zeros(8), 2)
+  with pytest.raises(ValueError, match="differ only in C"):
+    onednn.group_norm((x, jnp.ones((2, 4, 5, 8))), jnp.ones(16), jnp.zeros(16), 2)
 
 
 def _hlo(conv_impl):
@@ -122,9 +190,11 @@ def _hlo(conv_impl):
 
 def test_model_norms_use_the_kernel():
   """With conv_impl='onednn' every GroupNorm of both networks is a kernel call, forward
-  and backward (ResNet blocks' two, the attention blocks' and the output norms); with
-  'xla' none is."""
+  and backward (ResNet blocks' two, the attention blocks' and the output norms; the
+  score net's 5 up blocks read [h, skip] as parts); with 'xla' none is."""
   hlo, hlo_xla = _hlo("onednn"), _hlo("xla")
   fwd, bwd = hlo.count("vdmrep_group_norm_forward"), hlo.count("vdmrep_group_norm_backward")
   assert fwd >= 20 and bwd == fwd
+  assert hlo.count("vdmrep_group_norm_parts_forward") == 5  # MVDM: n_blocks + 1 up blocks
+  assert hlo.count("vdmrep_group_norm_parts_backward") == 5
   assert "vdmrep_group_norm" not in hlo_xla

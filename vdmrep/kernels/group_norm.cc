@@ -207,22 +207,68 @@ void ByChannels(int64_t c, F&& f) {
   }
 }
 
-// x, y: [B, H, W, C]; scale, bias: [C]; shift, fs, fb, mu, rstd: [B, C].
-ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
-                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> shift,
-                       ffi::Buffer<ffi::F32> fs, ffi::Buffer<ffi::F32> fb,
-                       ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mu,
-                       ffi::ResultBuffer<ffi::F32> rstd, int64_t groups, float eps,
-                       int64_t swish) {
-  Shape s;
-  ffi::Error bad = CheckShapes(x.dimensions(), scale.dimensions(), shift.dimensions(),
-                               groups, &s);
-  if (!bad.success()) return bad;
-  if (!Same(bias.dimensions(), scale.dimensions()) || !Same(fs.dimensions(), shift.dimensions())
-      || !Same(fb.dimensions(), shift.dimensions()))
+// The normalised input as one tensor or as the channel concatenation of two (the U-Net
+// up blocks' [h, skip]: normalising the parts saves writing the concatenation, and the
+// 1x1 shortcut reads the parts too). Example e of two parts is gathered into a
+// per-thread [n, C] buffer (in L2); gradients are scattered back the same way.
+struct Input {
+  const float* a;
+  int64_t ca;
+  const float* b;  // null: one tensor
+  int64_t cb;
+
+  const float* Example(int64_t e, int64_t n, float* buf) const {
+    if (!b) return a + e * n * ca;
+    const float *pa = a + e * n * ca, *pb = b + e * n * cb;
+    for (int64_t i = 0; i < n; ++i) {
+      std::copy(pa + i * ca, pa + (i + 1) * ca, buf + i * (ca + cb));
+      std::copy(pb + i * cb, pb + (i + 1) * cb, buf + i * (ca + cb) + ca);
+    }
+    return buf;
+  }
+};
+
+void ScatterExample(const float* g, int64_t e, int64_t n, float* da, int64_t ca, float* db,
+                    int64_t cb) {
+  float *pa = da + e * n * ca, *pb = db + e * n * cb;
+  for (int64_t i = 0; i < n; ++i) {
+    std::copy(g + i * (ca + cb), g + i * (ca + cb) + ca, pa + i * ca);
+    std::copy(g + i * (ca + cb) + ca, g + (i + 1) * (ca + cb), pb + i * cb);
+  }
+}
+
+ffi::Error CheckParams(ffi::Span<const int64_t> scale,
+                       ffi::Span<const int64_t> bias, ffi::Span<const int64_t> per_example,
+                       ffi::Span<const int64_t> fs, ffi::Span<const int64_t> fb) {
+  if (!Same(bias, scale) || !Same(fs, per_example) || !Same(fb, per_example))
     return ffi::Error::InvalidArgument("vdmrep group_norm: bias/film shapes");
+  return ffi::Error::Success();
+}
+
+// Shape of the concatenation of x1 [B, H, W, C1] and x2 [B, H, W, C2] (x2 absent: x1's).
+std::vector<int64_t> Joined(ffi::Span<const int64_t> x1, const ffi::Span<const int64_t>* x2) {
+  std::vector<int64_t> d(x1.begin(), x1.end());
+  if (x2 && d.size() == 4 && x2->size() == 4 && std::equal(d.begin(), d.end() - 1, x2->begin()))
+    d[3] += (*x2)[3];
+  else if (x2)
+    d.clear();  // mismatched parts: CheckShapes rejects the empty shape
+  return d;
+}
+
+// y: [B, H, W, C]; scale, bias: [C]; shift, fs, fb, mu, rstd: [B, C].
+ffi::Error Forward(const Input& x, ffi::Span<const int64_t> x_dims, ffi::Buffer<ffi::F32> scale,
+                   ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> shift,
+                   ffi::Buffer<ffi::F32> fs, ffi::Buffer<ffi::F32> fb,
+                   ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mu,
+                   ffi::ResultBuffer<ffi::F32> rstd, int64_t groups, float eps, int64_t swish) {
+  Shape s;
+  ffi::Error bad = CheckShapes(x_dims, scale.dimensions(), shift.dimensions(), groups, &s);
+  if (bad.success())
+    bad = CheckParams(scale.dimensions(), bias.dimensions(), shift.dimensions(),
+                      fs.dimensions(), fb.dimensions());
+  if (!bad.success()) return bad;
   const int64_t n = s.n, c = s.c;
-  const float *xp = x.typed_data(), *sc = scale.typed_data(), *bi = bias.typed_data();
+  const float *sc = scale.typed_data(), *bi = bias.typed_data();
   const float *shp = shift.typed_data(), *fsp = fs.typed_data(), *fbp = fb.typed_data();
   float *yp = y->typed_data(), *mup = mu->typed_data(), *rp = rstd->typed_data();
   std::lock_guard<std::mutex> lock(VdmrepKernelLock());  // see onednn_conv.cc
@@ -230,11 +276,11 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
 #pragma omp parallel
     {
       std::vector<double> sum(c), sq(c);
-      std::vector<float> gain(c), off(c);
+      std::vector<float> gain(c), off(c), joined(x.b ? n * c : 0);
 #pragma omp for schedule(static)
       for (int64_t e = 0; e < s.b; ++e)
         ForwardExample<decltype(k)::value>(
-            s, xp + e * n * c, sc, bi, shp + e * c, fsp + e * c, fbp + e * c,
+            s, x.Example(e, n, joined.data()), sc, bi, shp + e * c, fsp + e * c, fbp + e * c,
             yp + e * n * c, mup + e * c, rp + e * c, eps, swish != 0, sum.data(), sq.data(),
             gain.data(), off.data());
     }
@@ -242,8 +288,76 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
   return ffi::Error::Success();
 }
 
-// x, dy, dx: [B, H, W, C]; mu, rstd (the forward's), fs, fb: [B, C]; scale, bias: [C]
-// -> dx, A, Bh, dshift ([B, C] each; see the header).
+// dy: [B, H, W, C]; mu, rstd (the forward's), fs, fb: [B, C]; scale, bias: [C]
+// -> dx (one tensor, or two parts: da, db), A, Bh, dshift ([B, C] each; see the header).
+ffi::Error Backward(const Input& x, ffi::Span<const int64_t> x_dims, ffi::Buffer<ffi::F32> dy,
+                    ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> rstd,
+                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                    ffi::Buffer<ffi::F32> fs, ffi::Buffer<ffi::F32> fb, float* da, float* db,
+                    ffi::ResultBuffer<ffi::F32> a_out, ffi::ResultBuffer<ffi::F32> bh_out,
+                    ffi::ResultBuffer<ffi::F32> dshift, int64_t groups, int64_t swish) {
+  Shape s;
+  ffi::Error bad = CheckShapes(x_dims, scale.dimensions(), mu.dimensions(), groups, &s);
+  if (bad.success())
+    bad = CheckParams(scale.dimensions(), bias.dimensions(), mu.dimensions(),
+                      fs.dimensions(), fb.dimensions());
+  if (!bad.success()) return bad;
+  if (!Same(dy.dimensions(), x_dims) || !Same(rstd.dimensions(), mu.dimensions()))
+    return ffi::Error::InvalidArgument("vdmrep group_norm: dy/rstd shapes");
+  const int64_t n = s.n, c = s.c;
+  const float *dyp = dy.typed_data(), *mup = mu.typed_data();
+  const float *rp = rstd.typed_data(), *sc = scale.typed_data(), *bi = bias.typed_data();
+  const float *fsp = fs.typed_data(), *fbp = fb.typed_data();
+  float *ap = a_out->typed_data(), *bhp = bh_out->typed_data();
+  float* dsp = dshift->typed_data();
+  std::lock_guard<std::mutex> lock(VdmrepKernelLock());
+  ByChannels(c, [&](auto k) {
+#pragma omp parallel
+    {
+      std::vector<float> dz(swish ? n * c : 0), coef(5 * c);
+      std::vector<float> joined(x.b ? n * c : 0), djoined(x.b ? n * c : 0);
+      std::vector<double> acc(3 * c);
+      float* cf = coef.data();
+      double* ac = acc.data();
+#pragma omp for schedule(static)
+      for (int64_t e = 0; e < s.b; ++e) {
+        float* dxe = x.b ? djoined.data() : da + e * n * c;
+        BackwardExample<decltype(k)::value>(
+            s, x.Example(e, n, joined.data()), dyp + e * n * c, mup + e * c, rp + e * c, sc,
+            bi, fsp + e * c, fbp + e * c, dxe, ap + e * c, bhp + e * c, dsp + e * c,
+            swish != 0, dz.data(), cf, cf + c, cf + 2 * c, cf + 3 * c, cf + 4 * c, ac, ac + c,
+            ac + 2 * c);
+        if (x.b) ScatterExample(dxe, e, n, da, x.ca, db, x.cb);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> scale,
+                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> shift,
+                       ffi::Buffer<ffi::F32> fs, ffi::Buffer<ffi::F32> fb,
+                       ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> mu,
+                       ffi::ResultBuffer<ffi::F32> rstd, int64_t groups, float eps,
+                       int64_t swish) {
+  auto d = x.dimensions();
+  Input in{x.typed_data(), d.size() == 4 ? d[3] : 0, nullptr, 0};
+  return Forward(in, d, scale, bias, shift, fs, fb, y, mu, rstd, groups, eps, swish);
+}
+
+ffi::Error ForwardPartsImpl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> x2,
+                            ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+                            ffi::Buffer<ffi::F32> shift, ffi::Buffer<ffi::F32> fs,
+                            ffi::Buffer<ffi::F32> fb, ffi::ResultBuffer<ffi::F32> y,
+                            ffi::ResultBuffer<ffi::F32> mu, ffi::ResultBuffer<ffi::F32> rstd,
+                            int64_t groups, float eps, int64_t swish) {
+  auto d2 = x2.dimensions();
+  std::vector<int64_t> d = Joined(x1.dimensions(), &d2);
+  if (d.empty()) return ffi::Error::InvalidArgument("vdmrep group_norm: parts' shapes differ");
+  Input in{x1.typed_data(), x1.dimensions()[3], x2.typed_data(), d2[3]};
+  return Forward(in, d, scale, bias, shift, fs, fb, y, mu, rstd, groups, eps, swish);
+}
+
 ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                         ffi::Buffer<ffi::F32> mu, ffi::Buffer<ffi::F32> rstd,
                         ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
@@ -251,69 +365,85 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                         ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> a_out,
                         ffi::ResultBuffer<ffi::F32> bh_out,
                         ffi::ResultBuffer<ffi::F32> dshift, int64_t groups, int64_t swish) {
-  Shape s;
-  ffi::Error bad = CheckShapes(x.dimensions(), scale.dimensions(), mu.dimensions(), groups,
-                               &s);
-  if (!bad.success()) return bad;
-  if (!Same(dy.dimensions(), x.dimensions()) || !Same(bias.dimensions(), scale.dimensions())
-      || !Same(rstd.dimensions(), mu.dimensions()) || !Same(fs.dimensions(), mu.dimensions())
-      || !Same(fb.dimensions(), mu.dimensions()))
-    return ffi::Error::InvalidArgument("vdmrep group_norm: dy/bias/rstd/film shapes");
-  const int64_t n = s.n, c = s.c;
-  const float *xp = x.typed_data(), *dyp = dy.typed_data(), *mup = mu.typed_data();
-  const float *rp = rstd.typed_data(), *sc = scale.typed_data(), *bi = bias.typed_data();
-  const float *fsp = fs.typed_data(), *fbp = fb.typed_data();
-  float *dxp = dx->typed_data(), *ap = a_out->typed_data(), *bhp = bh_out->typed_data();
-  float* dsp = dshift->typed_data();
-  std::lock_guard<std::mutex> lock(VdmrepKernelLock());
-  ByChannels(c, [&](auto k) {
-#pragma omp parallel
-    {
-      std::vector<float> dz(swish ? n * c : 0), coef(5 * c);
-      std::vector<double> acc(3 * c);
-      float* cf = coef.data();
-      double* ac = acc.data();
-#pragma omp for schedule(static)
-      for (int64_t e = 0; e < s.b; ++e)
-        BackwardExample<decltype(k)::value>(
-            s, xp + e * n * c, dyp + e * n * c, mup + e * c, rp + e * c, sc, bi, fsp + e * c,
-            fbp + e * c, dxp + e * n * c, ap + e * c, bhp + e * c, dsp + e * c, swish != 0,
-            dz.data(), cf, cf + c, cf + 2 * c, cf + 3 * c, cf + 4 * c, ac, ac + c, ac + 2 * c);
-    }
-  });
-  return ffi::Error::Success();
+  auto d = x.dimensions();
+  Input in{x.typed_data(), d.size() == 4 ? d[3] : 0, nullptr, 0};
+  return Backward(in, d, dy, mu, rstd, scale, bias, fs, fb, dx->typed_data(), nullptr, a_out,
+                  bh_out, dshift, groups, swish);
+}
+
+ffi::Error BackwardPartsImpl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> x2,
+                             ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> mu,
+                             ffi::Buffer<ffi::F32> rstd, ffi::Buffer<ffi::F32> scale,
+                             ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> fs,
+                             ffi::Buffer<ffi::F32> fb, ffi::ResultBuffer<ffi::F32> dx1,
+                             ffi::ResultBuffer<ffi::F32> dx2, ffi::ResultBuffer<ffi::F32> a_out,
+                             ffi::ResultBuffer<ffi::F32> bh_out,
+                             ffi::ResultBuffer<ffi::F32> dshift, int64_t groups,
+                             int64_t swish) {
+  auto d2 = x2.dimensions();
+  std::vector<int64_t> d = Joined(x1.dimensions(), &d2);
+  if (d.empty()) return ffi::Error::InvalidArgument("vdmrep group_norm: parts' shapes differ");
+  Input in{x1.typed_data(), x1.dimensions()[3], x2.typed_data(), d2[3]};
+  return Backward(in, d, dy, mu, rstd, scale, bias, fs, fb, dx1->typed_data(),
+                  dx2->typed_data(), a_out, bh_out, dshift, groups, swish);
 }
 
 }  // namespace
 
+#define VDMREP_GN_PARAMS                                                               \
+  .Arg<ffi::Buffer<ffi::F32>>()      /* scale */                                       \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* bias */                                        \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* shift */                                       \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* film scale */                                  \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* film bias */
+
+#define VDMREP_GN_FORWARD_RETS                                                         \
+  .Ret<ffi::Buffer<ffi::F32>>()      /* y */                                           \
+      .Ret<ffi::Buffer<ffi::F32>>()  /* mu */                                          \
+      .Ret<ffi::Buffer<ffi::F32>>()  /* rstd */                                        \
+      .Attr<int64_t>("groups")                                                         \
+      .Attr<float>("eps")                                                              \
+      .Attr<int64_t>("swish")
+
+#define VDMREP_GN_BACKWARD_ARGS                                                        \
+  .Arg<ffi::Buffer<ffi::F32>>()      /* dy */                                          \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* mu */                                          \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* rstd */                                        \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* scale */                                       \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* bias */                                        \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* film scale */                                  \
+      .Arg<ffi::Buffer<ffi::F32>>()  /* film bias */
+
+#define VDMREP_GN_BACKWARD_RETS                                                        \
+  .Ret<ffi::Buffer<ffi::F32>>()      /* A */                                           \
+      .Ret<ffi::Buffer<ffi::F32>>()  /* Bh */                                          \
+      .Ret<ffi::Buffer<ffi::F32>>()  /* dshift */                                      \
+      .Attr<int64_t>("groups")                                                         \
+      .Attr<int64_t>("swish")
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VdmrepGroupNormForward, ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // film scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // film bias
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // mu
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // rstd
-                                  .Attr<int64_t>("groups")
-                                  .Attr<float>("eps")
-                                  .Attr<int64_t>("swish"));
+                                  VDMREP_GN_PARAMS VDMREP_GN_FORWARD_RETS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VdmrepGroupNormPartsForward, ForwardPartsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x1
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x2
+                                  VDMREP_GN_PARAMS VDMREP_GN_FORWARD_RETS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VdmrepGroupNormBackward, BackwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // mu
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // rstd
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bias
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // film scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // film bias
+                                  VDMREP_GN_BACKWARD_ARGS
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // A
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // Bh
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dshift
-                                  .Attr<int64_t>("groups")
-                                  .Attr<int64_t>("swish"));
+                                  VDMREP_GN_BACKWARD_RETS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VdmrepGroupNormPartsBackward, BackwardPartsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x1
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x2
+                                  VDMREP_GN_BACKWARD_ARGS
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx1
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx2
+                                  VDMREP_GN_BACKWARD_RETS);

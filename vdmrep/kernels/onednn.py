@@ -56,7 +56,9 @@ _TARGETS = {"vdmrep_conv_forward": "VdmrepConvForward",
             "vdmrep_attention_forward": "VdmrepAttentionForward",
             "vdmrep_attention_backward": "VdmrepAttentionBackward",
             "vdmrep_group_norm_forward": "VdmrepGroupNormForward",
-            "vdmrep_group_norm_backward": "VdmrepGroupNormBackward"}
+            "vdmrep_group_norm_backward": "VdmrepGroupNormBackward",
+            "vdmrep_group_norm_parts_forward": "VdmrepGroupNormPartsForward",
+            "vdmrep_group_norm_parts_backward": "VdmrepGroupNormPartsBackward"}
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -283,36 +285,39 @@ def attention(q, k, v):
   return _attention(q, k, v)
 
 
-def _gn_call(name, outs, *args, **attrs):
-  return jax.ffi.ffi_call(f"vdmrep_group_norm_{name}", outs, vmap_method="sequential")(
-      *args, **attrs)
+def _gn_call(name, parts, outs, *args, **attrs):
+  kind = "parts_" if len(parts) == 2 else ""
+  return jax.ffi.ffi_call(f"vdmrep_group_norm_{kind}{name}", outs, vmap_method="sequential")(
+      *parts, *args, **attrs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-def _group_norm(x, scale, bias, shift, fs, fb, groups, eps, swish):
-  return _group_norm_fwd(x, scale, bias, shift, fs, fb, groups, eps, swish)[0]
+def _group_norm(xs, scale, bias, shift, fs, fb, groups, eps, swish):
+  return _group_norm_fwd(xs, scale, bias, shift, fs, fb, groups, eps, swish)[0]
 
 
-def _group_norm_fwd(x, scale, bias, shift, fs, fb, groups, eps, swish):
+def _group_norm_fwd(xs, scale, bias, shift, fs, fb, groups, eps, swish):
+  b, h, w, _ = xs[0].shape
   per_channel = jax.ShapeDtypeStruct(shift.shape, jnp.float32)
-  y, mu, rstd = _gn_call("forward", (jax.ShapeDtypeStruct(x.shape, jnp.float32),
-                                     per_channel, per_channel),
-                         x, scale, bias, shift, fs, fb, groups=np.int64(groups),
+  y, mu, rstd = _gn_call("forward", xs, (jax.ShapeDtypeStruct((b, h, w, scale.shape[0]),
+                                                              jnp.float32),
+                                         per_channel, per_channel),
+                         scale, bias, shift, fs, fb, groups=np.int64(groups),
                          eps=np.float32(eps), swish=np.int64(swish))
-  return y, (x, mu, rstd, scale, bias, fs, fb)
+  return y, (xs, mu, rstd, scale, bias, fs, fb)
 
 
 def _group_norm_bwd(groups, eps, swish, res, dy):
-  x, mu, rstd, scale, bias, fs, fb = res
+  xs, mu, rstd, scale, bias, fs, fb = res
   per_channel = jax.ShapeDtypeStruct(mu.shape, jnp.float32)
-  dx, a, bh, dshift = _gn_call(
-      "backward", (jax.ShapeDtypeStruct(x.shape, jnp.float32),) + (per_channel,) * 3,
-      x, dy.astype(jnp.float32), mu, rstd, scale, bias, fs, fb, groups=np.int64(groups),
-      swish=np.int64(swish))
+  outs = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in xs) + (per_channel,) * 3
+  *dxs, a, bh, dshift = _gn_call("backward", xs, outs, dy.astype(jnp.float32), mu, rstd,
+                                 scale, bias, fs, fb, groups=np.int64(groups),
+                                 swish=np.int64(swish))
   # a = sum over positions of dL/dz, bh = the same weighted by the normalised input
   # (each [B, C]); z = (xhat scale + bias)(1 + fs) + fb gives the rest.
   film = 1.0 + fs
-  return (dx, jnp.sum(film * bh, axis=0), jnp.sum(film * a, axis=0), dshift,
+  return (tuple(dxs), jnp.sum(film * bh, axis=0), jnp.sum(film * a, axis=0), dshift,
           scale * bh + bias * a, a)
 
 
@@ -323,23 +328,28 @@ def group_norm(x, scale, bias, groups: int, eps: float = 1e-6, *, shift=None, fi
                swish: bool = False):
   """`vdmrep.models.layers.group_norm` (float32) as one fused kernel per direction.
 
-  x f32 [B, H, W, C]; scale, bias [C]; shift [B, C] added to x before normalising;
-  film = (s, b), each [B, C]: y * (1 + s) + b; swish last. Returns f32 [B, H, W, C].
+  x f32 [B, H, W, C], or a pair (x1 [B, H, W, C1], x2 [B, H, W, C2]) normalised as
+  their concatenation on channels (C = C1 + C2) without writing it; scale, bias [C];
+  shift [B, C] added to x before normalising; film = (s, b), each [B, C]:
+  y * (1 + s) + b; swish last. Returns f32 [B, H, W, C].
   Same mathematics (tests/test_onednn_group_norm.py: values and gradients for every
   argument against layers.group_norm to f32 round-off); statistics are two-pass in
   double. Differentiable (custom_vjp); `jax.vmap` maps it one call per element.
   Raises OSError where the kernels cannot be built.
   """
-  if x.ndim != 4:
-    raise ValueError(f"group_norm: x must be [B, H, W, C], got {x.shape}")
-  b, c = x.shape[0], x.shape[-1]
+  xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+  if len(xs) not in (1, 2) or any(p.ndim != 4 for p in xs) or (
+      len(xs) == 2 and xs[0].shape[:3] != xs[1].shape[:3]):
+    raise ValueError("group_norm: x must be [B, H, W, C] or two such parts that differ "
+                     f"only in C, got {[p.shape for p in xs]}")
+  b, c = xs[0].shape[0], sum(p.shape[-1] for p in xs)
   if groups < 1 or c % groups:
     raise ValueError(f"group_norm: {c} channels do not split into {groups} groups")
-  if x.dtype != jnp.float32:
-    raise ValueError(f"group_norm: the kernel is float32 only, got {x.dtype}")
+  if any(p.dtype != jnp.float32 for p in xs):
+    raise ValueError(f"group_norm: the kernel is float32 only, got {[p.dtype for p in xs]}")
   f32 = lambda t, shape: (jnp.zeros(shape, jnp.float32) if t is None
                           else jnp.broadcast_to(jnp.asarray(t, jnp.float32), shape))
   fs, fb = (None, None) if film is None else film
   _load()
-  return _group_norm(x, f32(scale, (c,)), f32(bias, (c,)), f32(shift, (b, c)),
+  return _group_norm(xs, f32(scale, (c,)), f32(bias, (c,)), f32(shift, (b, c)),
                      f32(fs, (b, c)), f32(fb, (b, c)), int(groups), float(eps), bool(swish))

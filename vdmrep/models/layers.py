@@ -7,6 +7,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from vdmrep.kernels import onednn
 
@@ -226,14 +227,21 @@ class GroupNorm(nn.Module):
   dtype: Optional[jnp.dtype] = None
   fold: bool = False
 
+  def uses_kernel(self, dtype) -> bool:
+    """Whether an input of `dtype` goes to the fused kernel (which also takes parts)."""
+    return self.fold and dtype == jnp.float32 and self.dtype in (None, jnp.float32)
+
   @nn.compact
   def __call__(self, x, *, shift=None, film=None, swish: bool = False):
-    c = x.shape[-1]
+    """x [B, H, W, C], or a tuple of parts normalised as their channel concatenation."""
+    parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    c = sum(p.shape[-1] for p in parts)
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    if self.fold and x.dtype == jnp.float32 and self.dtype in (None, jnp.float32):
-      return onednn.group_norm(x, scale, bias, self.num_groups, self.epsilon, shift=shift,
-                               film=film, swish=swish)
+    if self.uses_kernel(parts[0].dtype):
+      return onednn.group_norm(parts, scale, bias, self.num_groups, self.epsilon,
+                               shift=shift, film=film, swish=swish)
+    x = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
     if self.fold:
       return group_norm(x, scale, bias, self.num_groups, self.epsilon, shift=shift,
                         film=film, swish=swish, dtype=self.dtype)
@@ -244,6 +252,27 @@ class GroupNorm(nn.Module):
     if film is not None:
       y = y * (1.0 + film[0][:, None, None, :]) + film[1][:, None, None, :]
     return nn.swish(y) if swish else y
+
+
+class PartsDense(nn.Module):
+  """nn.Dense (same parameters, initialisation and checkpoints) over the channel
+  concatenation of a tuple of parts: sum_i part_i @ kernel[rows of part i] + bias."""
+  features: int
+  dtype: Optional[jnp.dtype] = None
+
+  @nn.compact
+  def __call__(self, parts):
+    c = sum(p.shape[-1] for p in parts)
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (c, self.features),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    dtype = self.dtype or jnp.result_type(*parts, jnp.float32)  # as nn.Dense promotes
+    y, start = 0.0, 0
+    for p in parts:
+      k = kernel[start:start + p.shape[-1]].astype(dtype)
+      y = y + lax.dot_general(p.astype(dtype), k, (((p.ndim - 1,), (0,)), ((), ())))
+      start += p.shape[-1]
+    return y + bias.astype(dtype)
 
 
 class ResnetBlock(nn.Module):
@@ -264,13 +293,20 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, cond=None, film=None, deterministic: bool = True):
-    c_in = x.shape[-1]
+    """x [B, H, W, C], or a tuple of parts taken as their channel concatenation (the
+    U-Net's [h, skip]; where the norm runs on the fused kernel the concatenation is
+    never written: the norm and the 1x1 shortcut read the parts)."""
+    parts = tuple(x) if isinstance(x, (tuple, list)) else (x,)
+    c_in = sum(p.shape[-1] for p in parts)
     out_ch = self.out_ch or c_in
     g_in = self.groups or num_groups(c_in)
     g_out = self.groups or num_groups(out_ch)
     fold = self.conv_impl == "onednn"
     norm = functools.partial(GroupNorm, epsilon=self.norm_eps, dtype=self.dtype, fold=fold)
-    h = norm(g_in, name="norm1")(x, swish=True)
+    norm1 = norm(g_in, name="norm1")
+    if len(parts) > 1 and (c_in == out_ch or not norm1.uses_kernel(parts[0].dtype)):
+      parts = (jnp.concatenate(parts, axis=-1),)
+    h = norm1(parts, swish=True)
     h = conv(out_ch, (3, 3), self.conv_impl, dtype=self.dtype, name="conv1")(h)
     shift = None
     if cond is not None:
@@ -286,8 +322,12 @@ class ResnetBlock(nn.Module):
              kernel_init=(nn.initializers.zeros if self.zero_init_out
                           else nn.initializers.lecun_normal()), dtype=self.dtype,
              name="conv2")(h)
-    if c_in != out_ch:
-      x = nn.Dense(out_ch, dtype=self.dtype, name="nin_shortcut")(x)
+    if c_in == out_ch:
+      x = parts[0]
+    elif len(parts) == 1:
+      x = nn.Dense(out_ch, dtype=self.dtype, name="nin_shortcut")(parts[0])
+    else:
+      x = PartsDense(out_ch, dtype=self.dtype, name="nin_shortcut")(parts)
     # Folded norms read the block's input only through fusible ops: without this the
     # residual sums would be recomputed in every later block (see onednn.materialize).
     return onednn.materialize(x + h) if fold else x + h

@@ -110,7 +110,7 @@ class ScoreNet(nn.Module):
                   conv_impl=self.conv_impl, name="mid_attn")(h)
     h = block("mid_block_2", h)
     for i in range(self.n_blocks + 1):
-      h = block(f"up_{i}", jnp.concatenate([h, hs.pop()], axis=-1))
+      h = block(f"up_{i}", (h, hs.pop()))  # [h, skip] on channels (see ResnetBlock)
     h = GroupNorm(num_groups(c), epsilon=1e-6, dtype=self.dtype, fold=fold,
                   name="norm_out")(h, swish=True)
     eps_hat = conv(z.shape[-1], (3, 3), self.conv_impl, kernel_init=nn.initializers.zeros,
