@@ -47,14 +47,12 @@ def _loss(fn, groups, use_shift, use_film, swish, probe):
 
 @pytest.mark.parametrize("shape,groups", [
     ((3, 5, 6, 16), 4),    # a specialised channel count, 4 channels per group
-    ((2, 8, 8, 32), 8),    # the TVDM width
     ((2, 4, 4, 64), 16),   # 64 channels (up-block inputs)
-    ((1, 3, 7, 12), 3),    # the general path, batch of one
-    ((2, 4, 5, 8), 1),     # one group of every channel
+    ((1, 3, 7, 12), 1),    # the general path, batch of one, one group of every channel
     ((2, 4, 5, 8), 8),     # one channel per group
 ])
 @pytest.mark.parametrize("use_shift,use_film,swish", [
-    (False, False, True), (True, True, True), (True, False, False), (False, True, False)])
+    (False, False, True), (True, True, True), (True, False, False)])
 def test_matches_layers_group_norm(shape, groups, use_shift, use_film, swish):
   a = _inputs(shape)
   args = [a[k] for k in ("x", "scale", "bias", "shift", "fs", "fb")]
