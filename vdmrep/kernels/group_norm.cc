@@ -1,5 +1,6 @@
 // GroupNorm with the ResNet block's extras (a per-example channel shift before it, FiLM
-// after it, swish last), forward and backward, as two XLA FFI custom calls.
+// after it, swish last), forward and backward, as XLA FFI custom calls: one pair for an
+// input tensor, one for an input given as two channel parts (see `Input`).
 //
 // Why: XLA computes the folded norm (layers.group_norm) as a reduction pass and an
 // elementwise pass over the whole [B, H, W, C] tensor, and its backward as two more;
