@@ -47,7 +47,7 @@ import numpy as np
 from jax import lax
 
 _SOURCES = tuple(Path(__file__).with_name(f)
-                 for f in ("onednn_conv.cc", "attention.cc", "group_norm.cc"))
+                 for f in ("onednn_conv.cc", "attention.cc", "group_norm.cc", "winograd.cc"))
 _HEADERS = (Path(__file__).with_name("vec_math.h"),)
 _TARGETS = {"vdmrep_conv_forward": "VdmrepConvForward",
             "vdmrep_conv_input_grad": "VdmrepConvInputGrad",
@@ -58,7 +58,9 @@ _TARGETS = {"vdmrep_conv_forward": "VdmrepConvForward",
             "vdmrep_group_norm_forward": "VdmrepGroupNormForward",
             "vdmrep_group_norm_backward": "VdmrepGroupNormBackward",
             "vdmrep_group_norm_parts_forward": "VdmrepGroupNormPartsForward",
-            "vdmrep_group_norm_parts_backward": "VdmrepGroupNormPartsBackward"}
+            "vdmrep_group_norm_parts_backward": "VdmrepGroupNormPartsBackward",
+            "vdmrep_winograd_forward": "VdmrepWinogradForward",
+            "vdmrep_winograd_filter_grad": "VdmrepWinogradFilterGrad"}
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -88,7 +90,7 @@ def _onednn_prefix() -> Path:
 
 
 @functools.cache
-def _load() -> None:
+def _load() -> ctypes.CDLL:
   """Builds (once, cached on disk) and registers the FFI handlers; raises OSError."""
   prefix = _onednn_prefix()
   src = b"".join(f.read_bytes() for f in _SOURCES + _HEADERS)
@@ -121,6 +123,7 @@ def _load() -> None:
   lib = ctypes.CDLL(str(lib_path))
   for name, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+  return lib
 
 
 def unavailable_reason() -> str | None:
@@ -151,6 +154,53 @@ def _out_shape(x_shape, w_shape, strides, pads):
   return (n, oh, ow, o)
 
 
+# Winograd F(2x2, 3x3) (winograd.cc): G of U = G g G^T. Where `_winograd_ok` holds, the
+# forward pass and the input gradient run the Winograd kernel (the input gradient is the
+# forward of dy with the filter rotated by 180 degrees, channels swapped) and the filter
+# gradient its transpose; elsewhere oneDNN's direct convolution.
+_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]],
+              np.float32)
+WINOGRAD_CHANNELS = (16, 32, 64, 128)
+
+
+def winograd_available() -> bool:
+  """True where the Winograd kernel was compiled (it needs AVX-512; see winograd.cc)."""
+  try:
+    return bool(_load().VdmrepWinogradAvailable())
+  except OSError:
+    return False
+
+
+def _winograd_ok(x_shape, w_shape, strides, pads) -> bool:
+  """Whether conv2d takes the Winograd kernel: a 3x3 filter, stride 1, one pixel of zero
+  padding on every side, input and output channels in WINOGRAD_CHANNELS."""
+  return (tuple(w_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
+          and tuple(pads) == ((1, 1), (1, 1)) and w_shape[2] in WINOGRAD_CHANNELS
+          and w_shape[3] in WINOGRAD_CHANNELS and x_shape[1] * x_shape[2] > 0
+          and winograd_available())
+
+
+def winograd_filter(w):
+  """U = G w G^T: f32 [3, 3, C, O] -> [16, C, O] (row-major over the 4x4 tile)."""
+  u = jnp.einsum("ai,ijco,bj->abco", _G, w, _G, precision=lax.Precision.HIGHEST)
+  return u.reshape((16,) + w.shape[2:])
+
+
+def _winograd(x, u):
+  """x f32 [B, H, W, C], u [16, C, O] -> the 3x3 'SAME' cross-correlation [B, H, W, O]."""
+  out = jax.ShapeDtypeStruct(x.shape[:3] + u.shape[2:], jnp.float32)
+  return jax.ffi.ffi_call("vdmrep_winograd_forward", out, vmap_method="sequential")(x, u)
+
+
+def _winograd_filter_grad(x, dy):
+  """dL/dw [3, 3, C, O] from x [B, H, W, C] and dy [B, H, W, O]: G^T dU G."""
+  du = jax.ffi.ffi_call("vdmrep_winograd_filter_grad",
+                        jax.ShapeDtypeStruct((16, x.shape[-1], dy.shape[-1]), jnp.float32),
+                        vmap_method="sequential")(x, dy)
+  du = du.reshape((4, 4) + du.shape[1:])
+  return jnp.einsum("ai,abco,bj->ijco", _G, du, _G, precision=lax.Precision.HIGHEST)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x, w, strides, pads):
   """x: f32 [N, H, W, C], w: f32 [KH, KW, C, O] -> f32 [N, OH, OW, O].
@@ -158,6 +208,8 @@ def conv2d(x, w, strides, pads):
   strides: (sh, sw); pads: ((lo, hi), (lo, hi)), non-negative, as in
   `lax.conv_general_dilated`. Cross-correlation (no filter flip), like XLA's op.
   """
+  if _winograd_ok(x.shape, w.shape, strides, pads):
+    return _winograd(x, winograd_filter(w))
   return _call("forward", _out_shape(x.shape, w.shape, strides, pads), x, w, strides, pads)
 
 
@@ -167,6 +219,9 @@ def _conv2d_fwd(x, w, strides, pads):
 
 def _conv2d_bwd(strides, pads, res, dy):
   x, w = res
+  if _winograd_ok(x.shape, w.shape, strides, pads):
+    rotated = jnp.flip(w, (0, 1)).swapaxes(2, 3)  # the transposed 'SAME' convolution
+    return _winograd(dy, winograd_filter(rotated)), _winograd_filter_grad(x, dy)
   dx = _call("input_grad", x.shape, dy, w, strides, pads)
   dw = _call("filter_grad", w.shape, x, dy, strides, pads)
   return dx, dw

@@ -1,0 +1,171 @@
+"""The Winograd F(2x2, 3x3) convolution kernel (vdmrep/kernels/winograd.cc) computes the
+3x3 'SAME' convolution: values, input and filter gradients against XLA's convolution at
+every channel count it is compiled for and odd image sizes; error against a float64
+reference no larger than oneDNN's direct convolution's, up to a small factor;
+bit-identical between calls and for any OpenMP thread count; the model's block
+convolutions run on it; what it does not cover falls back to the direct convolution.
+
+Skipped where the kernels cannot be built, or (except when VDMREP_REQUIRE_ONEDNN=1,
+CI) where the CPU lacks AVX-512.
+"""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from vdmrep import config_lib
+from vdmrep.kernels import onednn
+from vdmrep.models import build_model
+
+_REASON = onednn.unavailable_reason()
+if _REASON is None and not onednn.winograd_available():
+  _REASON = "the Winograd kernel needs AVX-512"
+if _REASON is not None and os.environ.get("VDMREP_REQUIRE_ONEDNN") == "1" and (
+    onednn.unavailable_reason() is not None):
+  raise RuntimeError(f"VDMREP_REQUIRE_ONEDNN=1 but the oneDNN kernels cannot run: {_REASON}")
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"Winograd kernel: {_REASON}")
+
+SAME = ((1, 1), (1, 1))
+
+
+def _ref(x, w):
+  return lax.conv_general_dilated(x, w, (1, 1), SAME, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                  precision=lax.Precision.HIGHEST)
+
+
+def _conv(x, w):
+  return onednn.conv2d(x, w, (1, 1), SAME)
+
+
+def _case(x_shape, o, seed=0):
+  kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
+  c = x_shape[-1]
+  x = jax.random.normal(kx, x_shape)
+  w = jax.random.normal(kw, (3, 3, c, o)) / np.sqrt(9 * c)
+  dy = jax.random.normal(kg, x_shape[:3] + (o,))
+  return x, w, dy
+
+
+@pytest.mark.parametrize("x_shape,o", [
+    ((2, 7, 9, 32), 16),    # odd height and width: partial tiles at both edges
+    ((2, 28, 28, 64), 32),  # the U-Net up blocks' first convolution at 28x28
+    ((1, 1, 1, 16), 16),    # a single pixel: one tile, three quarters padding
+    ((2, 5, 6, 128), 64),
+    ((3, 8, 8, 16), 128),
+])
+def test_matches_xla_values_and_gradients(x_shape, o):
+  x, w, dy = _case(x_shape, o)
+  vjp = jax.jit(lambda x, w: jax.vjp(_conv, x, w))
+  (out, pullback), (ref, ref_pullback) = vjp(x, w), jax.vjp(_ref, x, w)
+  hlo = jax.jit(lambda x, w, dy: jax.vjp(_conv, x, w)[1](dy)).lower(x, w, dy).as_text()
+  assert "vdmrep_winograd_forward" in hlo and "vdmrep_winograd_filter_grad" in hlo
+  assert "vdmrep_conv_" not in hlo  # no direct-convolution call left
+  scale = lambda r: float(jnp.max(jnp.abs(r)))
+  np.testing.assert_allclose(out, ref, rtol=0, atol=2e-6 * scale(ref))
+  for got, want in zip(pullback(dy), ref_pullback(dy)):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=0, atol=4e-6 * scale(want))
+
+
+def _float64_conv(x, w):
+  """The 3x3 'SAME' cross-correlation in numpy float64."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  b, h, wd, _ = x.shape
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return sum(np.einsum("bhwc,co->bhwo", xp[:, i:i + h, j:j + wd], w[i, j])
+             for i in range(3) for j in range(3))
+
+
+def test_error_against_float64_is_that_of_a_direct_convolution(monkeypatch):
+  """Winograd's transforms add round-off; on activations of the model's scale (a large
+  mean included) it stays within a small factor of oneDNN's direct form's."""
+  x, w, _ = _case((4, 12, 12, 32), 32)
+  x = 3.0 + 2.0 * x  # post-residual activations are not centred
+  exact = _float64_conv(x, w)
+  # A fresh jit per form: the choice is made when the function is traced.
+  wino = np.asarray(jax.jit(lambda x, w: _conv(x, w))(x, w), np.float64)
+  monkeypatch.setattr(onednn, "_winograd_ok", lambda *a: False)
+  direct = np.asarray(jax.jit(lambda x, w: _conv(x, w))(x, w), np.float64)
+  err_w, err_d = np.max(np.abs(wino - exact)), np.max(np.abs(direct - exact))
+  assert err_w <= 4.0 * err_d + 1e-7, (err_w, err_d)
+  assert err_w <= 2e-6 * np.max(np.abs(exact)), err_w
+
+
+_THREADS_SCRIPT = """
+import sys, numpy as np, jax, jax.numpy as jnp
+from vdmrep.kernels import onednn
+x = jax.random.normal(jax.random.key(0), (12, 9, 10, 32))
+w = jax.random.normal(jax.random.key(1), (3, 3, 32, 64)) / 17.0
+f = jax.jit(jax.value_and_grad(
+    lambda x, w: jnp.sum(jnp.sin(onednn.conv2d(x, w, (1, 1), ((1, 1), (1, 1))))), (0, 1)))
+v, (gx, gw) = f(x, w)
+np.savez(sys.argv[1], v=np.asarray(v), gx=np.asarray(gx), gw=np.asarray(gw))
+"""
+
+
+def test_same_bits_for_any_thread_count(tmp_path):
+  """Every output element and every partial filter-gradient sum is computed in a fixed
+  order: one thread and two give identical bits, and so do repeated calls."""
+  results = []
+  for threads in ("1", "2", "2"):
+    env = dict(os.environ, OMP_NUM_THREADS=threads)
+    out = tmp_path / f"r{len(results)}.npz"
+    subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(out)], env=env, check=True,
+                   cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    results.append(np.load(out))
+  for other in results[1:]:
+    for k in ("v", "gx", "gw"):
+      np.testing.assert_array_equal(other[k], results[0][k], err_msg=k)
+
+
+def test_vmap_maps_each_element():
+  x, w, _ = _case((3, 2, 6, 6, 16), 32)
+  np.testing.assert_allclose(jax.vmap(lambda xi: _conv(xi, w))(x),
+                             jax.vmap(lambda xi: _ref(xi, w))(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,pads", [
+    ((2, 8, 8, 5), (3, 3, 5, 32), (1, 1), SAME),    # conv_in: 5 input channels
+    ((2, 8, 8, 32), (3, 3, 32, 1), (1, 1), SAME),   # conv_out: one output channel
+    ((2, 8, 8, 32), (3, 3, 32, 32), (2, 2), SAME),  # stride 2 (the encoder's)
+    ((2, 8, 8, 32), (3, 3, 32, 32), (1, 1), ((0, 0), (0, 0))),  # VALID
+    ((2, 8, 8, 32), (1, 1, 32, 32), (1, 1), ((0, 0), (0, 0))),  # 1x1
+    ((2, 8, 8, 48), (3, 3, 48, 32), (1, 1), SAME),  # a channel count not compiled
+])
+def test_other_convolutions_stay_direct(x_shape, w_shape, strides, pads):
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  w = jax.random.normal(jax.random.key(1), w_shape) / 10.0
+  f = jax.jit(jax.grad(lambda x, w: jnp.sum(onednn.conv2d(x, w, strides, pads) ** 2), (0, 1)))
+  hlo = f.lower(x, w).as_text()
+  assert "vdmrep_winograd" not in hlo and "vdmrep_conv_forward" in hlo
+
+
+def test_bad_shapes_are_named():
+  x = jnp.ones((2, 8, 8, 32))
+  with pytest.raises(Exception, match="vdmrep winograd"):
+    jax.block_until_ready(onednn._winograd(x, jnp.ones((16, 16, 32))))  # C mismatch
+  with pytest.raises(Exception, match="vdmrep winograd: channels"):
+    jax.block_until_ready(onednn._winograd(jnp.ones((2, 8, 8, 48)), jnp.ones((16, 48, 32))))
+
+
+def test_model_block_convolutions_run_on_it():
+  """MVDM + TE at 8x8, n_blocks = 1: both 3x3 convolutions of every ResNet block (the
+  score net's 5 blocks, the encoder's 3) take the kernel, forward, input gradient and
+  filter gradient; conv_in and conv_out (5 and 1 channels) stay direct."""
+  c = config_lib.base_config()
+  c.model.vdm, c.model.encoder, c.model.n_blocks, c.model.channels = "mvdm", "te", 1, 16
+  c.model.conv_impl = "onednn"
+  config_lib.validate(c)
+  model = build_model(c.model)
+  params = model.init(jax.random.key(0), (8, 8, 1))
+  x = jnp.zeros((2, 8, 8, 1), jnp.uint8)
+  loss = lambda p: jnp.mean(model.elbo_terms(p, x, jax.random.key(1))["diffusion"])
+  hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
+  n_fwd, n_wgrad = hlo.count("vdmrep_winograd_forward"), hlo.count("vdmrep_winograd_filter_grad")
+  assert n_wgrad == 2 * (5 + 3) and n_fwd == 2 * n_wgrad  # forward and input gradient
+  assert hlo.count("vdmrep_conv_filter_grad") == 4  # both models' conv_in and conv_out
