@@ -1,14 +1,15 @@
-"""One 3x3 SAME convolution, five exact forms: XLA's convolution, oneDNN's (the custom
-call of vdmrep/kernels, the model's choice on CPU), im2col + one matmul, 9 shifted
-matmuls, and Winograd F(2x2, 3x3) in XLA (4/9 of the multiply-adds). Forward, input
+"""One 3x3 SAME convolution, six exact forms: XLA's convolution, oneDNN's direct one
+(a custom call of vdmrep/kernels), the Winograd F(2x2, 3x3) kernel of vdmrep/kernels
+(4/9 of the multiply-adds; the model's choice on CPU where it applies), im2col + one
+matmul, 9 shifted matmuls, and Winograd F(2x2, 3x3) written in XLA. Forward, input
 gradient and filter gradient timed alone; GFLOP/s counts the direct form's FLOPs.
 
   python benchmarks/conv_forms.py --batch 64 --image 28 --channels 16:16,32:32,64:32
 
 Why it exists: the score network is almost only such convolutions, and this is the
-evidence for which form the model uses (oneDNN's on CPU, else XLA's; see
-benchmarks/README.md). Each form's output is checked against XLA's before it is timed.
-The oneDNN row is left out (with a note) where its kernels cannot be built.
+evidence for which form the model uses (the Winograd kernel or oneDNN's on CPU, else
+XLA's; see benchmarks/README.md). Each form's output is checked against XLA's before it
+is timed. The kernel rows are left out (with a note) where they cannot be built.
 """
 from __future__ import annotations
 
@@ -45,8 +46,11 @@ def conv_shifted(x, k):
 
 
 def conv_onednn(x, k):
-  return onednn.conv_general_dilated(x, k, (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return onednn.conv2d(x, k, (1, 1), ((1, 1), (1, 1)), winograd=False)
+
+
+def conv_winograd_kernel(x, k):
+  return onednn.conv2d(x, k, (1, 1), ((1, 1), (1, 1)), winograd=True)
 
 
 # Winograd F(2x2, 3x3) (Lavin & Gray 2016): out = A^T [(G k G^T) * (B^T d B)] A per
@@ -81,8 +85,9 @@ def conv_winograd(x, k):
   return jnp.stack(y, 2).reshape(b, h, w, k.shape[-1])  # [B, h/2, 2, w/2, 2, O]
 
 
-FORMS = {"xla": conv_xla, "onednn": conv_onednn, "im2col": conv_im2col,
-         "9 shifted matmuls": conv_shifted, "winograd F(2x2,3x3)": conv_winograd}
+FORMS = {"xla": conv_xla, "onednn": conv_onednn, "winograd kernel": conv_winograd_kernel,
+         "im2col": conv_im2col, "9 shifted matmuls": conv_shifted,
+         "winograd F(2x2,3x3) in XLA": conv_winograd}
 
 
 def main():
@@ -98,7 +103,10 @@ def main():
   forms = dict(FORMS)
   if (reason := onednn.unavailable_reason()) is not None:
     print(f"(no oneDNN row: {reason.splitlines()[0]})\n")
-    del forms["onednn"]
+    del forms["onednn"], forms["winograd kernel"]
+  elif not onednn.winograd_available():
+    print("(no Winograd kernel row: it needs AVX-512)\n")
+    del forms["winograd kernel"]
   print("| in -> out ch | form | fwd ms | d input ms | d filter ms | fwd+bwd ms | GFLOP/s fwd+bwd |")
   print("|---|---|---|---|---|---|---|")
   for pair in args.channels.split(","):

@@ -81,16 +81,15 @@ def _float64_conv(x, w):
              for i in range(3) for j in range(3))
 
 
-def test_error_against_float64_is_that_of_a_direct_convolution(monkeypatch):
+def test_error_against_float64_is_that_of_a_direct_convolution():
   """Winograd's transforms add round-off; on activations of the model's scale (a large
   mean included) it stays within a small factor of oneDNN's direct form's."""
   x, w, _ = _case((4, 12, 12, 32), 32)
   x = 3.0 + 2.0 * x  # post-residual activations are not centred
   exact = _float64_conv(x, w)
-  # A fresh jit per form: the choice is made when the function is traced.
-  wino = np.asarray(jax.jit(lambda x, w: _conv(x, w))(x, w), np.float64)
-  monkeypatch.setattr(onednn, "_winograd_ok", lambda *a: False)
-  direct = np.asarray(jax.jit(lambda x, w: _conv(x, w))(x, w), np.float64)
+  form = lambda winograd: np.asarray(jax.jit(
+      lambda x, w: onednn.conv2d(x, w, (1, 1), SAME, winograd=winograd))(x, w), np.float64)
+  wino, direct = form(True), form(False)
   err_w, err_d = np.max(np.abs(wino - exact)), np.max(np.abs(direct - exact))
   assert err_w <= 4.0 * err_d + 1e-7, (err_w, err_d)
   assert err_w <= 2e-6 * np.max(np.abs(exact)), err_w
@@ -143,6 +142,11 @@ def test_other_convolutions_stay_direct(x_shape, w_shape, strides, pads):
   f = jax.jit(jax.grad(lambda x, w: jnp.sum(onednn.conv2d(x, w, strides, pads) ** 2), (0, 1)))
   hlo = f.lower(x, w).as_text()
   assert "vdmrep_winograd" not in hlo and "vdmrep_conv_forward" in hlo
+
+
+def test_insisting_on_it_where_it_does_not_apply_is_an_error():
+  with pytest.raises(ValueError, match="no Winograd kernel"):
+    onednn.conv2d(jnp.ones((1, 8, 8, 5)), jnp.ones((3, 3, 5, 32)), (1, 1), SAME, winograd=True)
 
 
 def test_bad_shapes_are_named():

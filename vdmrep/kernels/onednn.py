@@ -20,6 +20,12 @@ SPMD partitioning rule, so it is only chosen for single-device CPU programs.
 in [64, N] row tiles that stay in cache, with oneDNN's sgemm for the products: XLA's
 form writes and re-reads [N, N] matrices per example (layers.attention).
 
+`conv2d` runs 3x3 'SAME' convolutions at 16-128 channels by Winograd's F(2x2, 3x3)
+(winograd.cc; 4/9 of the direct form's multiply-adds, transforms done in cache) where
+the CPU has AVX-512: forward, input gradient (the forward of dy with the rotated filter)
+and filter gradient; equal to the direct form up to f32 round-off
+(tests/test_onednn_winograd.py). oneDNN's direct convolution takes every other case.
+
 `group_norm` (group_norm.cc) is `layers.group_norm` (GroupNorm with the ResNet block's
 conditioning shift, FiLM and swish) with each example's statistics, affine map and
 output, or its backward reductions and input gradient, computed while the example is
@@ -201,25 +207,37 @@ def _winograd_filter_grad(x, dy):
   return jnp.einsum("ai,abco,bj->ijco", _G, du, _G, precision=lax.Precision.HIGHEST)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d(x, w, strides, pads):
+def conv2d(x, w, strides, pads, winograd=None):
   """x: f32 [N, H, W, C], w: f32 [KH, KW, C, O] -> f32 [N, OH, OW, O].
 
   strides: (sh, sw); pads: ((lo, hi), (lo, hi)), non-negative, as in
   `lax.conv_general_dilated`. Cross-correlation (no filter flip), like XLA's op.
+  winograd: None takes the Winograd kernel where `_winograd_ok` holds, False never
+  (oneDNN's direct convolution), True insists (ValueError where it cannot).
   """
-  if _winograd_ok(x.shape, w.shape, strides, pads):
+  strides, pads = tuple(strides), tuple(tuple(p) for p in pads)
+  ok = _winograd_ok(x.shape, w.shape, strides, pads)
+  if winograd and not ok:
+    raise ValueError(f"conv2d: no Winograd kernel for x {x.shape}, w {w.shape}, strides "
+                     f"{strides}, pads {pads} (3x3, stride 1, pads 1, channels in "
+                     f"{WINOGRAD_CHANNELS}, AVX-512)")
+  return _conv2d(x, w, strides, pads, ok if winograd is None else bool(winograd))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv2d(x, w, strides, pads, winograd):
+  if winograd:
     return _winograd(x, winograd_filter(w))
   return _call("forward", _out_shape(x.shape, w.shape, strides, pads), x, w, strides, pads)
 
 
-def _conv2d_fwd(x, w, strides, pads):
-  return conv2d(x, w, strides, pads), (x, w)
+def _conv2d_fwd(x, w, strides, pads, winograd):
+  return _conv2d(x, w, strides, pads, winograd), (x, w)
 
 
-def _conv2d_bwd(strides, pads, res, dy):
+def _conv2d_bwd(strides, pads, winograd, res, dy):
   x, w = res
-  if _winograd_ok(x.shape, w.shape, strides, pads):
+  if winograd:
     rotated = jnp.flip(w, (0, 1)).swapaxes(2, 3)  # the transposed 'SAME' convolution
     return _winograd(dy, winograd_filter(rotated)), _winograd_filter_grad(x, dy)
   dx = _call("input_grad", x.shape, dy, w, strides, pads)
@@ -227,7 +245,7 @@ def _conv2d_bwd(strides, pads, res, dy):
   return dx, dw
 
 
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 def _hold(x):
