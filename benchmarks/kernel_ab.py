@@ -4,13 +4,17 @@
   python benchmarks/kernel_ab.py --kernel group_norm --vdm tvdm --encoder te
   python benchmarks/kernel_ab.py --kernel parts --vdm tvdm --encoder te
   python benchmarks/kernel_ab.py --kernel winograd --vdm tvdm --encoder te
+  python benchmarks/kernel_ab.py --kernel dense --vdm tvdm --encoder te
 
 Both programs use oneDNN convolutions (conv_impl='onednn'); the second is built with
 the kernel replaced while it is traced: `onednn.attention` by `layers.attention(q, k,
 v, 1)` (one example per chunk, what the attention blocks ran before the kernel), or
 `onednn.group_norm` by `layers.group_norm` (the folded norm in XLA); with `parts`,
 the up blocks normalise and project a concatenated [h, skip] instead of the two parts;
-with `winograd`, the 3x3 convolutions run oneDNN's direct convolution throughout.
+with `winograd`, the 3x3 convolutions run oneDNN's direct convolution throughout; with
+`dense`, the per-position linear maps (the up blocks' 1x1 shortcuts, the attention
+blocks' q, k, v and output projections) are XLA's dots instead of oneDNN's 1x1
+convolutions.
 Steps alternate
 A, B, A, B, ... in one process: on this noisy VM a 10% difference survives that and is
 lost between processes. The first step's metrics of both are printed side by side (same
@@ -60,6 +64,8 @@ BASELINES = {
         (onednn, "group_norm"): lambda x, *a, _f=onednn.group_norm, **k: _f(_joined(x), *a, **k),
         (layers, "PartsDense"): _DenseOnConcatenation}),
     "winograd": ("onednn direct", {(onednn, "_winograd_ok"): lambda *a: False}),
+    "dense": ("xla dot", {(layers, "PartsDense"): lambda *a, _cls=layers.PartsDense, **k:
+                             _cls(*a, **{**k, "conv_impl": "xla"})}),
 }
 
 

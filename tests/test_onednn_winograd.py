@@ -160,7 +160,7 @@ def test_bad_shapes_are_named():
 def test_model_block_convolutions_run_on_it():
   """MVDM + TE at 8x8, n_blocks = 1: both 3x3 convolutions of every ResNet block (the
   score net's 5 blocks, the encoder's 3) take the kernel, forward, input gradient and
-  filter gradient; conv_in and conv_out (5 and 1 channels) stay direct."""
+  filter gradient; conv_in and conv_out (5 and 1 channels) and the 1x1 maps stay direct."""
   c = config_lib.base_config()
   c.model.vdm, c.model.encoder, c.model.n_blocks, c.model.channels = "mvdm", "te", 1, 16
   c.model.conv_impl = "onednn"
@@ -172,4 +172,6 @@ def test_model_block_convolutions_run_on_it():
   hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
   n_fwd, n_wgrad = hlo.count("vdmrep_winograd_forward"), hlo.count("vdmrep_winograd_filter_grad")
   assert n_wgrad == 2 * (5 + 3) and n_fwd == 2 * n_wgrad  # forward and input gradient
-  assert hlo.count("vdmrep_conv_filter_grad") == 4  # both models' conv_in and conv_out
+  # Direct (oneDNN): both models' conv_in and conv_out, the 2 up blocks' 1x1 shortcuts
+  # on 2 parts each, and the 2 attention blocks' q, k, v and output projections.
+  assert hlo.count("vdmrep_conv_filter_grad") == 2 * 2 + 2 * 2 + 2 * 4
