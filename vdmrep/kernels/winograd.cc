@@ -98,38 +98,42 @@ inline void InputTile(const Geometry& g, const float* __restrict__ xe, int64_t t
   }
 }
 
-// m[kR][O] = v[kR][C] @ u[C][O] for kR rows, output channels in blocks of kOB (16 or 32):
-// kR x kOB / 16 accumulators in registers, one broadcast per row and input channel.
+// acc[i][:] += a[s * sa + i * si] * b[s * sb + (0 .. 16 kNV)] for s < steps: a block of
+// kRows x kNV AVX-512 accumulators updated by one broadcast per row and step (the inner
+// loop of both products below).
+template <int kRows, int kNV>
+inline void RankOneUpdates(__m512 (&acc)[kRows][kNV], const float* __restrict__ a, int sa,
+                           int si, const float* __restrict__ b, int sb, int steps) {
+#pragma GCC unroll 1
+  for (int s = 0; s < steps; s++) {
+    __m512 w[kNV];
+#pragma GCC unroll 4
+    for (int j = 0; j < kNV; j++) w[j] = _mm512_loadu_ps(b + s * sb + 16 * j);
+#pragma GCC unroll 32
+    for (int i = 0; i < kRows; i++) {
+      const __m512 x = _mm512_set1_ps(a[s * sa + i * si]);
+#pragma GCC unroll 4
+      for (int j = 0; j < kNV; j++) acc[i][j] = _mm512_fmadd_ps(x, w[j], acc[i][j]);
+    }
+  }
+}
+
+// m[kR][O] = v[kR][C] @ u[C][O] for kR rows, output channels in blocks of kOB (16 or 32).
 template <int C, int O, int kR, int kOB>
 inline void TileProduct(const float* __restrict__ v, const float* __restrict__ u,
                         float* __restrict__ m) {
   constexpr int kNV = kOB / 16;
   for (int o0 = 0; o0 < O; o0 += kOB) {
     __m512 acc[kR][kNV];
-#pragma GCC unroll 32
+    for (auto& row : acc)
+      for (auto& x : row) x = _mm512_setzero_ps();
+    RankOneUpdates<kR, kNV>(acc, v, 1, C, u + o0, O, C);
     for (int r = 0; r < kR; r++)
-#pragma GCC unroll 4
-      for (int j = 0; j < kNV; j++) acc[r][j] = _mm512_setzero_ps();
-#pragma GCC unroll 1
-    for (int c = 0; c < C; c++) {
-      __m512 w[kNV];
-#pragma GCC unroll 4
-      for (int j = 0; j < kNV; j++) w[j] = _mm512_loadu_ps(u + c * O + o0 + 16 * j);
-#pragma GCC unroll 32
-      for (int r = 0; r < kR; r++) {
-        const __m512 a = _mm512_set1_ps(v[r * C + c]);
-#pragma GCC unroll 4
-        for (int j = 0; j < kNV; j++) acc[r][j] = _mm512_fmadd_ps(a, w[j], acc[r][j]);
-      }
-    }
-#pragma GCC unroll 32
-    for (int r = 0; r < kR; r++)
-#pragma GCC unroll 4
       for (int j = 0; j < kNV; j++) _mm512_storeu_ps(m + r * O + o0 + 16 * j, acc[r][j]);
   }
 }
 
-// du[C][O] += v[n][C]^T @ dm[n][O] over n rows: kCB x kOB / 16 accumulators.
+// du[C][O] += v[n][C]^T @ dm[n][O] over n rows, in blocks of kCB x kOB.
 template <int C, int O, int kCB, int kOB>
 inline void TileProductTN(const float* __restrict__ v, const float* __restrict__ dm, int n,
                           float* __restrict__ du) {
@@ -137,26 +141,11 @@ inline void TileProductTN(const float* __restrict__ v, const float* __restrict__
   for (int c0 = 0; c0 < C; c0 += kCB) {
     for (int o0 = 0; o0 < O; o0 += kOB) {
       __m512 acc[kCB][kNV];
-#pragma GCC unroll 32
       for (int i = 0; i < kCB; i++)
-#pragma GCC unroll 4
         for (int j = 0; j < kNV; j++)
           acc[i][j] = _mm512_loadu_ps(du + (c0 + i) * O + o0 + 16 * j);
-#pragma GCC unroll 1
-      for (int r = 0; r < n; r++) {
-        __m512 w[kNV];
-#pragma GCC unroll 4
-        for (int j = 0; j < kNV; j++) w[j] = _mm512_loadu_ps(dm + r * O + o0 + 16 * j);
-#pragma GCC unroll 32
-        for (int i = 0; i < kCB; i++) {
-          const __m512 a = _mm512_set1_ps(v[r * C + c0 + i]);
-#pragma GCC unroll 4
-          for (int j = 0; j < kNV; j++) acc[i][j] = _mm512_fmadd_ps(a, w[j], acc[i][j]);
-        }
-      }
-#pragma GCC unroll 32
+      RankOneUpdates<kCB, kNV>(acc, v + c0, C, 1, dm + o0, O, n);
       for (int i = 0; i < kCB; i++)
-#pragma GCC unroll 4
         for (int j = 0; j < kNV; j++)
           _mm512_storeu_ps(du + (c0 + i) * O + o0 + 16 * j, acc[i][j]);
     }
