@@ -311,11 +311,30 @@ struct RunFilterGrad {
   }
 };
 
+#else
+template <int C, int O>
+struct RunForward;  // declared only: Dispatch returns an error without AVX-512
+template <int C, int O>
+struct RunFilterGrad;
 #endif  // __AVX512F__
 
 // Equal B, H, W of two rank-4 shapes.
 bool SameImage(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
   return a.size() == 4 && b.size() == 4 && std::equal(a.begin(), a.begin() + 3, b.begin());
+}
+
+// Runs F<C, O> on the image geometry of x [B, H, W, C] under the library's lock (see
+// onednn_conv.cc); an error for channel counts not compiled, or without AVX-512.
+template <template <int, int> class F, typename... Ptrs>
+ffi::Error Dispatch(ffi::Span<const int64_t> xd, int64_t o, Ptrs... ptrs) {
+#if defined(__AVX512F__)
+  const Geometry g{xd[0], xd[1], xd[2], (xd[2] + 1) / 2, ((xd[1] + 1) / 2) * ((xd[2] + 1) / 2)};
+  std::lock_guard<std::mutex> lock(VdmrepKernelLock());
+  if (ByChannels<F>(xd[3], o, g, ptrs...)) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument("vdmrep winograd: channels must be 16, 32, 64 or 128");
+#else
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "vdmrep winograd: built without AVX-512");
+#endif
 }
 
 // x [B, H, W, C], u [16, C, O] -> y [B, H, W, O].
@@ -326,16 +345,7 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
       !SameImage(xd, yd) || yd[3] != ud[2])
     return ffi::Error::InvalidArgument(
         "vdmrep winograd: expects x [B, H, W, C], u [16, C, O] -> y [B, H, W, O]");
-#if defined(__AVX512F__)
-  const Geometry g{xd[0], xd[1], xd[2], (xd[2] + 1) / 2, ((xd[1] + 1) / 2) * ((xd[2] + 1) / 2)};
-  std::lock_guard<std::mutex> lock(VdmrepKernelLock());  // see onednn_conv.cc
-  if (ByChannels<RunForward>(xd[3], ud[2], g, x.typed_data(), u.typed_data(),
-                             y->typed_data()))
-    return ffi::Error::Success();
-  return ffi::Error::InvalidArgument("vdmrep winograd: channels must be 16, 32, 64 or 128");
-#else
-  return ffi::Error(ffi::ErrorCode::kUnimplemented, "vdmrep winograd: built without AVX-512");
-#endif
+  return Dispatch<RunForward>(xd, ud[2], x.typed_data(), u.typed_data(), y->typed_data());
 }
 
 // x [B, H, W, C], dy [B, H, W, O] -> du [16, C, O].
@@ -346,16 +356,8 @@ ffi::Error FilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
       dd[0] != 16 || dd[1] != xd[3] || dd[2] != gd[3])
     return ffi::Error::InvalidArgument(
         "vdmrep winograd: expects x [B, H, W, C], dy [B, H, W, O] -> du [16, C, O]");
-#if defined(__AVX512F__)
-  const Geometry g{xd[0], xd[1], xd[2], (xd[2] + 1) / 2, ((xd[1] + 1) / 2) * ((xd[2] + 1) / 2)};
-  std::lock_guard<std::mutex> lock(VdmrepKernelLock());
-  if (ByChannels<RunFilterGrad>(xd[3], gd[3], g, x.typed_data(), dy.typed_data(),
-                                du->typed_data()))
-    return ffi::Error::Success();
-  return ffi::Error::InvalidArgument("vdmrep winograd: channels must be 16, 32, 64 or 128");
-#else
-  return ffi::Error(ffi::ErrorCode::kUnimplemented, "vdmrep winograd: built without AVX-512");
-#endif
+  return Dispatch<RunFilterGrad>(xd, gd[3], x.typed_data(), dy.typed_data(),
+                                 du->typed_data());
 }
 
 }  // namespace
