@@ -1,7 +1,7 @@
-"""One 3x3 SAME convolution, six exact forms: XLA's convolution, oneDNN's direct one
-(a custom call of vdmrep/kernels), the Winograd F(2x2, 3x3) kernel of vdmrep/kernels
-(4/9 of the multiply-adds; the model's choice on CPU where it applies), im2col + one
-matmul, 9 shifted matmuls, and Winograd F(2x2, 3x3) written in XLA. Forward, input
+"""One 3x3 SAME convolution, seven exact forms: XLA's convolution, oneDNN's direct one
+(a custom call of vdmrep/kernels), the Winograd kernels of vdmrep/kernels, F(4x4, 3x3)
+(1/4 of the multiply-adds; the model's choice on CPU where it applies) and F(2x2, 3x3)
+(4/9), im2col + one matmul, 9 shifted matmuls, and Winograd F(2x2, 3x3) written in XLA. Forward, input
 gradient and filter gradient timed alone; GFLOP/s counts the direct form's FLOPs.
 
   python benchmarks/conv_forms.py --batch 64 --image 28 --channels 16:16,32:32,64:32
@@ -49,8 +49,8 @@ def conv_onednn(x, k):
   return onednn.conv2d(x, k, (1, 1), ((1, 1), (1, 1)), winograd=False)
 
 
-def conv_winograd_kernel(x, k):
-  return onednn.conv2d(x, k, (1, 1), ((1, 1), (1, 1)), winograd=True)
+def conv_winograd_kernel(x, k, tile=4):
+  return onednn.conv2d(x, k, (1, 1), ((1, 1), (1, 1)), winograd=tile)
 
 
 # Winograd F(2x2, 3x3) (Lavin & Gray 2016): out = A^T [(G k G^T) * (B^T d B)] A per
@@ -85,7 +85,9 @@ def conv_winograd(x, k):
   return jnp.stack(y, 2).reshape(b, h, w, k.shape[-1])  # [B, h/2, 2, w/2, 2, O]
 
 
-FORMS = {"xla": conv_xla, "onednn": conv_onednn, "winograd kernel": conv_winograd_kernel,
+WINOGRAD_KERNELS = ("winograd kernel F(4x4)", "winograd kernel F(2x2)")
+FORMS = {"xla": conv_xla, "onednn": conv_onednn, WINOGRAD_KERNELS[0]: conv_winograd_kernel,
+         WINOGRAD_KERNELS[1]: lambda x, k: conv_winograd_kernel(x, k, 2),
          "im2col": conv_im2col, "9 shifted matmuls": conv_shifted,
          "winograd F(2x2,3x3) in XLA": conv_winograd}
 
@@ -103,10 +105,12 @@ def main():
   forms = dict(FORMS)
   if (reason := onednn.unavailable_reason()) is not None:
     print(f"(no oneDNN row: {reason.splitlines()[0]})\n")
-    del forms["onednn"], forms["winograd kernel"]
+    for name in ("onednn",) + WINOGRAD_KERNELS:
+      del forms[name]
   elif not onednn.winograd_available():
-    print("(no Winograd kernel row: it needs AVX-512)\n")
-    del forms["winograd kernel"]
+    print("(no Winograd kernel rows: they need AVX-512)\n")
+    for name in WINOGRAD_KERNELS:
+      del forms[name]
   print("| in -> out ch | form | fwd ms | d input ms | d filter ms | fwd+bwd ms | GFLOP/s fwd+bwd |")
   print("|---|---|---|---|---|---|---|")
   for pair in args.channels.split(","):

@@ -5,6 +5,7 @@
   python benchmarks/kernel_ab.py --kernel parts --vdm tvdm --encoder te
   python benchmarks/kernel_ab.py --kernel winograd --vdm tvdm --encoder te
   python benchmarks/kernel_ab.py --kernel dense --vdm tvdm --encoder te
+  python benchmarks/kernel_ab.py --kernel winograd4 --vdm tvdm --encoder te
 
 Both programs use oneDNN convolutions (conv_impl='onednn'); the second is built with
 the kernel replaced while it is traced: `onednn.attention` by `layers.attention(q, k,
@@ -12,6 +13,7 @@ v, 1)` (one example per chunk, what the attention blocks ran before the kernel),
 `onednn.group_norm` by `layers.group_norm` (the folded norm in XLA); with `parts`,
 the up blocks normalise and project a concatenated [h, skip] instead of the two parts;
 with `winograd`, the 3x3 convolutions run oneDNN's direct convolution throughout; with
+`winograd4`, Winograd's F(2x2, 3x3) instead of the default F(4x4, 3x3); with
 `dense`, the per-position linear maps (the up blocks' 1x1 shortcuts, the attention
 blocks' q, k, v and output projections) are XLA's dots instead of oneDNN's 1x1
 convolutions.
@@ -64,6 +66,7 @@ BASELINES = {
         (onednn, "group_norm"): lambda x, *a, _f=onednn.group_norm, **k: _f(_joined(x), *a, **k),
         (layers, "PartsDense"): _DenseOnConcatenation}),
     "winograd": ("onednn direct", {(onednn, "_winograd_ok"): lambda *a: False}),
+    "winograd4": ("winograd F(2x2)", {(onednn, "WINOGRAD_DEFAULT_TILE"): 2}),
     "dense": ("xla dot", {(layers, "PartsDense"): lambda *a, _cls=layers.PartsDense, **k:
                              _cls(*a, **{**k, "conv_impl": "xla"})}),
 }

@@ -46,7 +46,9 @@ def test_matches_xla_values_and_gradients(x_shape, w_shape, strides, padding):
   ref, vjp_ref = jax.vjp(ref_f, x, w)
   out, vjp = jax.jit(lambda x, w: jax.vjp(new_f, x, w))(x, w)
   assert out.shape == ref.shape and out.dtype == jnp.float32
-  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  # The 3x3 'SAME' case runs Winograd's F(4x4): round-off up to ~5e-6 of the largest
+  # output (bounded in test_onednn_winograd.py).
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-5 * float(jnp.max(jnp.abs(ref))))
   dy = jax.random.normal(jax.random.key(2), ref.shape)
   for a, b in zip(vjp(dy), vjp_ref(dy)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4 * float(jnp.max(jnp.abs(b))))

@@ -20,11 +20,11 @@ SPMD partitioning rule, so it is only chosen for single-device CPU programs.
 in [64, N] row tiles that stay in cache, with oneDNN's sgemm for the products: XLA's
 form writes and re-reads [N, N] matrices per example (layers.attention).
 
-`conv2d` runs 3x3 'SAME' convolutions at 16-128 channels by Winograd's F(2x2, 3x3)
-(winograd.cc; 4/9 of the direct form's multiply-adds, transforms done in cache) where
-the CPU has AVX-512: forward, input gradient (the forward of dy with the rotated filter)
-and filter gradient; equal to the direct form up to f32 round-off
-(tests/test_onednn_winograd.py). oneDNN's direct convolution takes every other case.
+`conv2d` runs 3x3 'SAME' convolutions at 16-128 channels by Winograd's F(4x4, 3x3)
+(winograd.cc; 1/4 of the direct form's multiply-adds, transforms done in cache; F(2x2,
+3x3) on request) where the CPU has AVX-512: forward, input gradient (the forward of dy
+with the rotated filter) and filter gradient; equal to the direct form up to f32
+round-off (tests/test_onednn_winograd.py). oneDNN's direct convolution takes every other case.
 
 `group_norm` (group_norm.cc) is `layers.group_norm` (GroupNorm with the ResNet block's
 conditioning shift, FiLM and swish) with each example's statistics, affine map and
@@ -160,12 +160,22 @@ def _out_shape(x_shape, w_shape, strides, pads):
   return (n, oh, ow, o)
 
 
-# Winograd F(2x2, 3x3) (winograd.cc). Where `_winograd_ok` holds, the forward pass and
-# the input gradient run the Winograd kernel (the input gradient is the forward of dy
-# with the filter rotated by 180 degrees, channels swapped) and the filter gradient its
-# transpose; elsewhere oneDNN's direct convolution. The filter transforms, with
-# G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1], are done here.
+# Winograd F(M x M, 3x3) (winograd.cc), M = 4 by default, 2 on request. Where
+# `_winograd_ok` holds, the forward pass and the input gradient run the Winograd kernel
+# (the input gradient is the forward of dy with the filter rotated by 180 degrees,
+# channels swapped) and the filter gradient its transpose; elsewhere oneDNN's direct
+# convolution. The filter transforms U = G w G^T and dw = G^T dU G are done here.
 WINOGRAD_CHANNELS = (16, 32, 64, 128)
+WINOGRAD_TILES = (2, 4)
+WINOGRAD_DEFAULT_TILE = 4  # measured faster than 2 at every channel count (benchmarks/README.md)
+
+# G [M + 2, 3] of F(M x M, 3x3): F(2x2) from points 0, +-1, infinity; F(4x4) from 0,
+# +-1, +-2, infinity (Lavin & Gray 2016), as in winograd.cc's B^T and A^T.
+_G = {
+    2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+    4: ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+        (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+}
 
 
 def winograd_available() -> bool:
@@ -185,37 +195,38 @@ def _winograd_ok(x_shape, w_shape, strides, pads) -> bool:
           and winograd_available())
 
 
-def _g_rows(w, axis):
-  """G applied along `axis` (length 3 -> 4): w0, (w0 + w1 + w2) / 2, (w0 - w1 + w2) / 2, w2.
-  Written as adds so that XLA fuses the whole transform into one small loop (as an
-  einsum it was 3 tiny dots per convolution: ~35 ms of a TVDM+TE step)."""
-  w0, w1, w2 = (lax.index_in_dim(w, i, axis) for i in range(3))
-  return jnp.concatenate([w0, 0.5 * (w0 + w1 + w2), 0.5 * (w0 - w1 + w2), w2], axis)
+def _rows(matrix, x, axis):
+  """The constant `matrix` [R, K] applied along `axis` (length K -> R), written as
+  scaled adds so that XLA fuses a whole transform into one small loop (as einsums they
+  were tiny dots: ~35 ms of a TVDM+TE step)."""
+  parts = [lax.index_in_dim(x, k, axis) for k in range(len(matrix[0]))]
+  rows = []
+  for row in matrix:
+    terms = [p if c == 1 else c * p for c, p in zip(row, parts) if c != 0]
+    rows.append(functools.reduce(jnp.add, terms))
+  return jnp.concatenate(rows, axis)
 
 
-def _gt_rows(du, axis):
-  """G^T applied along `axis` (length 4 -> 3): the transpose of `_g_rows`."""
-  d0, d1, d2, d3 = (lax.index_in_dim(du, i, axis) for i in range(4))
-  return jnp.concatenate([d0 + 0.5 * (d1 + d2), 0.5 * (d1 - d2), 0.5 * (d1 + d2) + d3], axis)
-
-
-def winograd_filter(w):
-  """U = G w G^T: f32 [3, 3, C, O] -> [16, C, O] (row-major over the 4x4 tile)."""
-  return _g_rows(_g_rows(w, 0), 1).reshape((16,) + w.shape[2:])
+def winograd_filter(w, tile=4):
+  """U = G w G^T: f32 [3, 3, C, O] -> [(tile + 2)^2, C, O] (row-major over the tile)."""
+  g = _G[tile]
+  return _rows(g, _rows(g, w, 0), 1).reshape((len(g) ** 2,) + w.shape[2:])
 
 
 def _winograd(x, u):
-  """x f32 [B, H, W, C], u [16, C, O] -> the 3x3 'SAME' cross-correlation [B, H, W, O]."""
+  """x f32 [B, H, W, C], u [K, C, O] -> the 3x3 'SAME' cross-correlation [B, H, W, O]."""
   out = jax.ShapeDtypeStruct(x.shape[:3] + u.shape[2:], jnp.float32)
   return jax.ffi.ffi_call("vdmrep_winograd_forward", out, vmap_method="sequential")(x, u)
 
 
-def _winograd_filter_grad(x, dy):
+def _winograd_filter_grad(x, dy, tile):
   """dL/dw [3, 3, C, O] from x [B, H, W, C] and dy [B, H, W, O]: G^T dU G."""
+  a = tile + 2
   du = jax.ffi.ffi_call("vdmrep_winograd_filter_grad",
-                        jax.ShapeDtypeStruct((16, x.shape[-1], dy.shape[-1]), jnp.float32),
+                        jax.ShapeDtypeStruct((a * a, x.shape[-1], dy.shape[-1]), jnp.float32),
                         vmap_method="sequential")(x, dy)
-  return _gt_rows(_gt_rows(du.reshape((4, 4) + du.shape[1:]), 0), 1)
+  gt = tuple(zip(*_G[tile]))
+  return _rows(gt, _rows(gt, du.reshape((a, a) + du.shape[1:]), 0), 1)
 
 
 def conv2d(x, w, strides, pads, winograd=None):
@@ -223,34 +234,46 @@ def conv2d(x, w, strides, pads, winograd=None):
 
   strides: (sh, sw); pads: ((lo, hi), (lo, hi)), non-negative, as in
   `lax.conv_general_dilated`. Cross-correlation (no filter flip), like XLA's op.
-  winograd: None takes the Winograd kernel where `_winograd_ok` holds, False never
-  (oneDNN's direct convolution), True insists (ValueError where it cannot).
+  winograd: None takes Winograd's F(4x4, 3x3) where `_winograd_ok` holds, False never
+  (oneDNN's direct convolution); True, 4 or 2 insist on F(4x4) or F(2x2) (ValueError
+  where it cannot apply). F(4x4) does 1/4 of the direct form's multiply-adds, F(2x2)
+  4/9 with about 1/10 of F(4x4)'s round-off (tests/test_onednn_winograd.py).
   """
   strides, pads = tuple(strides), tuple(tuple(p) for p in pads)
   ok = _winograd_ok(x.shape, w.shape, strides, pads)
-  if winograd and not ok:
-    raise ValueError(f"conv2d: no Winograd kernel for x {x.shape}, w {w.shape}, strides "
-                     f"{strides}, pads {pads} (3x3, stride 1, pads 1, channels in "
-                     f"{WINOGRAD_CHANNELS}, AVX-512)")
-  return _conv2d(x, w, strides, pads, ok if winograd is None else bool(winograd))
+  if winograd is None:
+    tile = WINOGRAD_DEFAULT_TILE if ok else 0
+  elif winograd is False:
+    tile = 0
+  else:
+    tile = WINOGRAD_DEFAULT_TILE if winograd is True else winograd
+    if tile not in WINOGRAD_TILES:
+      raise ValueError(f"conv2d: winograd must be None, a bool or a tile size in "
+                       f"{WINOGRAD_TILES}, got {winograd!r}")
+    if not ok:
+      raise ValueError(f"conv2d: no Winograd kernel for x {x.shape}, w {w.shape}, strides "
+                       f"{strides}, pads {pads} (3x3, stride 1, pads 1, channels in "
+                       f"{WINOGRAD_CHANNELS}, AVX-512)")
+  return _conv2d(x, w, strides, pads, tile)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv2d(x, w, strides, pads, winograd):
-  if winograd:
-    return _winograd(x, winograd_filter(w))
+def _conv2d(x, w, strides, pads, tile):
+  """tile: 0 for oneDNN's direct convolution, else Winograd's output tile size."""
+  if tile:
+    return _winograd(x, winograd_filter(w, tile))
   return _call("forward", _out_shape(x.shape, w.shape, strides, pads), x, w, strides, pads)
 
 
-def _conv2d_fwd(x, w, strides, pads, winograd):
-  return _conv2d(x, w, strides, pads, winograd), (x, w)
+def _conv2d_fwd(x, w, strides, pads, tile):
+  return _conv2d(x, w, strides, pads, tile), (x, w)
 
 
-def _conv2d_bwd(strides, pads, winograd, res, dy):
+def _conv2d_bwd(strides, pads, tile, res, dy):
   x, w = res
-  if winograd:
+  if tile:
     rotated = jnp.flip(w, (0, 1)).swapaxes(2, 3)  # the transposed 'SAME' convolution
-    return _winograd(dy, winograd_filter(rotated)), _winograd_filter_grad(x, dy)
+    return _winograd(dy, winograd_filter(rotated, tile)), _winograd_filter_grad(x, dy, tile)
   dx = _call("input_grad", x.shape, dy, w, strides, pads)
   dw = _call("filter_grad", w.shape, x, dy, strides, pads)
   return dx, dw

@@ -1,32 +1,35 @@
 // 3x3 convolutions (stride 1, one pixel of zero padding: the score net's) by Winograd's
-// minimal filtering F(2x2, 3x3), forward and filter gradient, as XLA FFI custom calls.
-// The input gradient is the forward of the output gradient with the filter rotated by
-// 180 degrees and its channels swapped (vdmrep.kernels.onednn.conv2d).
+// minimal filtering F(M x M, 3x3), M = 4 or 2, forward and filter gradient, as XLA FFI
+// custom calls. The input gradient is the forward of the output gradient with the
+// filter rotated by 180 degrees and its channels swapped (vdmrep.kernels.onednn.conv2d).
 //
 // Why: oneDNN's direct convolution already runs at the machine's matmul rate
 // (benchmarks/README.md), so the only way to make it faster is fewer multiply-adds.
-// F(2x2, 3x3) computes a 2x2 output tile from a 4x4 input tile with 16 products per
-// (input, output) channel pair where the direct form takes 36: 4/9 of the arithmetic,
-// as 16 small matrix products. Winograd's transforms are additions, done here while a
-// chunk of tiles is in L1/L2, so the activations cross memory once as in the direct
-// form (in XLA the transforms were separate passes and the whole was 4.7x slower).
+// F(M x M, 3x3) computes an M x M output tile from a kA x kA input tile (kA = M + 2)
+// with kA^2 products per (input, output) channel pair where the direct form takes 9 M^2:
+// 4/9 of the arithmetic for M = 2, 1/4 for M = 4, as kA^2 small matrix products.
+// Winograd's transforms are additions (and, for M = 4, multiplications by 2, 4, 5, 8),
+// done here while a chunk of tiles is in L1/L2, so the activations cross memory once
+// as in the direct form (in XLA the transforms were separate passes and the whole was
+// 4.7x slower). M = 4 is the faster (benchmarks/README.md) and the default; M = 2 has
+// about a tenth of its round-off.
 //
-// Mathematics (Lavin & Gray 2016), one tile, per channel, d the 4x4 input tile (zero
-// outside the image), g the 3x3 filter, Y the 2x2 output tile:
-//   U = G g G^T, V = B^T d B, M[k] = sum_c V[k, c] U[k, c, :] (k = 16 tile positions),
-//   Y = A^T M A, with
-//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  A^T = [1 1 1 0; 0 1 -1 -1],
-//   G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1] (U and G^T dU G are computed in JAX).
-// This equals the cross-correlation exactly in real arithmetic; in float32 it differs
-// by round-off (tests/test_onednn_winograd.py bounds it against a float64 reference).
+// Mathematics (Lavin & Gray 2016), one tile, per channel, d the kA x kA input tile
+// (zero outside the image), g the 3x3 filter, Y the M x M output tile:
+//   U = G g G^T, V = B^T d B, M[k] = sum_c V[k, c] U[k, c, :] (k = kA^2 tile positions),
+//   Y = A^T M A, with B^T, A^T in `Tile<M>` below and G in onednn.py (U and G^T dU G are
+//   computed in JAX). This equals the cross-correlation exactly in real arithmetic; in
+//   float32 it differs by round-off (tests/test_onednn_winograd.py bounds it against a
+//   float64 reference).
 // Filter gradient: dU[k, c, o] = sum over examples and tiles V[k, c] dM[k, o] with
 // dM = A dY A^T, the transpose of the output transform.
 //
-// Layout: NHWC activations, U and dU as [16, C, O]. Examples are shared out over the
-// OpenMP threads; every output element is computed by one thread in a fixed order, and
-// the filter gradient sums fixed groups of examples in order, so results do not depend
-// on the thread count. C and O are compile-time constants (16, 32, 64, 128) so that the
-// products keep their accumulators in AVX-512 registers.
+// Layout: NHWC activations, U and dU as [kA^2, C, O] (16 or 36 points: the handlers
+// read M from it). Examples are shared out over the OpenMP threads; every output
+// element is computed by one thread in a fixed order, and the filter gradient sums
+// fixed groups of examples in order, so results do not depend on the thread count. C
+// and O are compile-time constants (16, 32, 64, 128) so that the products keep their
+// accumulators in AVX-512 registers.
 
 #include <algorithm>
 #include <cstdint>
@@ -58,42 +61,189 @@ struct Geometry {
   int64_t b, h, w, tw, tiles;  // batch, height, width, tiles per row, tiles per image
 };
 
-// V[k][r][:] (k = 4 a + b) for the input tile at `tile`: rows 2 ti - 1 ... 2 ti + 2.
-template <int C>
+inline __m512 Mul(float a, __m512 x) { return _mm512_mul_ps(_mm512_set1_ps(a), x); }
+inline __m512 Fma(float a, __m512 x, __m512 y) {  // a x + y
+  return _mm512_fmadd_ps(_mm512_set1_ps(a), x, y);
+}
+inline __m512 Fnma(float a, __m512 x, __m512 y) {  // y - a x
+  return _mm512_fnmadd_ps(_mm512_set1_ps(a), x, y);
+}
+inline __m512 Neg(__m512 x) {  // exact, as -x in C
+  return _mm512_castsi512_ps(
+      _mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN)));
+}
+
+// The transforms along one axis of F(M x M, 3x3), kA = M + 2 points: the input
+// transform e = B^T d, the output transform y = A^T m, and its transpose h = A g (the
+// filter gradient's dM = A dY A^T), each applied to kA (or M) vectors of 16 channels.
+// The 2D transforms apply them down the columns, then along the rows.
+template <int M>
+struct Tile;
+
+template <>
+struct Tile<2> {  // B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  A^T = [1 1 1 0; 0 1 -1 -1]
+  static constexpr int kA = 4;
+  static inline void In(const __m512 (&d)[4], __m512 (&e)[4]) {
+    e[0] = _mm512_sub_ps(d[0], d[2]);
+    e[1] = _mm512_add_ps(d[1], d[2]);
+    e[2] = _mm512_sub_ps(d[2], d[1]);
+    e[3] = _mm512_sub_ps(d[1], d[3]);
+  }
+  static inline void Out(const __m512 (&m)[4], __m512 (&y)[2]) {
+    y[0] = _mm512_add_ps(_mm512_add_ps(m[0], m[1]), m[2]);
+    y[1] = _mm512_sub_ps(_mm512_sub_ps(m[1], m[2]), m[3]);
+  }
+  static inline void OutT(const __m512 (&g)[2], __m512 (&h)[4]) {
+    h[0] = g[0];
+    h[1] = _mm512_add_ps(g[0], g[1]);
+    h[2] = _mm512_sub_ps(g[0], g[1]);
+    h[3] = Neg(g[1]);
+  }
+};
+
+template <>
+struct Tile<4> {
+  // B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0;
+  //        0 4 0 -5 0 1] (points 0, +-1, +-2, infinity; Lavin & Gray 2016).
+  static constexpr int kA = 6;
+  static inline void In(const __m512 (&d)[6], __m512 (&e)[6]) {
+    const __m512 s12 = _mm512_add_ps(d[1], d[2]), d12 = _mm512_sub_ps(d[1], d[2]);
+    const __m512 d42 = _mm512_sub_ps(d[4], d[2]), d31 = _mm512_sub_ps(d[3], d[1]);
+    e[0] = Fma(4.f, d[0], Fnma(5.f, d[2], d[4]));
+    e[1] = Fnma(4.f, s12, _mm512_add_ps(d[3], d[4]));
+    e[2] = Fma(4.f, d12, _mm512_sub_ps(d[4], d[3]));
+    e[3] = Fma(2.f, d31, d42);
+    e[4] = Fnma(2.f, d31, d42);
+    e[5] = Fma(4.f, d[1], Fnma(5.f, d[3], d[5]));
+  }
+  // A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
+  static inline void Out(const __m512 (&m)[6], __m512 (&y)[4]) {
+    const __m512 p = _mm512_add_ps(m[1], m[2]), q = _mm512_sub_ps(m[1], m[2]);
+    const __m512 r = _mm512_add_ps(m[3], m[4]), s = _mm512_sub_ps(m[3], m[4]);
+    y[0] = _mm512_add_ps(_mm512_add_ps(m[0], p), r);
+    y[1] = Fma(2.f, s, q);
+    y[2] = Fma(4.f, r, p);
+    y[3] = _mm512_add_ps(Fma(8.f, s, q), m[5]);
+  }
+  static inline void OutT(const __m512 (&g)[4], __m512 (&h)[6]) {
+    const __m512 a = _mm512_add_ps(g[0], g[2]), b = _mm512_add_ps(g[1], g[3]);
+    const __m512 c = Fma(4.f, g[2], g[0]), d = Mul(2.f, Fma(4.f, g[3], g[1]));
+    h[0] = g[0];
+    h[1] = _mm512_add_ps(a, b);
+    h[2] = _mm512_sub_ps(a, b);
+    h[3] = _mm512_add_ps(c, d);
+    h[4] = _mm512_sub_ps(c, d);
+    h[5] = g[3];
+  }
+};
+
+// The kA x kA pixels (16 channels from `c` on) of the block whose corner is (y0, x0),
+// of an image with `ch` channels; zeros outside the image.
+template <int kA>
+inline void LoadBlock(const Geometry& g, const float* __restrict__ e, int64_t ch, int64_t y0,
+                      int64_t x0, int c, __m512 (&d)[kA][kA]) {
+  const bool inside = y0 >= 0 && x0 >= 0 && y0 + kA <= g.h && x0 + kA <= g.w;
+#pragma GCC unroll 6
+  for (int a = 0; a < kA; a++)
+#pragma GCC unroll 6
+    for (int b = 0; b < kA; b++) {
+      const int64_t y = y0 + a, x = x0 + b;
+      d[a][b] = inside || (y >= 0 && y < g.h && x >= 0 && x < g.w)
+                    ? _mm512_loadu_ps(e + (y * g.w + x) * ch + c)
+                    : _mm512_setzero_ps();
+    }
+}
+
+// V[k][r][:] (k = kA a + b) for the input tile at `tile` (input rows M ti - 1 ...),
+// sixteen channels at a time, all in registers: each pixel is loaded once and each V
+// value stored once (through stack copies this took as long as the products).
+template <int M, int C>
 inline void InputTile(const Geometry& g, const float* __restrict__ xe, int64_t tile, int r,
                       int rows, float* __restrict__ v) {
-  const int64_t ti = tile / g.tw, tj = tile % g.tw;
-  float d[4][4][C];
-  for (int a = 0; a < 4; a++) {
-    const int64_t y = 2 * ti - 1 + a;
-    for (int b = 0; b < 4; b++) {
-      const int64_t x = 2 * tj - 1 + b;
-      if (y >= 0 && y < g.h && x >= 0 && x < g.w) {
-        std::memcpy(d[a][b], xe + (y * g.w + x) * C, sizeof(d[a][b]));
-      } else {
-        std::memset(d[a][b], 0, sizeof(d[a][b]));
-      }
+  constexpr int kA = Tile<M>::kA;
+  const int64_t y0 = M * (tile / g.tw) - 1, x0 = M * (tile % g.tw) - 1;
+  const int64_t step = static_cast<int64_t>(rows) * C;
+  float* vr = v + static_cast<int64_t>(r) * C;
+#pragma GCC unroll 8
+  for (int c = 0; c < C; c += 16) {
+    __m512 d[kA][kA];
+    LoadBlock<kA>(g, xe, C, y0, x0, c, d);
+    __m512 e[kA][kA];  // e = B^T d: down each column, stored transposed
+#pragma GCC unroll 6
+    for (int b = 0; b < kA; b++) {
+      __m512 col[kA], out[kA];
+      for (int a = 0; a < kA; a++) col[a] = d[a][b];
+      Tile<M>::In(col, out);
+      for (int a = 0; a < kA; a++) e[a][b] = out[a];
+    }
+#pragma GCC unroll 6
+    for (int a = 0; a < kA; a++) {  // (B^T d) B: along each row
+      __m512 out[kA];
+      Tile<M>::In(e[a], out);
+      float* va = vr + static_cast<int64_t>(kA * a) * step + c;
+      for (int b = 0; b < kA; b++) _mm512_storeu_ps(va + b * step, out[b]);
     }
   }
-  float e[4][4][C];  // B^T d
-  for (int b = 0; b < 4; b++) {
-#pragma omp simd
-    for (int c = 0; c < C; c++) {
-      e[0][b][c] = d[0][b][c] - d[2][b][c];
-      e[1][b][c] = d[1][b][c] + d[2][b][c];
-      e[2][b][c] = d[2][b][c] - d[1][b][c];
-      e[3][b][c] = d[1][b][c] - d[3][b][c];
+}
+
+// Y = A^T M A for the chunk's row r, written to the output tile at `tile` (clipped to
+// the image).
+template <int M, int O>
+inline void OutputTile(const Geometry& g, const float* __restrict__ m, int64_t tile, int r,
+                       int rows, float* __restrict__ ye) {
+  constexpr int kA = Tile<M>::kA;
+  const int64_t y0 = M * (tile / g.tw), x0 = M * (tile % g.tw);
+  const int64_t step = static_cast<int64_t>(rows) * O;
+  const float* mr = m + static_cast<int64_t>(r) * O;
+#pragma GCC unroll 8
+  for (int o = 0; o < O; o += 16) {
+    __m512 s[M][kA];  // A^T M: down each column
+#pragma GCC unroll 6
+    for (int b = 0; b < kA; b++) {
+      __m512 col[kA], out[M];
+      for (int a = 0; a < kA; a++) col[a] = _mm512_loadu_ps(mr + (kA * a + b) * step + o);
+      Tile<M>::Out(col, out);
+      for (int a = 0; a < M; a++) s[a][b] = out[a];
+    }
+#pragma GCC unroll 4
+    for (int a = 0; a < M; a++) {  // (A^T M) A: along each row
+      if (y0 + a >= g.h) break;
+      __m512 out[M];
+      Tile<M>::Out(s[a], out);
+      float* row = ye + ((y0 + a) * g.w + x0) * O + o;
+      for (int b = 0; b < M; b++)
+        if (x0 + b < g.w) _mm512_storeu_ps(row + b * O, out[b]);
     }
   }
-  for (int a = 0; a < 4; a++) {  // (B^T d) B
-    float* va = v + (static_cast<int64_t>(4 * a) * rows + r) * C;
-    const int64_t step = static_cast<int64_t>(rows) * C;
-#pragma omp simd
-    for (int c = 0; c < C; c++) {
-      va[c] = e[a][0][c] - e[a][2][c];
-      va[step + c] = e[a][1][c] + e[a][2][c];
-      va[2 * step + c] = e[a][2][c] - e[a][1][c];
-      va[3 * step + c] = e[a][1][c] - e[a][3][c];
+}
+
+// dM[k][r][:] = (A dY A^T)[k] for the output-gradient tile at `tile` (zero outside the
+// image).
+template <int M, int O>
+inline void GradTile(const Geometry& g, const float* __restrict__ ge, int64_t tile, int r,
+                     int rows, float* __restrict__ dm) {
+  constexpr int kA = Tile<M>::kA;
+  const int64_t y0 = M * (tile / g.tw), x0 = M * (tile % g.tw);
+  const int64_t step = static_cast<int64_t>(rows) * O;
+  float* dr = dm + static_cast<int64_t>(r) * O;
+#pragma GCC unroll 8
+  for (int o = 0; o < O; o += 16) {
+    __m512 d[M][M];
+    LoadBlock<M>(g, ge, O, y0, x0, o, d);
+    __m512 h[kA][M];  // A dY: down each column
+#pragma GCC unroll 4
+    for (int b = 0; b < M; b++) {
+      __m512 col[M], out[kA];
+      for (int a = 0; a < M; a++) col[a] = d[a][b];
+      Tile<M>::OutT(col, out);
+      for (int a = 0; a < kA; a++) h[a][b] = out[a];
+    }
+#pragma GCC unroll 6
+    for (int a = 0; a < kA; a++) {  // (A dY) A^T: along each row
+      __m512 out[kA];
+      Tile<M>::OutT(h[a], out);
+      float* da = dr + static_cast<int64_t>(kA * a) * step + o;
+      for (int b = 0; b < kA; b++) _mm512_storeu_ps(da + b * step, out[b]);
     }
   }
 }
@@ -152,13 +302,20 @@ inline void TileProductTN(const float* __restrict__ v, const float* __restrict__
   }
 }
 
-template <int C, int O>
+// Chunk sizes (tiles whose V and M share the cache at once), measured best.
+template <int M, int O>
+constexpr int ForwardRows() {
+  return M == 4 ? (O >= 32 ? 6 : 12) : (O >= 32 ? 12 : 24);
+}
+
+template <int M, int C, int O>
 void Forward(const Geometry& g, const float* x, const float* u, float* y) {
+  constexpr int kK = Tile<M>::kA * Tile<M>::kA;
   constexpr int kOB = O >= 32 ? 32 : 16;
-  constexpr int kR = kOB == 32 ? 12 : 24;  // tiles per chunk: 24 accumulators
+  constexpr int kR = ForwardRows<M, O>();
 #pragma omp parallel
   {
-    std::vector<float> vbuf(16 * kR * C), mbuf(16 * kR * O);
+    std::vector<float> vbuf(kK * kR * C), mbuf(kK * kR * O);
     float* v = vbuf.data();
     float* m = mbuf.data();
 #pragma omp for schedule(static)
@@ -168,33 +325,10 @@ void Forward(const Geometry& g, const float* x, const float* u, float* y) {
       for (int64_t t0 = 0; t0 < g.tiles; t0 += kR) {
         const int rows = static_cast<int>(std::min<int64_t>(kR, g.tiles - t0));
         if (rows < kR) std::fill(vbuf.begin(), vbuf.end(), 0.f);
-        for (int r = 0; r < rows; r++) InputTile<C>(g, xe, t0 + r, r, kR, v);
-        for (int k = 0; k < 16; k++)
+        for (int r = 0; r < rows; r++) InputTile<M, C>(g, xe, t0 + r, r, kR, v);
+        for (int k = 0; k < kK; k++)
           TileProduct<C, O, kR, kOB>(v + k * kR * C, u + k * C * O, m + k * kR * O);
-        for (int r = 0; r < rows; r++) {  // Y = A^T M A
-          const int64_t ti = (t0 + r) / g.tw, tj = (t0 + r) % g.tw;
-          auto at = [&](int a, int b) { return m + ((4 * a + b) * kR + r) * O; };
-          float s[2][4][O];
-          for (int b = 0; b < 4; b++) {
-            const float *m0 = at(0, b), *m1 = at(1, b), *m2 = at(2, b), *m3 = at(3, b);
-#pragma omp simd
-            for (int o = 0; o < O; o++) {
-              s[0][b][o] = m0[o] + m1[o] + m2[o];
-              s[1][b][o] = m1[o] - m2[o] - m3[o];
-            }
-          }
-          for (int a = 0; a < 2; a++) {
-            const int64_t yy = 2 * ti + a;
-            if (yy >= g.h) continue;
-            float* out = ye + (yy * g.w + 2 * tj) * O;
-#pragma omp simd
-            for (int o = 0; o < O; o++) out[o] = s[a][0][o] + s[a][1][o] + s[a][2][o];
-            if (2 * tj + 1 < g.w) {
-#pragma omp simd
-              for (int o = 0; o < O; o++) out[O + o] = s[a][1][o] - s[a][2][o] - s[a][3][o];
-            }
-          }
-        }
+        for (int r = 0; r < rows; r++) OutputTile<M, O>(g, m, t0 + r, r, kR, ye);
       }
     }
   }
@@ -202,17 +336,18 @@ void Forward(const Geometry& g, const float* x, const float* u, float* y) {
 
 constexpr int64_t kGroup = 8;  // examples per partial filter gradient
 
-template <int C, int O>
+template <int M, int C, int O>
 void FilterGrad(const Geometry& g, const float* x, const float* dy, float* du) {
+  constexpr int kK = Tile<M>::kA * Tile<M>::kA;
   constexpr int kOB = O >= 32 ? 32 : 16;
   constexpr int kCB = kOB == 32 ? 8 : 16;  // 16 accumulators
-  constexpr int kR = 56;                   // tiles per chunk
-  constexpr int64_t kSize = 16 * C * O;
+  constexpr int kR = M == 4 ? 28 : 56;     // tiles per chunk
+  constexpr int64_t kSize = kK * C * O;
   const int64_t groups = (g.b + kGroup - 1) / kGroup;
   std::vector<float> partial(groups * kSize, 0.f);
 #pragma omp parallel
   {
-    std::vector<float> vbuf(16 * kR * C), dmbuf(16 * kR * O);
+    std::vector<float> vbuf(kK * kR * C), dmbuf(kK * kR * O);
     float* v = vbuf.data();
     float* dm = dmbuf.data();
 #pragma omp for schedule(static)
@@ -224,42 +359,10 @@ void FilterGrad(const Geometry& g, const float* x, const float* dy, float* du) {
         for (int64_t t0 = 0; t0 < g.tiles; t0 += kR) {
           const int rows = static_cast<int>(std::min<int64_t>(kR, g.tiles - t0));
           for (int r = 0; r < rows; r++) {
-            InputTile<C>(g, xe, t0 + r, r, kR, v);
-            const int64_t ti = (t0 + r) / g.tw, tj = (t0 + r) % g.tw;
-            float gt[2][2][O];  // the 2x2 output-gradient tile, zero outside the image
-            for (int a = 0; a < 2; a++)
-              for (int b = 0; b < 2; b++) {
-                const int64_t yy = 2 * ti + a, xx = 2 * tj + b;
-                if (yy < g.h && xx < g.w) {
-                  std::memcpy(gt[a][b], ge + (yy * g.w + xx) * O, sizeof(gt[a][b]));
-                } else {
-                  std::memset(gt[a][b], 0, sizeof(gt[a][b]));
-                }
-              }
-            // dM = A dY A^T; A dY's rows: dY0, dY0 + dY1, dY0 - dY1, -dY1.
-            float h[4][2][O];
-            for (int b = 0; b < 2; b++) {
-#pragma omp simd
-              for (int o = 0; o < O; o++) {
-                h[0][b][o] = gt[0][b][o];
-                h[1][b][o] = gt[0][b][o] + gt[1][b][o];
-                h[2][b][o] = gt[0][b][o] - gt[1][b][o];
-                h[3][b][o] = -gt[1][b][o];
-              }
-            }
-            for (int a = 0; a < 4; a++) {
-              float* da = dm + (static_cast<int64_t>(4 * a) * kR + r) * O;
-              const int64_t step = static_cast<int64_t>(kR) * O;
-#pragma omp simd
-              for (int o = 0; o < O; o++) {
-                da[o] = h[a][0][o];
-                da[step + o] = h[a][0][o] + h[a][1][o];
-                da[2 * step + o] = h[a][0][o] - h[a][1][o];
-                da[3 * step + o] = -h[a][1][o];
-              }
-            }
+            InputTile<M, C>(g, xe, t0 + r, r, kR, v);
+            GradTile<M, O>(g, ge, t0 + r, r, kR, dm);
           }
-          for (int k = 0; k < 16; k++)
+          for (int k = 0; k < kK; k++)
             TileProductTN<C, O, kCB, kOB>(v + k * kR * C, dm + k * kR * O, rows,
                                           acc + k * C * O);
         }
@@ -299,15 +402,15 @@ bool ByChannels(int64_t c, int64_t o, Args&&... args) {
 
 template <int C, int O>
 struct RunForward {
-  static void Run(const Geometry& g, const float* x, const float* u, float* y) {
-    Forward<C, O>(g, x, u, y);
+  static void Run(int m, const Geometry& g, const float* x, const float* u, float* y) {
+    m == 4 ? Forward<4, C, O>(g, x, u, y) : Forward<2, C, O>(g, x, u, y);
   }
 };
 
 template <int C, int O>
 struct RunFilterGrad {
-  static void Run(const Geometry& g, const float* x, const float* dy, float* du) {
-    FilterGrad<C, O>(g, x, dy, du);
+  static void Run(int m, const Geometry& g, const float* x, const float* dy, float* du) {
+    m == 4 ? FilterGrad<4, C, O>(g, x, dy, du) : FilterGrad<2, C, O>(g, x, dy, du);
   }
 };
 
@@ -323,40 +426,46 @@ bool SameImage(ffi::Span<const int64_t> a, ffi::Span<const int64_t> b) {
   return a.size() == 4 && b.size() == 4 && std::equal(a.begin(), a.begin() + 3, b.begin());
 }
 
-// Runs F<C, O> on the image geometry of x [B, H, W, C] under the library's lock (see
-// onednn_conv.cc); an error for channel counts not compiled, or without AVX-512.
+// The output tile size M of a transformed filter's (or its gradient's) kA^2 points.
+int TileSize(int64_t points) { return points == 16 ? 2 : points == 36 ? 4 : 0; }
+
+// Runs F<C, O> with output tiles of M x M on the image geometry of x [B, H, W, C] under
+// the library's lock (see onednn_conv.cc); an error for channel counts not compiled, or
+// without AVX-512.
 template <template <int, int> class F, typename... Ptrs>
-ffi::Error Dispatch(ffi::Span<const int64_t> xd, int64_t o, Ptrs... ptrs) {
+ffi::Error Dispatch(ffi::Span<const int64_t> xd, int m, int64_t o, Ptrs... ptrs) {
 #if defined(__AVX512F__)
-  const Geometry g{xd[0], xd[1], xd[2], (xd[2] + 1) / 2, ((xd[1] + 1) / 2) * ((xd[2] + 1) / 2)};
+  const int64_t th = (xd[1] + m - 1) / m, tw = (xd[2] + m - 1) / m;
+  const Geometry g{xd[0], xd[1], xd[2], tw, th * tw};
   std::lock_guard<std::mutex> lock(VdmrepKernelLock());
-  if (ByChannels<F>(xd[3], o, g, ptrs...)) return ffi::Error::Success();
+  if (ByChannels<F>(xd[3], o, m, g, ptrs...)) return ffi::Error::Success();
   return ffi::Error::InvalidArgument("vdmrep winograd: channels must be 16, 32, 64 or 128");
 #else
   return ffi::Error(ffi::ErrorCode::kUnimplemented, "vdmrep winograd: built without AVX-512");
 #endif
 }
 
-// x [B, H, W, C], u [16, C, O] -> y [B, H, W, O].
+// x [B, H, W, C], u [K, C, O] -> y [B, H, W, O]; K = 16 for F(2x2, 3x3), 36 for F(4x4, 3x3).
 ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
                        ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), ud = u.dimensions(), yd = y->dimensions();
-  if (xd.size() != 4 || ud.size() != 3 || ud[0] != 16 || ud[1] != xd[3] || yd.size() != 4 ||
-      !SameImage(xd, yd) || yd[3] != ud[2])
+  if (xd.size() != 4 || ud.size() != 3 || !TileSize(ud[0]) || ud[1] != xd[3] ||
+      yd.size() != 4 || !SameImage(xd, yd) || yd[3] != ud[2])
     return ffi::Error::InvalidArgument(
-        "vdmrep winograd: expects x [B, H, W, C], u [16, C, O] -> y [B, H, W, O]");
-  return Dispatch<RunForward>(xd, ud[2], x.typed_data(), u.typed_data(), y->typed_data());
+        "vdmrep winograd: expects x [B, H, W, C], u [16 or 36, C, O] -> y [B, H, W, O]");
+  return Dispatch<RunForward>(xd, TileSize(ud[0]), ud[2], x.typed_data(), u.typed_data(),
+                              y->typed_data());
 }
 
-// x [B, H, W, C], dy [B, H, W, O] -> du [16, C, O].
+// x [B, H, W, C], dy [B, H, W, O] -> du [K, C, O] (K = 16 or 36, as the forward's u).
 ffi::Error FilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                           ffi::ResultBuffer<ffi::F32> du) {
   auto xd = x.dimensions(), gd = dy.dimensions(), dd = du->dimensions();
   if (xd.size() != 4 || gd.size() != 4 || !SameImage(xd, gd) || dd.size() != 3 ||
-      dd[0] != 16 || dd[1] != xd[3] || dd[2] != gd[3])
+      !TileSize(dd[0]) || dd[1] != xd[3] || dd[2] != gd[3])
     return ffi::Error::InvalidArgument(
-        "vdmrep winograd: expects x [B, H, W, C], dy [B, H, W, O] -> du [16, C, O]");
-  return Dispatch<RunFilterGrad>(xd, gd[3], x.typed_data(), dy.typed_data(),
+        "vdmrep winograd: expects x [B, H, W, C], dy [B, H, W, O] -> du [16 or 36, C, O]");
+  return Dispatch<RunFilterGrad>(xd, TileSize(dd[0]), gd[3], x.typed_data(), dy.typed_data(),
                                  du->typed_data());
 }
 
