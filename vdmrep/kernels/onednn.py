@@ -17,7 +17,7 @@ anything else falls through to XLA's op. Use it through `model.conv_impl` (see
 SPMD partitioning rule, so it is only chosen for single-device CPU programs.
 
 `attention` (attention.cc) computes softmax(q k^T / sqrt(C)) v forward and backward
-in [64, N] row tiles that stay in cache, with oneDNN's sgemm for the products: XLA's
+in [64, N] row tiles that stay in cache, with register-blocked products: XLA's
 form writes and re-reads [N, N] matrices per example (layers.attention).
 
 `conv2d` runs 3x3 'SAME' convolutions at 16-128 channels by Winograd's F(4x4, 3x3)
