@@ -24,7 +24,8 @@ form writes and re-reads [N, N] matrices per example (layers.attention).
 (winograd.cc; 1/4 of the direct form's multiply-adds, transforms done in cache; F(2x2,
 3x3) on request) where the CPU has AVX-512: forward, input gradient (the forward of dy
 with the rotated filter) and filter gradient; equal to the direct form up to f32
-round-off (tests/test_onednn_winograd.py). oneDNN's direct convolution takes every other case.
+round-off (tests/test_onednn_winograd.py). oneDNN's direct convolution takes every
+other case.
 
 `group_norm` (group_norm.cc) is `layers.group_norm` (GroupNorm with the ResNet block's
 conditioning shift, FiLM and swish) with each example's statistics, affine map and

@@ -33,8 +33,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
