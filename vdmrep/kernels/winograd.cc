@@ -154,36 +154,43 @@ inline void LoadBlock(const Geometry& g, const float* __restrict__ e, int64_t ch
     }
 }
 
-// V[k][r][:] (k = kA a + b) for the input tile at `tile` (input rows M ti - 1 ...),
-// sixteen channels at a time, all in registers: each pixel is loaded once and each V
-// value stored once (through stack copies this took as long as the products).
+// T d T^T for the kIn x kIn block at (y0, x0) of an image with `ch` channels (zero
+// outside it), 16 channels from `c` on, in registers: T down each column, then along
+// each row; result (a, b) stored at dst[(kOut a + b) step]. Each pixel is loaded once
+// and each value stored once (through stack copies this took as long as the products).
+template <int kIn, int kOut, void (*T)(const __m512 (&)[kIn], __m512 (&)[kOut])>
+inline void TransformBlock(const Geometry& g, const float* __restrict__ e, int64_t ch,
+                           int64_t y0, int64_t x0, int c, float* __restrict__ dst,
+                           int64_t step) {
+  __m512 d[kIn][kIn];
+  LoadBlock<kIn>(g, e, ch, y0, x0, c, d);
+  __m512 t[kOut][kIn];  // T d: down each column
+#pragma GCC unroll 6
+  for (int b = 0; b < kIn; b++) {
+    __m512 col[kIn], out[kOut];
+    for (int a = 0; a < kIn; a++) col[a] = d[a][b];
+    T(col, out);
+    for (int a = 0; a < kOut; a++) t[a][b] = out[a];
+  }
+#pragma GCC unroll 6
+  for (int a = 0; a < kOut; a++) {  // (T d) T^T: along each row
+    __m512 out[kOut];
+    T(t[a], out);
+    for (int b = 0; b < kOut; b++) _mm512_storeu_ps(dst + (kOut * a + b) * step, out[b]);
+  }
+}
+
+// V[k][r][:] = (B^T d B)[k] (k = kA a + b) for the input tile at `tile` (input rows
+// M ti - 1 ...).
 template <int M, int C>
 inline void InputTile(const Geometry& g, const float* __restrict__ xe, int64_t tile, int r,
                       int rows, float* __restrict__ v) {
   constexpr int kA = Tile<M>::kA;
   const int64_t y0 = M * (tile / g.tw) - 1, x0 = M * (tile % g.tw) - 1;
-  const int64_t step = static_cast<int64_t>(rows) * C;
-  float* vr = v + static_cast<int64_t>(r) * C;
 #pragma GCC unroll 8
-  for (int c = 0; c < C; c += 16) {
-    __m512 d[kA][kA];
-    LoadBlock<kA>(g, xe, C, y0, x0, c, d);
-    __m512 e[kA][kA];  // e = B^T d: down each column, stored transposed
-#pragma GCC unroll 6
-    for (int b = 0; b < kA; b++) {
-      __m512 col[kA], out[kA];
-      for (int a = 0; a < kA; a++) col[a] = d[a][b];
-      Tile<M>::In(col, out);
-      for (int a = 0; a < kA; a++) e[a][b] = out[a];
-    }
-#pragma GCC unroll 6
-    for (int a = 0; a < kA; a++) {  // (B^T d) B: along each row
-      __m512 out[kA];
-      Tile<M>::In(e[a], out);
-      float* va = vr + static_cast<int64_t>(kA * a) * step + c;
-      for (int b = 0; b < kA; b++) _mm512_storeu_ps(va + b * step, out[b]);
-    }
-  }
+  for (int c = 0; c < C; c += 16)
+    TransformBlock<kA, kA, Tile<M>::In>(g, xe, C, y0, x0, c, v + static_cast<int64_t>(r) * C + c,
+                                        static_cast<int64_t>(rows) * C);
 }
 
 // Y = A^T M A for the chunk's row r, written to the output tile at `tile` (clipped to
@@ -217,35 +224,17 @@ inline void OutputTile(const Geometry& g, const float* __restrict__ m, int64_t t
   }
 }
 
-// dM[k][r][:] = (A dY A^T)[k] for the output-gradient tile at `tile` (zero outside the
-// image).
+// dM[k][r][:] = (A dY A^T)[k] for the output-gradient tile at `tile`.
 template <int M, int O>
 inline void GradTile(const Geometry& g, const float* __restrict__ ge, int64_t tile, int r,
                      int rows, float* __restrict__ dm) {
   constexpr int kA = Tile<M>::kA;
   const int64_t y0 = M * (tile / g.tw), x0 = M * (tile % g.tw);
-  const int64_t step = static_cast<int64_t>(rows) * O;
-  float* dr = dm + static_cast<int64_t>(r) * O;
 #pragma GCC unroll 8
-  for (int o = 0; o < O; o += 16) {
-    __m512 d[M][M];
-    LoadBlock<M>(g, ge, O, y0, x0, o, d);
-    __m512 h[kA][M];  // A dY: down each column
-#pragma GCC unroll 4
-    for (int b = 0; b < M; b++) {
-      __m512 col[M], out[kA];
-      for (int a = 0; a < M; a++) col[a] = d[a][b];
-      Tile<M>::OutT(col, out);
-      for (int a = 0; a < kA; a++) h[a][b] = out[a];
-    }
-#pragma GCC unroll 6
-    for (int a = 0; a < kA; a++) {  // (A dY) A^T: along each row
-      __m512 out[kA];
-      Tile<M>::OutT(h[a], out);
-      float* da = dr + static_cast<int64_t>(kA * a) * step + o;
-      for (int b = 0; b < kA; b++) _mm512_storeu_ps(da + b * step, out[b]);
-    }
-  }
+  for (int o = 0; o < O; o += 16)
+    TransformBlock<M, kA, Tile<M>::OutT>(g, ge, O, y0, x0, o,
+                                         dm + static_cast<int64_t>(r) * O + o,
+                                         static_cast<int64_t>(rows) * O);
 }
 
 // acc[i][:] += a[s * sa + i * si] * b[s * sb + (0 .. 16 kNV)] for s < steps: a block of
