@@ -105,7 +105,7 @@ def test_error_against_float64_is_bounded_by_that_of_a_direct_convolution():
   largest = np.max(np.abs(exact))
   assert err[2] <= 4.0 * err[False] + 1e-7 and err[2] <= 2e-6 * largest, err
   assert err[4] <= 15.0 * err[False] and err[4] <= 1e-5 * largest, err
-  assert err[4] > err[2]  # (the comparison can fail: F(4x4) is the less accurate)
+  assert err[4] > err[2]  # two different computations: F(4x4) the less accurate
 
 
 _THREADS_SCRIPT = """
