@@ -6,6 +6,7 @@
   python benchmarks/kernel_ab.py --kernel winograd --vdm tvdm --encoder te
   python benchmarks/kernel_ab.py --kernel dense --vdm tvdm --encoder te
   python benchmarks/kernel_ab.py --kernel winograd4 --vdm tvdm --encoder te
+  python benchmarks/kernel_ab.py --kernel conv_adds --vdm tvdm --encoder te
 
 Both programs use oneDNN convolutions (conv_impl='onednn'); the second is built with
 the kernel replaced while it is traced: `onednn.attention` by `layers.attention(q, k,
@@ -14,7 +15,8 @@ v, 1)` (one example per chunk, what the attention blocks ran before the kernel),
 the up blocks normalise and project a concatenated [h, skip] instead of the two parts;
 with `winograd`, the 3x3 convolutions run oneDNN's direct convolution throughout; with
 `winograd4`, Winograd's F(2x2, 3x3) instead of the default F(4x4, 3x3); with
-`dense`, the per-position linear maps (the up blocks' 1x1 shortcuts, the attention
+`conv_adds`, the ResNet blocks' 3x3 convolutions leave their bias, residual add and
+bias-gradient sum to XLA instead of the kernel; with `dense`, the per-position linear maps (the up blocks' 1x1 shortcuts, the attention
 blocks' q, k, v and output projections) are XLA's dots instead of oneDNN's 1x1
 convolutions.
 Steps alternate
@@ -54,6 +56,19 @@ class _DenseOnConcatenation(layers.PartsDense):
         {"params": {"kernel": kernel, "bias": bias}}, _joined(parts))
 
 
+class _ConvAddsInXla(layers.Conv3x3):
+  """Conv3x3 (same parameters) with its bias and residual added by XLA after the kernel,
+  as the ResNet blocks did before the kernel took them in."""
+
+  @nn.compact
+  def __call__(self, x, residual=None):
+    kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    y = onednn.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1))) + bias
+    return y if residual is None else residual + y
+
+
 # --kernel -> (the baseline's name, {(owner, attribute): the form it replaced}).
 BASELINES = {
     "attention": ("xla chunked",
@@ -67,6 +82,7 @@ BASELINES = {
         (layers, "PartsDense"): _DenseOnConcatenation}),
     "winograd": ("onednn direct", {(onednn, "_winograd_ok"): lambda *a: False}),
     "winograd4": ("winograd F(2x2)", {(onednn, "WINOGRAD_DEFAULT_TILE"): 2}),
+    "conv_adds": ("adds in xla", {(layers, "Conv3x3"): _ConvAddsInXla}),
     "dense": ("xla dot", {(layers, "PartsDense"): lambda *a, _cls=layers.PartsDense, **k:
                              _cls(*a, **{**k, "conv_impl": "xla"})}),
 }

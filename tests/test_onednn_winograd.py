@@ -82,6 +82,44 @@ def test_matches_xla_values_and_gradients(x_shape, o, tile):
     np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale(want))
 
 
+@pytest.mark.parametrize("tile", [None, 2, False])
+def test_bias_and_residual_inside_the_kernel(tile):
+  """conv2d(..., bias=b, residual=r) = conv + b + r, and its gradients in x, w, b and r
+  (r's is dy, b's the sum of dy over B, H, W); on the Winograd path both additions
+  happen in the forward kernel and the bias gradient comes from the filter-gradient
+  kernel: the program has no other addition or reduction over [B, H, W, O]."""
+  x, w, dy = _case((3, 9, 10, 32), 64)
+  kb, kr = jax.random.split(jax.random.key(7))
+  b, r = jax.random.normal(kb, (64,)), 3.0 + jax.random.normal(kr, dy.shape)
+  conv = lambda x, w, b, r: onednn.conv2d(x, w, (1, 1), SAME, winograd=tile, bias=b, residual=r)
+  ref = lambda x, w, b, r: _ref(x, w) + b + r
+  (out, pullback), (want, ref_pullback) = jax.vjp(conv, x, w, b, r), jax.vjp(ref, x, w, b, r)
+  tol = _TOLERANCE[tile or 4] if tile is not False else 2e-6
+  scale = lambda a: float(jnp.max(jnp.abs(a)))
+  np.testing.assert_allclose(out, want, rtol=0, atol=tol * scale(want))
+  for name, got, exp in zip("xwbr", pullback(dy), ref_pullback(dy)):
+    assert got.shape == exp.shape, name
+    np.testing.assert_allclose(got, exp, rtol=0, atol=tol * scale(exp), err_msg=name)
+  if tile is not False:
+    hlo = jax.jit(lambda *a: jax.vjp(conv, *a)[1](dy)).lower(x, w, b, r).as_text()
+    big = "tensor<3x9x10x64xf32>"
+    assert not [line for line in hlo.splitlines()
+                if big in line and ("stablehlo.add" in line or "stablehlo.reduce" in line)]
+  # Either operand alone.
+  np.testing.assert_allclose(onednn.conv2d(x, w, (1, 1), SAME, winograd=tile, bias=b),
+                             _ref(x, w) + b, rtol=0, atol=tol * scale(want))
+  np.testing.assert_allclose(onednn.conv2d(x, w, (1, 1), SAME, winograd=tile, residual=r),
+                             _ref(x, w) + r, rtol=0, atol=tol * scale(want))
+
+
+def test_bias_and_residual_of_the_wrong_shape_are_named():
+  x, w = jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 16))
+  with pytest.raises(ValueError, match=r"bias must be \[16\]"):
+    onednn.conv2d(x, w, (1, 1), SAME, bias=jnp.ones((32,)))
+  with pytest.raises(ValueError, match="residual must be the output's shape"):
+    onednn.conv2d(x, w, (1, 1), SAME, residual=jnp.ones((2, 8, 8, 32)))
+
+
 def _float64_conv(x, w):
   """The 3x3 'SAME' cross-correlation in numpy float64."""
   x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
@@ -113,11 +151,13 @@ import sys, numpy as np, jax, jax.numpy as jnp
 from vdmrep.kernels import onednn
 x = jax.random.normal(jax.random.key(0), (12, 9, 10, 32))
 w = jax.random.normal(jax.random.key(1), (3, 3, 32, 64)) / 17.0
-conv = lambda x, w, tile: onednn.conv2d(x, w, (1, 1), ((1, 1), (1, 1)), winograd=tile)
+b = jnp.linspace(-1.0, 1.0, 64)
+conv = lambda x, w, b, tile: onednn.conv2d(x, w, (1, 1), ((1, 1), (1, 1)), winograd=tile, bias=b)
 f = jax.jit(jax.value_and_grad(  # both tile sizes
-    lambda x, w: jnp.sum(jnp.sin(conv(x, w, 4))) + jnp.sum(jnp.cos(conv(x, w, 2))), (0, 1)))
-v, (gx, gw) = f(x, w)
-np.savez(sys.argv[1], v=np.asarray(v), gx=np.asarray(gx), gw=np.asarray(gw))
+    lambda x, w, b: jnp.sum(jnp.sin(conv(x, w, b, 4))) + jnp.sum(jnp.cos(conv(x, w, b, 2))),
+    (0, 1, 2)))
+v, (gx, gw, gb) = f(x, w, b)
+np.savez(sys.argv[1], v=np.asarray(v), gx=np.asarray(gx), gw=np.asarray(gw), gb=np.asarray(gb))
 """
 
 
@@ -132,7 +172,7 @@ def test_same_bits_for_any_thread_count(tmp_path):
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     results.append(np.load(out))
   for other in results[1:]:
-    for k in ("v", "gx", "gw"):
+    for k in ("v", "gx", "gw", "gb"):
       np.testing.assert_array_equal(other[k], results[0][k], err_msg=k)
 
 

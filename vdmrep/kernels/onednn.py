@@ -214,27 +214,37 @@ def winograd_filter(w, tile=4):
   return _rows(g, _rows(g, w, 0), 1).reshape((len(g) ** 2,) + w.shape[2:])
 
 
-def _winograd(x, u):
-  """x f32 [B, H, W, C], u [K, C, O] -> the 3x3 'SAME' cross-correlation [B, H, W, O]."""
+_NONE = np.zeros((0,), np.float32)  # an absent optional operand of the Winograd forward
+
+
+def _winograd(x, u, bias=None, residual=None):
+  """x f32 [B, H, W, C], u [K, C, O] -> the 3x3 'SAME' cross-correlation [B, H, W, O],
+  plus bias [O] and residual [B, H, W, O] where given (added as the kernel stores y)."""
   out = jax.ShapeDtypeStruct(x.shape[:3] + u.shape[2:], jnp.float32)
-  return jax.ffi.ffi_call("vdmrep_winograd_forward", out, vmap_method="sequential")(x, u)
+  return jax.ffi.ffi_call("vdmrep_winograd_forward", out, vmap_method="sequential")(
+      x, u, _NONE if bias is None else bias, _NONE if residual is None else residual)
 
 
 def _winograd_filter_grad(x, dy, tile):
-  """dL/dw [3, 3, C, O] from x [B, H, W, C] and dy [B, H, W, O]: G^T dU G."""
+  """(dL/dw [3, 3, C, O] = G^T dU G, dL/dbias [O] = dy summed over B, H, W) from x
+  [B, H, W, C] and dy [B, H, W, O]."""
   a = tile + 2
-  du = jax.ffi.ffi_call("vdmrep_winograd_filter_grad",
-                        jax.ShapeDtypeStruct((a * a, x.shape[-1], dy.shape[-1]), jnp.float32),
-                        vmap_method="sequential")(x, dy)
+  du, db = jax.ffi.ffi_call(
+      "vdmrep_winograd_filter_grad",
+      (jax.ShapeDtypeStruct((a * a, x.shape[-1], dy.shape[-1]), jnp.float32),
+       jax.ShapeDtypeStruct(dy.shape[-1:], jnp.float32)), vmap_method="sequential")(x, dy)
   gt = tuple(zip(*_G[tile]))
-  return _rows(gt, _rows(gt, du.reshape((a, a) + du.shape[1:]), 0), 1)
+  return _rows(gt, _rows(gt, du.reshape((a, a) + du.shape[1:]), 0), 1), db
 
 
-def conv2d(x, w, strides, pads, winograd=None):
+def conv2d(x, w, strides, pads, winograd=None, *, bias=None, residual=None):
   """x: f32 [N, H, W, C], w: f32 [KH, KW, C, O] -> f32 [N, OH, OW, O].
 
   strides: (sh, sw); pads: ((lo, hi), (lo, hi)), non-negative, as in
   `lax.conv_general_dilated`. Cross-correlation (no filter flip), like XLA's op.
+  bias [O] and residual [N, OH, OW, O], where given, are added to the result: on the
+  Winograd path inside the kernel (and the bias gradient comes from the filter
+  gradient's kernel), so neither costs a pass over memory; otherwise in XLA.
   winograd: None takes Winograd's F(4x4, 3x3) where `_winograd_ok` holds, False never
   (oneDNN's direct convolution); True, 4 or 2 insist on F(4x4) or F(2x2) (ValueError
   where it cannot apply). F(4x4) does 1/4 of the direct form's multiply-adds, F(2x2)
@@ -255,29 +265,41 @@ def conv2d(x, w, strides, pads, winograd=None):
       raise ValueError(f"conv2d: no Winograd kernel for x {x.shape}, w {w.shape}, strides "
                        f"{strides}, pads {pads} (3x3, stride 1, pads 1, channels in "
                        f"{WINOGRAD_CHANNELS}, AVX-512)")
-  return _conv2d(x, w, strides, pads, tile)
+  out_shape = _out_shape(x.shape, w.shape, strides, pads)
+  if bias is not None and tuple(bias.shape) != out_shape[3:]:
+    raise ValueError(f"conv2d: bias must be [{w.shape[3]}], got {tuple(bias.shape)}")
+  if residual is not None and tuple(residual.shape) != out_shape:
+    raise ValueError(f"conv2d: residual must be the output's shape {out_shape}, got "
+                     f"{tuple(residual.shape)}")
+  return _conv2d(x, w, bias, residual, strides, pads, tile, bias is None, residual is None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv2d(x, w, strides, pads, tile):
-  """tile: 0 for oneDNN's direct convolution, else Winograd's output tile size."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _conv2d(x, w, bias, residual, strides, pads, tile, no_bias, no_residual):
+  """tile: 0 for oneDNN's direct convolution, else Winograd's output tile size; bias and
+  residual may be None (no_bias, no_residual say so, for the backward pass)."""
   if tile:
-    return _winograd(x, winograd_filter(w, tile))
-  return _call("forward", _out_shape(x.shape, w.shape, strides, pads), x, w, strides, pads)
+    return _winograd(x, winograd_filter(w, tile), bias, residual)
+  y = _call("forward", _out_shape(x.shape, w.shape, strides, pads), x, w, strides, pads)
+  y = y if bias is None else y + bias
+  return y if residual is None else y + residual
 
 
-def _conv2d_fwd(x, w, strides, pads, tile):
-  return _conv2d(x, w, strides, pads, tile), (x, w)
+def _conv2d_fwd(x, w, bias, residual, *static):
+  return _conv2d(x, w, bias, residual, *static), (x, w)
 
 
-def _conv2d_bwd(strides, pads, tile, res, dy):
+def _conv2d_bwd(strides, pads, tile, no_bias, no_residual, res, dy):
   x, w = res
   if tile:
     rotated = jnp.flip(w, (0, 1)).swapaxes(2, 3)  # the transposed 'SAME' convolution
-    return _winograd(dy, winograd_filter(rotated, tile)), _winograd_filter_grad(x, dy, tile)
-  dx = _call("input_grad", x.shape, dy, w, strides, pads)
-  dw = _call("filter_grad", w.shape, x, dy, strides, pads)
-  return dx, dw
+    dx = _winograd(dy, winograd_filter(rotated, tile))
+    dw, db = _winograd_filter_grad(x, dy, tile)
+  else:
+    dx = _call("input_grad", x.shape, dy, w, strides, pads)
+    dw = _call("filter_grad", w.shape, x, dy, strides, pads)
+    db = None if no_bias else jnp.sum(dy, axis=(0, 1, 2))
+  return dx, dw, None if no_bias else db, None if no_residual else dy
 
 
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

@@ -22,7 +22,10 @@
 //   float32 it differs by round-off (tests/test_onednn_winograd.py bounds it against a
 //   float64 reference).
 // Filter gradient: dU[k, c, o] = sum over examples and tiles V[k, c] dM[k, o] with
-// dM = A dY A^T, the transpose of the output transform.
+// dM = A dY A^T, the transpose of the output transform. The forward pass also adds a
+// bias and a residual as it stores each tile, and the filter gradient returns the bias
+// gradient: a ResNet block's bias, shortcut add and bias-gradient sum then cost no
+// passes over memory of their own.
 //
 // Layout: NHWC activations, U and dU as [kA^2, C, O] (16 or 36 points: the handlers
 // read M from it). Examples are shared out over the OpenMP threads; every output
@@ -193,11 +196,12 @@ inline void InputTile(const Geometry& g, const float* __restrict__ xe, int64_t t
                                         static_cast<int64_t>(rows) * C);
 }
 
-// Y = A^T M A for the chunk's row r, written to the output tile at `tile` (clipped to
-// the image).
+// Y = A^T M A (+ bias[o], + the residual re at the same pixel, each where not null)
+// for the chunk's row r, written to the output tile at `tile` (clipped to the image).
 template <int M, int O>
 inline void OutputTile(const Geometry& g, const float* __restrict__ m, int64_t tile, int r,
-                       int rows, float* __restrict__ ye) {
+                       int rows, const float* __restrict__ bias, const float* __restrict__ re,
+                       float* __restrict__ ye) {
   constexpr int kA = Tile<M>::kA;
   const int64_t y0 = M * (tile / g.tw), x0 = M * (tile % g.tw);
   const int64_t step = static_cast<int64_t>(rows) * O;
@@ -217,9 +221,13 @@ inline void OutputTile(const Geometry& g, const float* __restrict__ m, int64_t t
       if (y0 + a >= g.h) break;
       __m512 out[M];
       Tile<M>::Out(s[a], out);
-      float* row = ye + ((y0 + a) * g.w + x0) * O + o;
-      for (int b = 0; b < M; b++)
-        if (x0 + b < g.w) _mm512_storeu_ps(row + b * O, out[b]);
+      const int64_t at = ((y0 + a) * g.w + x0) * O + o;
+      for (int b = 0; b < M; b++) {
+        if (x0 + b >= g.w) break;
+        if (bias) out[b] = _mm512_add_ps(out[b], _mm512_loadu_ps(bias + o));
+        if (re) out[b] = _mm512_add_ps(out[b], _mm512_loadu_ps(re + at + b * O));
+        _mm512_storeu_ps(ye + at + b * O, out[b]);
+      }
     }
   }
 }
@@ -297,8 +305,10 @@ constexpr int ForwardRows() {
   return M == 4 ? (O >= 32 ? 6 : 12) : (O >= 32 ? 12 : 24);
 }
 
+// y = conv(x) (+ bias [O], + residual [B, H, W, O], each where not null).
 template <int M, int C, int O>
-void Forward(const Geometry& g, const float* x, const float* u, float* y) {
+void Forward(const Geometry& g, const float* x, const float* u, const float* bias,
+             const float* residual, float* y) {
   constexpr int kK = Tile<M>::kA * Tile<M>::kA;
   constexpr int kOB = O >= 32 ? 32 : 16;
   constexpr int kR = ForwardRows<M, O>();
@@ -311,13 +321,14 @@ void Forward(const Geometry& g, const float* x, const float* u, float* y) {
     for (int64_t n = 0; n < g.b; n++) {
       const float* xe = x + n * g.h * g.w * C;
       float* ye = y + n * g.h * g.w * O;
+      const float* re = residual ? residual + n * g.h * g.w * O : nullptr;
       for (int64_t t0 = 0; t0 < g.tiles; t0 += kR) {
         const int rows = static_cast<int>(std::min<int64_t>(kR, g.tiles - t0));
         if (rows < kR) std::fill(vbuf.begin(), vbuf.end(), 0.f);
         for (int r = 0; r < rows; r++) InputTile<M, C>(g, xe, t0 + r, r, kR, v);
         for (int k = 0; k < kK; k++)
           TileProduct<C, O, kR, kOB>(v + k * kR * C, u + k * C * O, m + k * kR * O);
-        for (int r = 0; r < rows; r++) OutputTile<M, O>(g, m, t0 + r, r, kR, ye);
+        for (int r = 0; r < rows; r++) OutputTile<M, O>(g, m, t0 + r, r, kR, bias, re, ye);
       }
     }
   }
@@ -325,15 +336,19 @@ void Forward(const Geometry& g, const float* x, const float* u, float* y) {
 
 constexpr int64_t kGroup = 8;  // examples per partial filter gradient
 
+// du as above, and db[o] = sum of dy[..., o] (the bias gradient): point (1, 1) of
+// dM = A dY A^T is the sum of the tile's dY (row 1 of A is all ones), so it is read off
+// the transformed chunk instead of a separate pass over dy.
 template <int M, int C, int O>
-void FilterGrad(const Geometry& g, const float* x, const float* dy, float* du) {
+void FilterGrad(const Geometry& g, const float* x, const float* dy, float* du, float* db) {
   constexpr int kK = Tile<M>::kA * Tile<M>::kA;
+  constexpr int kSum = Tile<M>::kA + 1;  // point (1, 1)
   constexpr int kOB = O >= 32 ? 32 : 16;
   constexpr int kCB = kOB == 32 ? 8 : 16;  // 16 accumulators
   constexpr int kR = M == 4 ? 28 : 56;     // tiles per chunk
   constexpr int64_t kSize = kK * C * O;
   const int64_t groups = (g.b + kGroup - 1) / kGroup;
-  std::vector<float> partial(groups * kSize, 0.f);
+  std::vector<float> partial(groups * kSize, 0.f), partial_db(groups * O, 0.f);
 #pragma omp parallel
   {
     std::vector<float> vbuf(kK * kR * C), dmbuf(kK * kR * O);
@@ -342,6 +357,7 @@ void FilterGrad(const Geometry& g, const float* x, const float* dy, float* du) {
 #pragma omp for schedule(static)
     for (int64_t grp = 0; grp < groups; grp++) {
       float* acc = partial.data() + grp * kSize;
+      float* acc_db = partial_db.data() + grp * O;
       for (int64_t n = grp * kGroup; n < std::min(g.b, (grp + 1) * kGroup); n++) {
         const float* xe = x + n * g.h * g.w * C;
         const float* ge = dy + n * g.h * g.w * O;
@@ -350,6 +366,11 @@ void FilterGrad(const Geometry& g, const float* x, const float* dy, float* du) {
           for (int r = 0; r < rows; r++) {
             InputTile<M, C>(g, xe, t0 + r, r, kR, v);
             GradTile<M, O>(g, ge, t0 + r, r, kR, dm);
+          }
+          for (int r = 0; r < rows; r++) {
+            const float* d = dm + (kSum * kR + r) * O;
+#pragma omp simd
+            for (int o = 0; o < O; o++) acc_db[o] += d[o];
           }
           for (int k = 0; k < kK; k++)
             TileProductTN<C, O, kCB, kOB>(v + k * kR * C, dm + k * kR * O, rows,
@@ -363,6 +384,12 @@ void FilterGrad(const Geometry& g, const float* x, const float* dy, float* du) {
       float s = 0.f;
       for (int64_t grp = 0; grp < groups; grp++) s += partial[grp * kSize + i];
       du[i] = s;
+    }
+#pragma omp for schedule(static)
+    for (int o = 0; o < O; o++) {
+      float s = 0.f;
+      for (int64_t grp = 0; grp < groups; grp++) s += partial_db[grp * O + o];
+      db[o] = s;
     }
   }
 }
@@ -391,15 +418,18 @@ bool ByChannels(int64_t c, int64_t o, Args&&... args) {
 
 template <int C, int O>
 struct RunForward {
-  static void Run(int m, const Geometry& g, const float* x, const float* u, float* y) {
-    m == 4 ? Forward<4, C, O>(g, x, u, y) : Forward<2, C, O>(g, x, u, y);
+  static void Run(int m, const Geometry& g, const float* x, const float* u, const float* bias,
+                  const float* residual, float* y) {
+    m == 4 ? Forward<4, C, O>(g, x, u, bias, residual, y)
+           : Forward<2, C, O>(g, x, u, bias, residual, y);
   }
 };
 
 template <int C, int O>
 struct RunFilterGrad {
-  static void Run(int m, const Geometry& g, const float* x, const float* dy, float* du) {
-    m == 4 ? FilterGrad<4, C, O>(g, x, dy, du) : FilterGrad<2, C, O>(g, x, dy, du);
+  static void Run(int m, const Geometry& g, const float* x, const float* dy, float* du,
+                  float* db) {
+    m == 4 ? FilterGrad<4, C, O>(g, x, dy, du, db) : FilterGrad<2, C, O>(g, x, dy, du, db);
   }
 };
 
@@ -434,28 +464,42 @@ ffi::Error Dispatch(ffi::Span<const int64_t> xd, int m, int64_t o, Ptrs... ptrs)
 #endif
 }
 
-// x [B, H, W, C], u [K, C, O] -> y [B, H, W, O]; K = 16 for F(2x2, 3x3), 36 for F(4x4, 3x3).
+// x [B, H, W, C], u [K, C, O], bias [O] or [0], residual [B, H, W, O] or [0] -> y [B, H,
+// W, O] = conv(x) + bias + residual (an empty operand is left out); K = 16 for F(2x2,
+// 3x3), 36 for F(4x4, 3x3). The bias and the residual (a ResNet block's shortcut) are
+// added as each output tile is stored: no pass of their own over y.
 ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
+                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual,
                        ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), ud = u.dimensions(), yd = y->dimensions();
+  auto bd = bias.dimensions(), rd = residual.dimensions();
+  const bool has_bias = bias.element_count() > 0, has_res = residual.element_count() > 0;
   if (xd.size() != 4 || ud.size() != 3 || !TileSize(ud[0]) || ud[1] != xd[3] ||
-      yd.size() != 4 || !SameImage(xd, yd) || yd[3] != ud[2])
+      yd.size() != 4 || !SameImage(xd, yd) || yd[3] != ud[2] ||
+      (has_bias && (bd.size() != 1 || bd[0] != yd[3])) ||
+      (has_res && !(SameImage(rd, yd) && rd[3] == yd[3])))
     return ffi::Error::InvalidArgument(
-        "vdmrep winograd: expects x [B, H, W, C], u [16 or 36, C, O] -> y [B, H, W, O]");
+        "vdmrep winograd: expects x [B, H, W, C], u [16 or 36, C, O], bias [O] or [0], "
+        "residual [B, H, W, O] or [0] -> y [B, H, W, O]");
   return Dispatch<RunForward>(xd, TileSize(ud[0]), ud[2], x.typed_data(), u.typed_data(),
-                              y->typed_data());
+                              has_bias ? bias.typed_data() : nullptr,
+                              has_res ? residual.typed_data() : nullptr, y->typed_data());
 }
 
-// x [B, H, W, C], dy [B, H, W, O] -> du [K, C, O] (K = 16 or 36, as the forward's u).
+// x [B, H, W, C], dy [B, H, W, O] -> du [K, C, O] (K = 16 or 36, as the forward's u) and
+// db [O] (dy summed over B, H, W: the bias gradient).
 ffi::Error FilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                          ffi::ResultBuffer<ffi::F32> du) {
+                          ffi::ResultBuffer<ffi::F32> du, ffi::ResultBuffer<ffi::F32> db) {
   auto xd = x.dimensions(), gd = dy.dimensions(), dd = du->dimensions();
+  auto bd = db->dimensions();
   if (xd.size() != 4 || gd.size() != 4 || !SameImage(xd, gd) || dd.size() != 3 ||
-      !TileSize(dd[0]) || dd[1] != xd[3] || dd[2] != gd[3])
+      !TileSize(dd[0]) || dd[1] != xd[3] || dd[2] != gd[3] || bd.size() != 1 ||
+      bd[0] != gd[3])
     return ffi::Error::InvalidArgument(
-        "vdmrep winograd: expects x [B, H, W, C], dy [B, H, W, O] -> du [16 or 36, C, O]");
+        "vdmrep winograd: expects x [B, H, W, C], dy [B, H, W, O] -> du [16 or 36, C, O], "
+        "db [O]");
   return Dispatch<RunFilterGrad>(xd, TileSize(dd[0]), gd[3], x.typed_data(), dy.typed_data(),
-                                 du->typed_data());
+                                 du->typed_data(), db->typed_data());
 }
 
 }  // namespace
@@ -464,10 +508,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VdmrepWinogradForward, ForwardImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VdmrepWinogradFilterGrad, FilterGradImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

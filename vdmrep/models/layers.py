@@ -284,6 +284,33 @@ class PartsDense(nn.Module):
     return y + bias.astype(dtype)
 
 
+class Conv3x3(nn.Module):
+  """nn.Conv(features, (3, 3)) ('SAME', stride 1; same parameters, initialisation and
+  checkpoints) whose result may have a residual added: y = conv(x) + bias (+ residual).
+
+  On the oneDNN path in float32 the Winograd kernel adds the bias and the residual as
+  it stores each output tile, and its filter gradient returns the bias gradient, so a
+  ResNet block's bias add, shortcut add and bias-gradient sum cost no passes of their
+  own (onednn.conv2d); elsewhere XLA's convolution and adds."""
+  features: int
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  conv_impl: str = "xla"
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, residual=None):
+    kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    if (self.conv_impl == "onednn" and self.dtype == jnp.float32 and x.dtype == jnp.float32
+        and (residual is None or residual.dtype == jnp.float32)):
+      return onednn.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)), bias=bias, residual=residual)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+    return y if residual is None else y + residual
+
+
 class ResnetBlock(nn.Module):
   """Pre-activation ResNet block: norm, swish, conv, (+cond), norm, swish, dropout, conv.
 
@@ -315,8 +342,15 @@ class ResnetBlock(nn.Module):
     norm1 = norm(g_in, name="norm1")
     if len(parts) > 1 and (c_in == out_ch or not norm1.uses_kernel(parts[0].dtype)):
       parts = (jnp.concatenate(parts, axis=-1),)
+
+    def conv3x3(name, init=nn.initializers.lecun_normal()):
+      if fold:  # bias and conv2's residual added inside the kernel (Conv3x3)
+        return Conv3x3(out_ch, init, self.conv_impl, self.dtype, name=name)
+      return conv(out_ch, (3, 3), self.conv_impl, kernel_init=init, dtype=self.dtype,
+                  name=name)
+
     h = norm1(parts, swish=True)
-    h = conv(out_ch, (3, 3), self.conv_impl, dtype=self.dtype, name="conv1")(h)
+    h = conv3x3("conv1")(h)
     shift = None
     if cond is not None:
       shift = nn.Dense(out_ch, use_bias=False, kernel_init=nn.initializers.zeros,
@@ -327,10 +361,8 @@ class ResnetBlock(nn.Module):
     # h + cond, normalised, FiLM-modulated, swish: one pass (see group_norm).
     h = norm(g_out, name="norm2")(h, shift=shift, film=film, swish=True)
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
-    h = conv(out_ch, (3, 3), self.conv_impl,
-             kernel_init=(nn.initializers.zeros if self.zero_init_out
-                          else nn.initializers.lecun_normal()), dtype=self.dtype,
-             name="conv2")(h)
+    conv2 = conv3x3("conv2", nn.initializers.zeros if self.zero_init_out
+                    else nn.initializers.lecun_normal())
     if c_in == out_ch:
       x = parts[0]
     elif len(parts) == 1 and not fold:
@@ -338,9 +370,12 @@ class ResnetBlock(nn.Module):
     else:
       x = PartsDense(out_ch, dtype=self.dtype, conv_impl=self.conv_impl,
                      name="nin_shortcut")(parts)
+    if not fold:
+      return x + conv2(h)
     # Folded norms read the block's input only through fusible ops: without this the
-    # residual sums would be recomputed in every later block (see onednn.materialize).
-    return onednn.materialize(x + h) if fold else x + h
+    # residual sums (here their gradients) would be recomputed in every later block
+    # (see onednn.materialize).
+    return onednn.materialize(conv2(h, residual=x))
 
 
 class AttnBlock(nn.Module):
