@@ -20,12 +20,13 @@ import time
 # Run from the repository root or from benchmarks/: make `vdmrep` importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# A benchmark run as a script gets transparent huge pages for XLA's per-step buffers, as
-# `python -m vdmrep.main` does (vdmrep/hostmem.py: medians 8-24% faster, measured). Not when
-# imported by anything else (pytest): re-executing would replace that process.
+# A benchmark run as a script gets glibc's malloc settings for XLA's per-step buffers
+# (huge pages, memory kept between steps), as `python -m vdmrep.main` does
+# (vdmrep/hostmem.py, measured). Not when imported by anything else (pytest):
+# re-executing would replace that process.
 if os.path.dirname(os.path.abspath(sys.argv[0])) == os.path.dirname(os.path.abspath(__file__)):
   from vdmrep import hostmem  # noqa: E402
-  hostmem.reexec_with_huge_pages()
+  hostmem.reexec_with_malloc_tunables()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

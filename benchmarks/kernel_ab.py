@@ -15,8 +15,8 @@ v, 1)` (one example per chunk, what the attention blocks ran before the kernel),
 the up blocks normalise and project a concatenated [h, skip] instead of the two parts;
 with `winograd`, the 3x3 convolutions run oneDNN's direct convolution throughout; with
 `winograd4`, Winograd's F(2x2, 3x3) instead of the default F(4x4, 3x3); with
-`conv_adds`, the ResNet blocks' 3x3 convolutions leave their bias, residual add and
-bias-gradient sum to XLA instead of the kernel; with `dense`, the per-position linear maps (the up blocks' 1x1 shortcuts, the attention
+`conv_adds`, the ResNet blocks' 3x3 convolutions leave their bias, the shortcut (its
+parts' sum and bias) and the bias-gradient sums to XLA instead of the kernel; with `dense`, the per-position linear maps (the up blocks' 1x1 shortcuts, the attention
 blocks' q, k, v and output projections) are XLA's dots instead of oneDNN's 1x1
 convolutions.
 Steps alternate
@@ -26,6 +26,7 @@ parameters, batch and key: they must agree to float32 round-off).
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import common
@@ -61,12 +62,16 @@ class _ConvAddsInXla(layers.Conv3x3):
   as the ResNet blocks did before the kernel took them in."""
 
   @nn.compact
-  def __call__(self, x, residual=None):
+  def __call__(self, x, residual=None, extra_bias=None):
     kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
                         jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     y = onednn.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1))) + bias
-    return y if residual is None else residual + y
+    if residual is None:
+      return y
+    parts = tuple(residual) if isinstance(residual, (tuple, list)) else (residual,)
+    shortcut = functools.reduce(jnp.add, parts)
+    return (shortcut if extra_bias is None else shortcut + extra_bias) + y
 
 
 # --kernel -> (the baseline's name, {(owner, attribute): the form it replaced}).

@@ -57,6 +57,28 @@ ENTRY %main (a: f32[2]) -> f32[2] {
   assert nbytes["ynn_fusion.1"] == 16 and nbytes["add.2"] == 24 and nbytes["e"] == 16
 
 
+def test_kernel_calls_lose_their_wait_for_the_lock(tmp_path):
+  """Two kernel calls started together on XLA's two threads: the second ran only after
+  the first released the kernels' lock, so it counts from then; an XLA op beside them
+  keeps its whole time."""
+  import gzip
+  import json
+  events = [
+      {"ph": "X", "name": "ffi_call.1", "ts": 0.0, "dur": 100.0, "tid": 1},
+      {"ph": "X", "name": "ffi_call.2", "ts": 10.0, "dur": 150.0, "tid": 2},  # waits 90
+      {"ph": "X", "name": "add.3", "ts": 20.0, "dur": 30.0, "tid": 3},
+      {"ph": "X", "name": "ffi_call.4", "ts": 300.0, "dur": 50.0, "tid": 1},  # no wait
+  ]
+  path = tmp_path / "t.json.gz"
+  with gzip.open(path, "wt") as fh:
+    json.dump({"traceEvents": events}, fh)
+  names = {"ffi_call.1": "", "ffi_call.2": "", "add.3": "", "ffi_call.4": ""}
+  seconds, count, waited = trace_step.op_times(str(path), names)
+  ms = {k: round(v * 1e6) / 1e3 for k, v in seconds.items()}
+  assert ms == {"ffi_call.1": 0.1, "ffi_call.2": 0.06, "add.3": 0.03, "ffi_call.4": 0.05}
+  assert abs(waited - 90e-6) < 1e-12 and count["ffi_call.2"] == 1
+
+
 @pytest.mark.parametrize("op_name,group", [
     ("jit(train_step)/jvp(ScoreNet)/up_3/conv1/ffi_call", "3x3 convolutions"),
     ("jit(train_step)/transpose(jvp(ScoreNet))/down_0/conv2/conv_general_dilated", "3x3 convolutions"),
@@ -80,8 +102,11 @@ def test_traced_step_is_named_and_sums_to_the_step(tmp_path, conv_impl):
   model, compiled, state, x, key = train_step.build("mvdm", "te", 2, 8, conv_impl=conv_impl)
   names = trace_step.op_names(compiled.as_text())
   walls, trace_file = trace_step.trace(compiled, state, x, key, 2, str(tmp_path))
-  seconds, count = trace_step.op_times(trace_file, names)
+  seconds, count, waited = trace_step.op_times(trace_file, names)
+  with_waits, count_w, none = trace_step.op_times(trace_file, names, lock_waits=True)
   total = sum(seconds.values())
+  assert none == 0.0 and count_w == count and waited >= 0.0
+  assert abs(sum(with_waits.values()) - total - waited) < 1e-6
   assert total > 0 and len(seconds) > 50
   unnamed = sum(s for inst, s in seconds.items() if not names[inst])
   assert unnamed < 0.05 * total, sorted(

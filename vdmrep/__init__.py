@@ -12,7 +12,7 @@ evaluation, samples and report):
   evaluate.py     held-out ELBO with its standard error, KL, active units, MI, probes
   sampling.py     the ancestral sampler (any step count), guided and trajectory modes
   main.py         `python -m vdmrep.main --config configs/X.py --workdir DIR`
-  hostmem.py      huge pages for XLA's per-step CPU buffers (entry points re-exec once)
+  hostmem.py      malloc settings for XLA's per-step CPU buffers (entry points re-exec once)
   and around them: parallel.py (mesh, sharding), checkpoints.py, probes.py,
   diagnostics.py, quality.py (Frechet distances), plots.py, report.py
 

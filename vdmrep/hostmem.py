@@ -1,18 +1,24 @@
-"""Transparent huge pages for XLA's per-step CPU buffers (glibc's `malloc.hugetlb`).
+"""glibc malloc settings for XLA's per-step CPU buffers: huge pages, kept between steps.
 
 Why: XLA's CPU runtime allocates every execution's temporaries with malloc (1.26 GiB
 for a TVDM+TE train step at batch 64, 445 MiB at MVDM+TE), and glibc serves sizes that
-large with a fresh mmap each time, so every step first-touches them 4 KiB page by
-page: 322,000 minor page faults per TVDM+TE step. With
-GLIBC_TUNABLES=glibc.malloc.hugetlb=1 malloc asks the kernel for transparent huge
-pages (madvise) and the faults fall to ~1,000-2,500 per step (2 MiB pages). On the
-2-core CPU, processes alternating on / off: MVDM+TE 0.44-0.50 vs 0.54-0.55 s per step,
-TVDM+TE 1.35-1.88 vs 1.76-1.77 s; same numbers out (benchmarks/README.md, "Huge pages").
-
-glibc reads its tunables when the process starts, so entry points (`vdmrep.main`, the
-benchmark scripts) call `reexec_with_huge_pages()` first: it re-executes the same
-command line with the tunable added, once. Code that imports vdmrep as a library gets
-the same by starting Python with the variable set. VDMREP_HUGE_PAGES=0 turns it off.
+large with a fresh mmap each time and unmaps them after: every step the kernel hands
+out and zeroes new pages, and on this VM the host must back them again. Two changes,
+as GLIBC_TUNABLES (read when the process starts):
+  * glibc.malloc.hugetlb=1: malloc asks for transparent huge pages (madvise), so the
+    first touch takes 2 MiB per fault instead of 4 KiB: 322,000 minor page faults per
+    TVDM+TE step fell to ~1,000-2,500 (benchmarks/README.md, "Huge pages").
+  * glibc.malloc.arena_max=1, mmap_max=0, trim_threshold=64 GiB: every thread allocates
+    from the main heap (a thread's own arena maps any block over 64 MiB afresh whatever
+    mmap_max says), large blocks come from it rather than from mmap, and freed memory
+    is never given back, so the next step reuses the same pages: no page faults and no
+    zeroing at all after the first step. TVDM+TE, processes alternating: 0.94-1.53 s
+    against 0.99-2.02 s with huge pages alone (benchmarks/README.md, "Memory kept").
+    The price: the process keeps its peak heap until it exits.
+Entry points (`vdmrep.main`, the benchmark scripts) call `reexec_with_malloc_tunables()`
+first: it re-executes the same command line with the tunables added, once. Code that
+imports vdmrep as a library gets the same by starting Python with GLIBC_TUNABLES set to
+`TUNABLES`. VDMREP_MALLOC_TUNABLES=0 turns it off.
 No jax import here: this runs before anything heavy is loaded.
 """
 from __future__ import annotations
@@ -21,7 +27,10 @@ import os
 import platform
 import sys
 
-TUNABLE = "glibc.malloc.hugetlb=1"
+HUGE_PAGES = "glibc.malloc.hugetlb=1"
+KEEP_MEMORY = ("glibc.malloc.arena_max=1", "glibc.malloc.mmap_max=0",
+               "glibc.malloc.trim_threshold=68719476736")
+TUNABLES = ":".join((HUGE_PAGES,) + KEEP_MEMORY)  # GLIBC_TUNABLES's syntax
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -35,25 +44,29 @@ def thp_mode(path: str = _THP) -> str | None:
   return text[start + 1:end] if 0 <= start < end else None
 
 
-def huge_page_env(env: dict, thp: str | None) -> dict | None:
-  """`env` with TUNABLE appended to GLIBC_TUNABLES (others kept), or None when there is
-  nothing to do: opted out (VDMREP_HUGE_PAGES=0), hugetlb already set (either value),
-  or the kernel gives no transparent huge pages on request (`thp` not always/madvise)."""
-  if env.get("VDMREP_HUGE_PAGES") == "0" or thp not in ("always", "madvise"):
+def tunable_env(env: dict, thp: str | None) -> dict | None:
+  """`env` with our tunables appended to GLIBC_TUNABLES, or None when there is nothing to
+  do. A tunable the caller already set (any value) is left as it is; huge pages only
+  where the kernel gives them on request (`thp` always/madvise); nothing at all when
+  opted out (VDMREP_MALLOC_TUNABLES=0)."""
+  if env.get("VDMREP_MALLOC_TUNABLES") == "0":
     return None
-  tunables = env.get("GLIBC_TUNABLES", "")
-  if "glibc.malloc.hugetlb" in tunables:
+  have = env.get("GLIBC_TUNABLES", "")
+  names = {t.split("=")[0] for t in have.split(":") if t}
+  ours = ((HUGE_PAGES,) if thp in ("always", "madvise") else ()) + KEEP_MEMORY
+  add = [t for t in ours if t.split("=")[0] not in names]
+  if not add:
     return None
-  return dict(env, GLIBC_TUNABLES=f"{tunables}:{TUNABLE}" if tunables else TUNABLE)
+  return dict(env, GLIBC_TUNABLES=":".join(([have] if have else []) + add))
 
 
-def reexec_with_huge_pages() -> None:
+def reexec_with_malloc_tunables() -> None:
   """Re-executes this process (same interpreter and command line, `sys.orig_argv`) with
-  TUNABLE set, if it applies (Linux with glibc, see `huge_page_env`); else returns.
+  the tunables set, if any applies (Linux with glibc, see `tunable_env`); else returns.
   Call it first thing in a program's entry point, never from library code."""
   if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
     return
-  env = huge_page_env(dict(os.environ), thp_mode())
+  env = tunable_env(dict(os.environ), thp_mode())
   if env is None:
     return
   sys.stdout.flush()

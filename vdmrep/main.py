@@ -5,7 +5,7 @@ import sys
 
 if __name__ == "__main__":  # before anything heavy: it may re-execute this process
   from vdmrep import hostmem
-  hostmem.reexec_with_huge_pages()
+  hostmem.reexec_with_malloc_tunables()
 
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

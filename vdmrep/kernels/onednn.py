@@ -217,12 +217,14 @@ def winograd_filter(w, tile=4):
 _NONE = np.zeros((0,), np.float32)  # an absent optional operand of the Winograd forward
 
 
-def _winograd(x, u, bias=None, residual=None):
+def _winograd(x, u, bias=None, residuals=()):
   """x f32 [B, H, W, C], u [K, C, O] -> the 3x3 'SAME' cross-correlation [B, H, W, O],
-  plus bias [O] and residual [B, H, W, O] where given (added as the kernel stores y)."""
+  plus bias [O] and up to two residuals [B, H, W, O] where given (added as the kernel
+  stores y)."""
   out = jax.ShapeDtypeStruct(x.shape[:3] + u.shape[2:], jnp.float32)
+  r = tuple(residuals) + (_NONE,) * (2 - len(residuals))
   return jax.ffi.ffi_call("vdmrep_winograd_forward", out, vmap_method="sequential")(
-      x, u, _NONE if bias is None else bias, _NONE if residual is None else residual)
+      x, u, _NONE if bias is None else bias, *r)
 
 
 def _winograd_filter_grad(x, dy, tile):
@@ -242,9 +244,10 @@ def conv2d(x, w, strides, pads, winograd=None, *, bias=None, residual=None):
 
   strides: (sh, sw); pads: ((lo, hi), (lo, hi)), non-negative, as in
   `lax.conv_general_dilated`. Cross-correlation (no filter flip), like XLA's op.
-  bias [O] and residual [N, OH, OW, O], where given, are added to the result: on the
-  Winograd path inside the kernel (and the bias gradient comes from the filter
-  gradient's kernel), so neither costs a pass over memory; otherwise in XLA.
+  bias [O] and residual [N, OH, OW, O] (or a tuple of up to two such arrays), where
+  given, are added to the result: on the Winograd path inside the kernel (and the bias
+  gradient comes from the filter gradient's kernel), so none costs a pass over memory;
+  otherwise in XLA.
   winograd: None takes Winograd's F(4x4, 3x3) where `_winograd_ok` holds, False never
   (oneDNN's direct convolution); True, 4 or 2 insist on F(4x4) or F(2x2) (ValueError
   where it cannot apply). F(4x4) does 1/4 of the direct form's multiply-adds, F(2x2)
@@ -268,28 +271,34 @@ def conv2d(x, w, strides, pads, winograd=None, *, bias=None, residual=None):
   out_shape = _out_shape(x.shape, w.shape, strides, pads)
   if bias is not None and tuple(bias.shape) != out_shape[3:]:
     raise ValueError(f"conv2d: bias must be [{w.shape[3]}], got {tuple(bias.shape)}")
-  if residual is not None and tuple(residual.shape) != out_shape:
-    raise ValueError(f"conv2d: residual must be the output's shape {out_shape}, got "
-                     f"{tuple(residual.shape)}")
-  return _conv2d(x, w, bias, residual, strides, pads, tile, bias is None, residual is None)
+  residuals = () if residual is None else (
+      tuple(residual) if isinstance(residual, (tuple, list)) else (residual,))
+  if len(residuals) > 2:
+    raise ValueError(f"conv2d: at most two residuals, got {len(residuals)}")
+  for r in residuals:
+    if tuple(r.shape) != out_shape:
+      raise ValueError(f"conv2d: residual must be the output's shape {out_shape}, got "
+                       f"{tuple(r.shape)}")
+  return _conv2d(x, w, bias, residuals, strides, pads, tile, bias is None, len(residuals))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _conv2d(x, w, bias, residual, strides, pads, tile, no_bias, no_residual):
-  """tile: 0 for oneDNN's direct convolution, else Winograd's output tile size; bias and
-  residual may be None (no_bias, no_residual say so, for the backward pass)."""
+def _conv2d(x, w, bias, residuals, strides, pads, tile, no_bias, n_residuals):
+  """tile: 0 for oneDNN's direct convolution, else Winograd's output tile size; bias may
+  be None and residuals is a tuple of 0-2 arrays (no_bias and n_residuals say so, for
+  the backward pass)."""
   if tile:
-    return _winograd(x, winograd_filter(w, tile), bias, residual)
+    return _winograd(x, winograd_filter(w, tile), bias, residuals)
   y = _call("forward", _out_shape(x.shape, w.shape, strides, pads), x, w, strides, pads)
   y = y if bias is None else y + bias
-  return y if residual is None else y + residual
+  return functools.reduce(jnp.add, residuals, y)
 
 
-def _conv2d_fwd(x, w, bias, residual, *static):
-  return _conv2d(x, w, bias, residual, *static), (x, w)
+def _conv2d_fwd(x, w, bias, residuals, *static):
+  return _conv2d(x, w, bias, residuals, *static), (x, w)
 
 
-def _conv2d_bwd(strides, pads, tile, no_bias, no_residual, res, dy):
+def _conv2d_bwd(strides, pads, tile, no_bias, n_residuals, res, dy):
   x, w = res
   if tile:
     rotated = jnp.flip(w, (0, 1)).swapaxes(2, 3)  # the transposed 'SAME' convolution
@@ -299,7 +308,7 @@ def _conv2d_bwd(strides, pads, tile, no_bias, no_residual, res, dy):
     dx = _call("input_grad", x.shape, dy, w, strides, pads)
     dw = _call("filter_grad", w.shape, x, dy, strides, pads)
     db = None if no_bias else jnp.sum(dy, axis=(0, 1, 2))
-  return dx, dw, None if no_bias else db, None if no_residual else dy
+  return dx, dw, None if no_bias else db, (dy,) * n_residuals
 
 
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

@@ -25,7 +25,8 @@
 // dM = A dY A^T, the transpose of the output transform. The forward pass also adds a
 // bias and a residual as it stores each tile, and the filter gradient returns the bias
 // gradient: a ResNet block's bias, shortcut add and bias-gradient sum then cost no
-// passes over memory of their own.
+// passes over memory of their own (nor does an up block's two-part shortcut sum: two
+// residuals).
 //
 // Layout: NHWC activations, U and dU as [kA^2, C, O] (16 or 36 points: the handlers
 // read M from it). Examples are shared out over the OpenMP threads; every output
@@ -196,12 +197,12 @@ inline void InputTile(const Geometry& g, const float* __restrict__ xe, int64_t t
                                         static_cast<int64_t>(rows) * C);
 }
 
-// Y = A^T M A (+ bias[o], + the residual re at the same pixel, each where not null)
+// Y = A^T M A (+ bias[o], + the residuals r0, r1 at the same pixel, each where not null)
 // for the chunk's row r, written to the output tile at `tile` (clipped to the image).
 template <int M, int O>
 inline void OutputTile(const Geometry& g, const float* __restrict__ m, int64_t tile, int r,
-                       int rows, const float* __restrict__ bias, const float* __restrict__ re,
-                       float* __restrict__ ye) {
+                       int rows, const float* __restrict__ bias, const float* __restrict__ r0,
+                       const float* __restrict__ r1, float* __restrict__ ye) {
   constexpr int kA = Tile<M>::kA;
   const int64_t y0 = M * (tile / g.tw), x0 = M * (tile % g.tw);
   const int64_t step = static_cast<int64_t>(rows) * O;
@@ -225,7 +226,8 @@ inline void OutputTile(const Geometry& g, const float* __restrict__ m, int64_t t
       for (int b = 0; b < M; b++) {
         if (x0 + b >= g.w) break;
         if (bias) out[b] = _mm512_add_ps(out[b], _mm512_loadu_ps(bias + o));
-        if (re) out[b] = _mm512_add_ps(out[b], _mm512_loadu_ps(re + at + b * O));
+        if (r0) out[b] = _mm512_add_ps(out[b], _mm512_loadu_ps(r0 + at + b * O));
+        if (r1) out[b] = _mm512_add_ps(out[b], _mm512_loadu_ps(r1 + at + b * O));
         _mm512_storeu_ps(ye + at + b * O, out[b]);
       }
     }
@@ -305,10 +307,10 @@ constexpr int ForwardRows() {
   return M == 4 ? (O >= 32 ? 6 : 12) : (O >= 32 ? 12 : 24);
 }
 
-// y = conv(x) (+ bias [O], + residual [B, H, W, O], each where not null).
+// y = conv(x) (+ bias [O], + residuals res[0], res[1] [B, H, W, O], each where not null).
 template <int M, int C, int O>
 void Forward(const Geometry& g, const float* x, const float* u, const float* bias,
-             const float* residual, float* y) {
+             const float* const* res, float* y) {
   constexpr int kK = Tile<M>::kA * Tile<M>::kA;
   constexpr int kOB = O >= 32 ? 32 : 16;
   constexpr int kR = ForwardRows<M, O>();
@@ -321,14 +323,15 @@ void Forward(const Geometry& g, const float* x, const float* u, const float* bia
     for (int64_t n = 0; n < g.b; n++) {
       const float* xe = x + n * g.h * g.w * C;
       float* ye = y + n * g.h * g.w * O;
-      const float* re = residual ? residual + n * g.h * g.w * O : nullptr;
+      const float* r0 = res[0] ? res[0] + n * g.h * g.w * O : nullptr;
+      const float* r1 = res[1] ? res[1] + n * g.h * g.w * O : nullptr;
       for (int64_t t0 = 0; t0 < g.tiles; t0 += kR) {
         const int rows = static_cast<int>(std::min<int64_t>(kR, g.tiles - t0));
         if (rows < kR) std::fill(vbuf.begin(), vbuf.end(), 0.f);
         for (int r = 0; r < rows; r++) InputTile<M, C>(g, xe, t0 + r, r, kR, v);
         for (int k = 0; k < kK; k++)
           TileProduct<C, O, kR, kOB>(v + k * kR * C, u + k * C * O, m + k * kR * O);
-        for (int r = 0; r < rows; r++) OutputTile<M, O>(g, m, t0 + r, r, kR, bias, re, ye);
+        for (int r = 0; r < rows; r++) OutputTile<M, O>(g, m, t0 + r, r, kR, bias, r0, r1, ye);
       }
     }
   }
@@ -419,9 +422,8 @@ bool ByChannels(int64_t c, int64_t o, Args&&... args) {
 template <int C, int O>
 struct RunForward {
   static void Run(int m, const Geometry& g, const float* x, const float* u, const float* bias,
-                  const float* residual, float* y) {
-    m == 4 ? Forward<4, C, O>(g, x, u, bias, residual, y)
-           : Forward<2, C, O>(g, x, u, bias, residual, y);
+                  const float* const* res, float* y) {
+    m == 4 ? Forward<4, C, O>(g, x, u, bias, res, y) : Forward<2, C, O>(g, x, u, bias, res, y);
   }
 };
 
@@ -464,26 +466,33 @@ ffi::Error Dispatch(ffi::Span<const int64_t> xd, int m, int64_t o, Ptrs... ptrs)
 #endif
 }
 
-// x [B, H, W, C], u [K, C, O], bias [O] or [0], residual [B, H, W, O] or [0] -> y [B, H,
-// W, O] = conv(x) + bias + residual (an empty operand is left out); K = 16 for F(2x2,
-// 3x3), 36 for F(4x4, 3x3). The bias and the residual (a ResNet block's shortcut) are
-// added as each output tile is stored: no pass of their own over y.
+// x [B, H, W, C], u [K, C, O], bias [O] or [0], residuals r0, r1 [B, H, W, O] or [0] ->
+// y [B, H, W, O] = conv(x) + bias + r0 + r1 (an empty operand is left out); K = 16 for
+// F(2x2, 3x3), 36 for F(4x4, 3x3). The bias and the residuals (a ResNet block's
+// shortcut, or an up block's two shortcut parts) are added as each output tile is
+// stored: no pass of their own over y.
 ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> u,
-                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> residual,
-                       ffi::ResultBuffer<ffi::F32> y) {
+                       ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> r0,
+                       ffi::Buffer<ffi::F32> r1, ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions(), ud = u.dimensions(), yd = y->dimensions();
-  auto bd = bias.dimensions(), rd = residual.dimensions();
-  const bool has_bias = bias.element_count() > 0, has_res = residual.element_count() > 0;
+  auto bd = bias.dimensions();
+  const bool has_bias = bias.element_count() > 0;
+  auto bad_residual = [&](const ffi::Buffer<ffi::F32>& r) {
+    auto rd = r.dimensions();
+    return r.element_count() > 0 && !(SameImage(rd, yd) && rd[3] == yd[3]);
+  };
   if (xd.size() != 4 || ud.size() != 3 || !TileSize(ud[0]) || ud[1] != xd[3] ||
       yd.size() != 4 || !SameImage(xd, yd) || yd[3] != ud[2] ||
-      (has_bias && (bd.size() != 1 || bd[0] != yd[3])) ||
-      (has_res && !(SameImage(rd, yd) && rd[3] == yd[3])))
+      (has_bias && (bd.size() != 1 || bd[0] != yd[3])) || bad_residual(r0) ||
+      bad_residual(r1))
     return ffi::Error::InvalidArgument(
         "vdmrep winograd: expects x [B, H, W, C], u [16 or 36, C, O], bias [O] or [0], "
-        "residual [B, H, W, O] or [0] -> y [B, H, W, O]");
+        "residuals [B, H, W, O] or [0] -> y [B, H, W, O]");
+  const float* res[2] = {r0.element_count() ? r0.typed_data() : nullptr,
+                         r1.element_count() ? r1.typed_data() : nullptr};
   return Dispatch<RunForward>(xd, TileSize(ud[0]), ud[2], x.typed_data(), u.typed_data(),
                               has_bias ? bias.typed_data() : nullptr,
-                              has_res ? residual.typed_data() : nullptr, y->typed_data());
+                              static_cast<const float* const*>(res), y->typed_data());
 }
 
 // x [B, H, W, C], dy [B, H, W, O] -> du [K, C, O] (K = 16 or 36, as the forward's u) and
@@ -506,6 +515,7 @@ ffi::Error FilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(VdmrepWinogradForward, ForwardImpl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -266,49 +266,61 @@ class PartsDense(nn.Module):
   conv_impl: str = "xla"
 
   @nn.compact
-  def __call__(self, parts):
+  def __call__(self, parts, unsummed: bool = False):
+    """parts: a tuple of [..., C_i] arrays. unsummed=True returns (the tuple of the
+    parts' products, the bias) for a consumer that adds them itself (Conv3x3)."""
     c = sum(p.shape[-1] for p in parts)
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (c, self.features),
                         jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     dtype = self.dtype or jnp.result_type(*parts, jnp.float32)  # as nn.Dense promotes
-    y, start = 0.0, 0
+    products, start = [], 0
     for p in parts:
       k = kernel[start:start + p.shape[-1]].astype(dtype)
       if self.conv_impl == "onednn" and p.ndim == 4:
-        y = y + onednn.conv_general_dilated(p.astype(dtype), k[None, None], (1, 1), "VALID",
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        products.append(onednn.conv_general_dilated(
+            p.astype(dtype), k[None, None], (1, 1), "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC")))
       else:
-        y = y + lax.dot_general(p.astype(dtype), k, (((p.ndim - 1,), (0,)), ((), ())))
+        products.append(lax.dot_general(p.astype(dtype), k, (((p.ndim - 1,), (0,)), ((), ()))))
       start += p.shape[-1]
-    return y + bias.astype(dtype)
+    if unsummed:
+      return tuple(products), bias.astype(dtype)
+    return functools.reduce(jnp.add, products) + bias.astype(dtype)
 
 
 class Conv3x3(nn.Module):
   """nn.Conv(features, (3, 3)) ('SAME', stride 1; same parameters, initialisation and
-  checkpoints) whose result may have a residual added: y = conv(x) + bias (+ residual).
+  checkpoints) whose result may have residuals and a further bias added:
+  y = conv(x) + bias (+ extra_bias) (+ residual, or the sum of a tuple of residuals).
 
-  On the oneDNN path in float32 the Winograd kernel adds the bias and the residual as
-  it stores each output tile, and its filter gradient returns the bias gradient, so a
-  ResNet block's bias add, shortcut add and bias-gradient sum cost no passes of their
-  own (onednn.conv2d); elsewhere XLA's convolution and adds."""
+  On the oneDNN path in float32 the Winograd kernel adds the bias and up to two
+  residuals as it stores each output tile, and its filter gradient returns the bias
+  gradient, so a ResNet block's bias add, shortcut add (an up block's shortcut is two
+  products, one per [h, skip] part, with its bias in extra_bias) and bias-gradient sum
+  cost no passes of their own (onednn.conv2d); elsewhere XLA's convolution and adds."""
   features: int
   kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
   conv_impl: str = "xla"
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, residual=None):
+  def __call__(self, x, residual=None, extra_bias=None):
     kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
                         jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    if (self.conv_impl == "onednn" and self.dtype == jnp.float32 and x.dtype == jnp.float32
-        and (residual is None or residual.dtype == jnp.float32)):
-      return onednn.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)), bias=bias, residual=residual)
+    if extra_bias is not None:
+      bias = bias + extra_bias
+    residuals = () if residual is None else (
+        tuple(residual) if isinstance(residual, (tuple, list)) else (residual,))
+    if (self.conv_impl == "onednn" and self.dtype == jnp.float32 and len(residuals) <= 2
+        and all(a.dtype == jnp.float32 for a in (x, bias) + residuals)):
+      return onednn.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1)), bias=bias,
+                           residual=residuals)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
                                  dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
-    return y if residual is None else y + residual
+    return functools.reduce(jnp.add, residuals, y)
 
 
 class ResnetBlock(nn.Module):
@@ -363,19 +375,18 @@ class ResnetBlock(nn.Module):
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     conv2 = conv3x3("conv2", nn.initializers.zeros if self.zero_init_out
                     else nn.initializers.lecun_normal())
-    if c_in == out_ch:
-      x = parts[0]
-    elif len(parts) == 1 and not fold:
-      x = nn.Dense(out_ch, dtype=self.dtype, name="nin_shortcut")(parts[0])
-    else:
-      x = PartsDense(out_ch, dtype=self.dtype, conv_impl=self.conv_impl,
-                     name="nin_shortcut")(parts)
     if not fold:
-      return x + conv2(h)
+      if c_in == out_ch:
+        return parts[0] + conv2(h)
+      return nn.Dense(out_ch, dtype=self.dtype, name="nin_shortcut")(parts[0]) + conv2(h)
+    residual, shortcut_bias = parts[0], None
+    if c_in != out_ch:  # the shortcut's per-part products and bias, added by conv2
+      residual, shortcut_bias = PartsDense(out_ch, dtype=self.dtype, conv_impl=self.conv_impl,
+                                           name="nin_shortcut")(parts, unsummed=True)
     # Folded norms read the block's input only through fusible ops: without this the
     # residual sums (here their gradients) would be recomputed in every later block
     # (see onednn.materialize).
-    return onednn.materialize(conv2(h, residual=x))
+    return onednn.materialize(conv2(h, residual=residual, extra_bias=shortcut_bias))
 
 
 class AttnBlock(nn.Module):
