@@ -142,20 +142,38 @@ struct Tile<4> {
 };
 
 // The kA x kA pixels (16 channels from `c` on) of the block whose corner is (y0, x0),
-// of an image with `ch` channels; zeros outside the image.
+// of an image with `ch` channels; zeros outside the image. Two paths: a block inside the
+// image loads at fixed offsets; one on the border (half the tiles of a 28x28 image)
+// loads with a zero mask where a pixel is outside, from clamped coordinates (always a
+// valid address), so neither has a test per pixel (with one, the loop's bookkeeping
+// took longer than its loads).
 template <int kA>
 inline void LoadBlock(const Geometry& g, const float* __restrict__ e, int64_t ch, int64_t y0,
                       int64_t x0, int c, __m512 (&d)[kA][kA]) {
-  const bool inside = y0 >= 0 && x0 >= 0 && y0 + kA <= g.h && x0 + kA <= g.w;
+  if (y0 >= 0 && x0 >= 0 && y0 + kA <= g.h && x0 + kA <= g.w) {
+    const float* p = e + (y0 * g.w + x0) * ch + c;
+    const int64_t row = g.w * ch;
 #pragma GCC unroll 6
-  for (int a = 0; a < kA; a++)
+    for (int a = 0; a < kA; a++)
 #pragma GCC unroll 6
-    for (int b = 0; b < kA; b++) {
-      const int64_t y = y0 + a, x = x0 + b;
-      d[a][b] = inside || (y >= 0 && y < g.h && x >= 0 && x < g.w)
-                    ? _mm512_loadu_ps(e + (y * g.w + x) * ch + c)
-                    : _mm512_setzero_ps();
-    }
+      for (int b = 0; b < kA; b++) d[a][b] = _mm512_loadu_ps(p + a * row + b * ch);
+    return;
+  }
+  int64_t xs[kA];
+  __mmask16 xm[kA];
+  for (int b = 0; b < kA; b++) {
+    const int64_t x = x0 + b;
+    xm[b] = x >= 0 && x < g.w ? 0xFFFF : 0;
+    xs[b] = std::min<int64_t>(std::max<int64_t>(x, 0), g.w - 1) * ch + c;
+  }
+#pragma GCC unroll 6
+  for (int a = 0; a < kA; a++) {
+    const int64_t y = y0 + a;
+    const __mmask16 ym = y >= 0 && y < g.h ? 0xFFFF : 0;
+    const float* p = e + std::min<int64_t>(std::max<int64_t>(y, 0), g.h - 1) * g.w * ch;
+#pragma GCC unroll 6
+    for (int b = 0; b < kA; b++) d[a][b] = _mm512_maskz_loadu_ps(ym & xm[b], p + xs[b]);
+  }
 }
 
 // T d T^T for the kIn x kIn block at (y0, x0) of an image with `ch` channels (zero
@@ -282,6 +300,16 @@ inline void TileProduct(const float* __restrict__ v, const float* __restrict__ u
   }
 }
 
+// TileProduct for `rows` <= kR rows (a chunk's last, partial one costs only its rows).
+template <int C, int O, int kR, int kOB>
+inline void TileProductRows(int rows, const float* __restrict__ v, const float* __restrict__ u,
+                            float* __restrict__ m) {
+  if constexpr (kR > 1) {
+    if (rows < kR) return TileProductRows<C, O, kR - 1, kOB>(rows, v, u, m);
+  }
+  TileProduct<C, O, kR, kOB>(v, u, m);
+}
+
 // du[C][O] += v[n][C]^T @ dm[n][O] over n rows, in blocks of kCB x kOB.
 template <int C, int O, int kCB, int kOB>
 inline void TileProductTN(const float* __restrict__ v, const float* __restrict__ dm, int n,
@@ -301,10 +329,12 @@ inline void TileProductTN(const float* __restrict__ v, const float* __restrict__
   }
 }
 
-// Chunk sizes (tiles whose V and M share the cache at once), measured best.
+// Chunk sizes (tiles whose V and M share the cache at once), measured best; F(4x4)'s 7
+// also divides a 28x28 image's 49 tiles (with 6, 5 of 54 row products were padding:
+// 6% slower at 32 and 64 channels, tools in benchmarks/README.md).
 template <int M, int O>
 constexpr int ForwardRows() {
-  return M == 4 ? (O >= 32 ? 6 : 12) : (O >= 32 ? 12 : 24);
+  return M == 4 ? 7 : (O >= 32 ? 12 : 24);
 }
 
 // y = conv(x) (+ bias [O], + residuals res[0], res[1] [B, H, W, O], each where not null).
@@ -327,10 +357,9 @@ void Forward(const Geometry& g, const float* x, const float* u, const float* bia
       const float* r1 = res[1] ? res[1] + n * g.h * g.w * O : nullptr;
       for (int64_t t0 = 0; t0 < g.tiles; t0 += kR) {
         const int rows = static_cast<int>(std::min<int64_t>(kR, g.tiles - t0));
-        if (rows < kR) std::fill(vbuf.begin(), vbuf.end(), 0.f);
         for (int r = 0; r < rows; r++) InputTile<M, C>(g, xe, t0 + r, r, kR, v);
         for (int k = 0; k < kK; k++)
-          TileProduct<C, O, kR, kOB>(v + k * kR * C, u + k * C * O, m + k * kR * O);
+          TileProductRows<C, O, kR, kOB>(rows, v + k * kR * C, u + k * C * O, m + k * kR * O);
         for (int r = 0; r < rows; r++) OutputTile<M, O>(g, m, t0 + r, r, kR, bias, r0, r1, ye);
       }
     }
