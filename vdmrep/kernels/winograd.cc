@@ -145,8 +145,8 @@ struct Tile<4> {
 // of an image with `ch` channels; zeros outside the image. Two paths: a block inside the
 // image loads at fixed offsets; one on the border (half the tiles of a 28x28 image)
 // loads with a zero mask where a pixel is outside, from clamped coordinates (always a
-// valid address), so neither has a test per pixel (with one, the loop's bookkeeping
-// took longer than its loads).
+// valid address), so neither tests each pixel (measured: no change at 32 and 64
+// channels, the forward at 16 a little faster; benchmarks/README.md).
 template <int kA>
 inline void LoadBlock(const Geometry& g, const float* __restrict__ e, int64_t ch, int64_t y0,
                       int64_t x0, int c, __m512 (&d)[kA][kA]) {
@@ -331,7 +331,7 @@ inline void TileProductTN(const float* __restrict__ v, const float* __restrict__
 
 // Chunk sizes (tiles whose V and M share the cache at once), measured best; F(4x4)'s 7
 // also divides a 28x28 image's 49 tiles (with 6, 5 of 54 row products were padding:
-// 6% slower at 32 and 64 channels, tools in benchmarks/README.md).
+// 6% slower at 32 and 64 channels; benchmarks/README.md, "7-tile chunks").
 template <int M, int O>
 constexpr int ForwardRows() {
   return M == 4 ? 7 : (O >= 32 ? 12 : 24);
