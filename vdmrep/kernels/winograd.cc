@@ -349,14 +349,12 @@ struct Lines {
     lines[n] = static_cast<int64_t>((e - a + 63) / 64);
     total += lines[n++];
   }
-  // Fetches the next ceil(total / parts) lines.
+  // Fetches the next ceil(total / parts) lines (line `done` is `done - before` into range r).
   void Issue(int parts) {
-    int64_t todo = (total + parts - 1) / parts;
-    for (int64_t i = done, r = 0, before = 0; todo > 0 && r < n; before += lines[r++]) {
-      for (; todo > 0 && i - before < lines[r]; i++, todo--)
-        _mm_prefetch(start[r] + 64 * (i - before), _MM_HINT_T1);
-      done = i;
-    }
+    const int64_t end = std::min(total, done + (total + parts - 1) / parts);
+    for (int64_t r = 0, before = 0; r < n && done < end; before += lines[r++])
+      for (; done < end && done - before < lines[r]; done++)
+        _mm_prefetch(start[r] + 64 * (done - before), _MM_HINT_T1);
   }
 };
 
