@@ -42,7 +42,8 @@ CONFIG_CASES = [
     (dict(collapse__schedule="cyclic_typo"), "config.collapse.schedule='cyclic_typo' is not "
                                              "valid"),
     (dict(data__source="mnist"), "config.data.source='mnist' is not valid; use 'digits', "
-                                 "'tfds:<name>', 'idx:<dir>' or 'npz:<file>'"),
+                                 "'fashion_mnist[:<dir>]', 'tfds:<name>', 'idx:<dir>' or "
+                                 "'npz:<file>'"),
     (dict(training__batch_size=0), "config.training.batch_size=0 must be > 0"),
     (dict(training__batch_size=-8), "config.training.batch_size=-8 must be > 0"),
     (dict(model__gamma_min=5.0, model__gamma_max=5.0),

@@ -116,3 +116,31 @@ def test_eval_batches_pad_and_mask():
   assert [b.shape[0] for b, _ in batches] == [4, 4, 4]
   kept = np.concatenate([b[m > 0] for b, m in batches])
   np.testing.assert_array_equal(kept, imgs)
+
+
+@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR),
+                    reason="dataset-fashion-mnist not installed (.ci/run installs it)")
+def test_real_fashion_mnist_standard_split():
+  ds = data.load(_cfg("fashion_mnist"))
+  assert ds.train_images.shape == (60000, 28, 28, 1) and ds.eval_images.shape == (10000, 28, 28, 1)
+  assert ds.train_images.dtype == np.uint8 and ds.eval_images.max() == 255
+  for labels in (ds.train_labels, ds.eval_labels):
+    assert sorted(np.unique(labels).tolist()) == list(range(10))
+  # The standard split is balanced: 6,000 training and 1,000 test images per class.
+  assert np.bincount(ds.train_labels).tolist() == [6000] * 10
+  assert np.bincount(ds.eval_labels).tolist() == [1000] * 10
+
+
+def test_fashion_mnist_directory_override_and_missing_files(tmp_path):
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 12), ("t10k", 4)):
+    _write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+    _write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, (n,)))
+  ds = data.load(_cfg(f"fashion_mnist:{tmp_path}"))
+  assert (len(ds.train_images), len(ds.eval_images)) == (12, 4)
+  os.remove(tmp_path / "t10k-labels-idx1-ubyte.gz")
+  with pytest.raises(data.DataError, match="t10k-labels.*dataset-fashion-mnist") as err:
+    data.load(_cfg(f"fashion_mnist:{tmp_path}"))
+  assert "\n" not in str(err.value)
+  with pytest.raises(data.DataError, match="dataset-fashion-mnist"):
+    data.load(_cfg(f"fashion_mnist:{tmp_path / 'absent'}"))

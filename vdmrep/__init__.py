@@ -4,7 +4,7 @@ Where things are (data flow left to right: config -> data -> model -> loss -> st
 evaluation, samples and report):
 
   config_lib.py   the base ConfigDict and `validate` (every key checked before compiling)
-  data.py         sources (digits, idx:, npz:, tfds:) -> deterministic uint8 batches
+  data.py         sources (digits, fashion_mnist, idx:, npz:, tfds:) -> deterministic batches
   models/         encoder q(w|x), gamma schedules, the score network, VAEVDM (ELBO terms)
   losses.py       the objective's pure functions (nats per example; bpd conversion)
   collapse.py     beta, annealing, free bits, capacity, MMD: the trained objective

@@ -12,7 +12,7 @@ from vdmrep.models.layers import CONV_IMPLS, resolve_conv_impl
 from vdmrep.models.schedules import SCHEDULES
 from vdmrep.models.score_net import CONDITIONINGS, VDM_SIZES
 
-DATA_SOURCES = ("digits", "tfds:", "idx:", "npz:")
+DATA_SOURCES = ("digits", "fashion_mnist", "tfds:", "idx:", "npz:")
 
 
 class ConfigError(ValueError):
@@ -24,7 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "digits"          # digits | tfds:<name> | idx:<dir> | npz:<file>
+  c.data.source = "digits"          # digits | fashion_mnist[:<dir>] | tfds:<name> | idx:<dir>
+                                    # | npz:<file>
   c.data.eval_fraction = 0.15       # held out when a source has no test split
   c.data.split_seed = 0             # fixed train/eval split of such sources
   c.data.tfds_data_dir = ""         # "" = tfds default
@@ -183,10 +184,10 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
     raise ConfigError(f"config.model.attention_chunk={m.attention_chunk} must be -1 (auto), "
                       "0 (whole batch) or a positive number of examples")
   src = config.data.source
-  if not (src == "digits" or any(src.startswith(p) and len(src) > len(p)
-                                 for p in DATA_SOURCES[1:])):
+  if not (src in DATA_SOURCES[:2] or any(src.startswith(p) and len(src) > len(p)
+                                         for p in ("fashion_mnist:",) + DATA_SOURCES[2:])):
     raise ConfigError(f"config.data.source={src!r} is not valid; use 'digits', "
-                      "'tfds:<name>', 'idx:<dir>' or 'npz:<file>'")
+                      "'fashion_mnist[:<dir>]', 'tfds:<name>', 'idx:<dir>' or 'npz:<file>'")
   if not 0.0 < config.data.eval_fraction < 1.0:
     raise ConfigError(f"config.data.eval_fraction={config.data.eval_fraction} must be in (0, 1)")
   for key in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints"):

@@ -2,6 +2,9 @@
 
 Sources (`config.data.source`):
   digits       scikit-learn's bundled 8x8 digits (1,797 images, 0..16 mapped to 0..255)
+  fashion_mnist[:<dir>]  Fashion-MNIST's idx files (60,000 train / 10,000 test, 10 labels);
+               <dir> defaults to FASHION_MNIST_DIR, where Debian's `dataset-fashion-mnist`
+               package installs them
   tfds:<name>  a tensorflow-datasets image dataset (mnist, fashion_mnist, cifar10, ...)
   idx:<dir>    MNIST-format idx(.gz) files; train-* and t10k-* if both exist, else the
                t10k files split into train/eval with `split_seed`
@@ -26,6 +29,10 @@ import numpy as np
 
 class DataError(ValueError):
   """Bad or missing data; the message names the file or field."""
+
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 
 
 @dataclasses.dataclass
@@ -136,6 +143,21 @@ def load_idx(directory: str, data_cfg) -> Dataset:
                       f"{data_cfg.split_seed} (not the standard training set)")
 
 
+def load_fashion_mnist(directory: str, data_cfg) -> Dataset:
+  """Fashion-MNIST (Xiao et al. 2017): the standard 60,000/10,000 split, labels 0..9."""
+  directory = directory or FASHION_MNIST_DIR
+  missing = [f"{k}-{kind}-idx{n}-ubyte" for k in ("train", "t10k")
+             for kind, n in (("images", 3), ("labels", 1))
+             if _find(directory, f"{k}-{kind}-idx{n}-ubyte") is None]
+  if missing:
+    raise DataError(f"fashion_mnist source: {', '.join(missing)}[.gz] not found in "
+                    f"{directory!r}; install the Debian package {FASHION_MNIST_PACKAGE} "
+                    "or name the directory as fashion_mnist:<dir>")
+  ds = load_idx(directory, data_cfg)
+  return dataclasses.replace(ds, name=f"fashion_mnist:{directory}",
+                             note="Fashion-MNIST train/t10k idx files")
+
+
 def load_npz(path: str, data_cfg) -> Dataset:
   if not os.path.exists(path):
     raise DataError(f"npz source: file {path!r} does not exist")
@@ -182,6 +204,8 @@ def load(data_cfg) -> Dataset:
   src = data_cfg.source
   if src == "digits":
     ds = load_digits(data_cfg)
+  elif src == "fashion_mnist" or src.startswith("fashion_mnist:"):
+    ds = load_fashion_mnist(src[len("fashion_mnist:"):], data_cfg)
   elif src.startswith("tfds:"):
     ds = load_tfds(src[5:], data_cfg)
   elif src.startswith("idx:"):

@@ -48,11 +48,12 @@ def validate(config) -> None:
   if e.ood_holdout_class < -1:
     raise ConfigError(f"config.eval.ood_holdout_class={e.ood_holdout_class} must be -1 (off) "
                       "or a class label >= 0")
-  if e.ood_source and not (e.ood_source == "digits" or any(
+  if e.ood_source and not (e.ood_source in ("digits", "fashion_mnist") or any(
       e.ood_source.startswith(p) and len(e.ood_source) > len(p)
-      for p in ("tfds:", "idx:", "npz:"))):
+      for p in ("fashion_mnist:", "tfds:", "idx:", "npz:"))):
     raise ConfigError(f"config.eval.ood_source={e.ood_source!r} is not valid; use '' (none), "
-                      "'digits', 'tfds:<name>', 'idx:<dir>' or 'npz:<file>'")
+                      "'digits', 'fashion_mnist[:<dir>]', 'tfds:<name>', 'idx:<dir>' or "
+                      "'npz:<file>'")
 
 
 # Sample-quality numbers copied into the report's flat metrics (vdmrep/quality.py).
