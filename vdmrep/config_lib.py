@@ -11,6 +11,8 @@ from vdmrep.models.encoder import ENCODER_SIZES
 from vdmrep.models.layers import CONV_IMPLS, resolve_conv_impl
 from vdmrep.models.schedules import SCHEDULES
 from vdmrep.models.score_net import CONDITIONINGS, VDM_SIZES
+from vdmrep.models.conv_vae import VAE_DECODERS
+from vdmrep.models.unet import UNET_SIZES
 
 DATA_SOURCES = ("digits", "fashion_mnist", "tfds:", "idx:", "npz:")
 
@@ -32,7 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_train_examples = 0     # 0 = all; > 0 keeps the first N (small studies)
 
   c.model = ml_collections.ConfigDict()
-  c.model.vdm = "tvdm"              # original | svdm | tvdm | mvdm
+  c.model.decoder = "vdm"           # vdm (diffusion decoder sized by model.vdm) | conv_vae
+                                    # (the classic VAE: a conv decoder, models/conv_vae.py)
+  c.model.vdm = "tvdm"              # original | svdm | tvdm | mvdm (full resolution) |
+                                    # unet | unet_s (multi-resolution U-Net, models/unet.py)
   c.model.encoder = "te"            # oepp | oe | se | te | ue (no KL) | none (unconditional)
   c.model.conditioning = "additive"  # additive | film
   c.model.gamma_type = "fixed"      # fixed | learned_linear | learned_nnet
@@ -42,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dropout = 0.0
   c.model.n_blocks = 0              # 0 = the size's default
   c.model.channels = 0              # 0 = the size's default
+  c.model.channel_mult = ()         # U-Net width per resolution; () = the size's default
   c.model.antithetic_time_sampling = True
   c.model.vocab_size = 256
   c.model.compute_dtype = "float32"  # float32 | bfloat16 (params and loss stay f32)
@@ -159,7 +165,11 @@ def _positive(key, value, allow_zero=False):
 def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   """Raises ConfigError naming the first bad key; returns None if the config can run."""
   m, t, o, e = config.model, config.training, config.optim, config.eval
-  _choice(config, "model.vdm", m.vdm, VDM_SIZES)
+  _choice(config, "model.decoder", m.get("decoder", "vdm"), ("vdm",) + VAE_DECODERS)
+  if m.get("decoder", "vdm") != "vdm" and m.encoder == "none":
+    raise ConfigError(f"config.model.decoder={m.decoder!r} is a VAE and needs an encoder; "
+                      "config.model.encoder='none' has none")
+  _choice(config, "model.vdm", m.vdm, tuple(VDM_SIZES) + tuple(UNET_SIZES))
   _choice(config, "model.encoder", m.encoder, tuple(ENCODER_SIZES) + ("none",))
   _choice(config, "model.conditioning", m.conditioning, CONDITIONINGS)
   _choice(config, "model.gamma_type", m.gamma_type, SCHEDULES)
@@ -180,6 +190,12 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   if m.channels and m.channels % 4:
     raise ConfigError(f"config.model.channels={m.channels} must be a multiple of 4 (GroupNorm)")
   _positive("model.vocab_size", m.vocab_size)
+  mult = m.get("channel_mult") or ()
+  if mult and m.vdm not in UNET_SIZES:
+    raise ConfigError(f"config.model.channel_mult={tuple(mult)} applies to a U-Net only "
+                      f"(model.vdm in {list(UNET_SIZES)}), not model.vdm={m.vdm!r}")
+  if not all(isinstance(k, int) and k > 0 for k in mult):
+    raise ConfigError(f"config.model.channel_mult={tuple(mult)} must be positive integers")
   if m.attention_chunk < -1:
     raise ConfigError(f"config.model.attention_chunk={m.attention_chunk} must be -1 (auto), "
                       "0 (whole batch) or a positive number of examples")
@@ -222,8 +238,28 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   parallel.validate(config)
 
 
+def check_image_shape(config, image_shape) -> None:
+  """Raises ConfigError if the model cannot take images of `image_shape` (H, W, C)."""
+  m = config.model
+  if m.get("decoder", "vdm") != "vdm" and (image_shape[0] % 4 or image_shape[1] % 4):
+    raise ConfigError(f"config.model.decoder={m.decoder!r} needs image sides divisible by "
+                      f"4; the data's images are {image_shape[0]}x{image_shape[1]}")
+  if m.get("decoder", "vdm") == "vdm" and m.vdm in UNET_SIZES:
+    levels = len(m.get("channel_mult") or UNET_SIZES[m.vdm].channel_mult)
+    factor = 2 ** (levels - 1)
+    if image_shape[0] % factor or image_shape[1] % factor:
+      raise ConfigError(f"config.model.vdm={m.vdm!r} has {levels} resolutions and needs image "
+                        f"sides divisible by {factor}; the data's images are "
+                        f"{image_shape[0]}x{image_shape[1]}")
+
+
 def model_fingerprint(config) -> dict:
   """The config fields that fix the parameter shapes (checked when resuming)."""
   m = config.model
-  return {k: m[k] for k in ("vdm", "encoder", "conditioning", "gamma_type", "fourier_features",
-                            "n_blocks", "channels", "vocab_size")}
+  out = {k: m[k] for k in ("vdm", "encoder", "conditioning", "gamma_type", "fourier_features",
+                           "n_blocks", "channels", "vocab_size")}
+  if m.get("channel_mult"):  # absent by default, so older records still match
+    out["channel_mult"] = list(m.channel_mult)
+  if m.get("decoder", "vdm") != "vdm":
+    out["decoder"] = m.decoder
+  return out

@@ -159,6 +159,8 @@ def prior_w(model, key, batch: int):
 def sample_from(model, params, key, w, z_start, *, num_steps, t_start=1.0, frames=None,
                 decode_method="sample"):
   """Denoises given latents with given w: (x_int [B, H, W, C], recorded z or None)."""
+  if model.score_net is None:  # a VAE decoder: p(x | w) directly, nothing to denoise
+    return model.sample(params, w, z_start.shape[1:], key, decode_method), None
   k_loop, k_dec = jax.random.split(key)
   eps_fn = lambda z, g: model.eps_hat(params, z, g, w)
   gamma_fn = lambda t: model.gamma(params, jnp.asarray(t, jnp.float32))
@@ -182,6 +184,10 @@ def run_mode(model, params, key, x_int, *, mode, num_steps, t_start=1.0, frames=
   """
   k_w, k_z, k_run = jax.random.split(key, 3)
   shape = x_int.shape
+  if model.score_net is None and mode in MODES:  # a VAE: p(x | w) directly, no denoising
+    w = (prior_w(model, k_w, shape[0]) if mode == "unconditional"
+         else posterior_w(model, params, x_int, k_w))
+    return model.sample(params, w, shape[1:], k_run, decode_method), None
   if mode == "unconditional":
     w, t0 = prior_w(model, k_w, shape[0]), 1.0
     z = jax.random.normal(k_z, shape)

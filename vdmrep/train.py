@@ -109,6 +109,7 @@ def setup(config):
   config_lib.validate(config, num_devices=jax.device_count(),
                       num_processes=jax.process_count())
   ds = data_lib.hold_out_class(data_lib.load(config.data), config.eval.ood_holdout_class)
+  config_lib.check_image_shape(config, ds.image_shape)
   model = build_model(config.model)
   return ds, model, make_optimizer(config.optim), parallel.make_mesh()
 
@@ -118,7 +119,7 @@ def log_param_counts(model, params):
   counts["total"] = sum(counts.values())
   logging.info("parameter counts: %s", counts)
   parallel.main_print("parameters: " + ", ".join(f"{k}={v:,}" for k, v in counts.items())
-                      + f" (convolutions: {model.score_net.conv_impl})")
+                      + f" (convolutions: {getattr(model.score_net, 'conv_impl', 'xla')})")
   return counts
 
 
