@@ -1,0 +1,305 @@
+"""Study C on Fashion-MNIST: the unconditional VDM against every latent mechanism and remedy,
+and the classic VAE, at one decoder and budget. One command per table; re-running resumes.
+
+  python experiments/study_fashion.py --out experiments/out/study_c --dry-run   # the commands
+  python experiments/study_fashion.py --out experiments/out/study_c --detach    # background
+  python experiments/study_fashion.py --out experiments/out/study_c \\
+      --rows unconditional:0,1,2 free_bits:0,1,2 film:0,1,2 --detach             # 3 seeds
+  python experiments/study_fashion.py --out experiments/out/study_c --table-only
+
+Each row is a variant of configs/fashion_mnist.py plus overrides, trained once per seed
+(`--rows NAME:SEEDS ...`; default every row, seed 0) into OUT/runs/<name>[_seed<s>]/ by
+`python -m vdmrep.main`. A run is finished when its report.json exists; unfinished runs
+resume from their checkpoints, so an interrupted study is continued by the same command.
+`--parallel` runs train at once (default 2); `--detach` starts the study in its own session
+(log: OUT/study.log) and returns. Rows whose config keys are not in this checkout (or that
+its validation refuses) are listed as skipped, with the reason, and never run.
+
+The table (OUT/study_c.md, also printed): held-out negative ELBO (bits/dim, +- standard
+error over test images; mean +- sd over seeds when there are several) beside the per-pixel
+histogram baseline, the difference from the unconditional VDM paired by seed (mean +- sd),
+the encoder KL (nats/image), the per-band saving and net where the run reports them,
+I(w; label) in bits, active units, logistic and k-NN probe accuracies on w / a random
+encoder / pixels, the Frechet distance of samples against the eval-vs-train floor, and the
+class match of guided samples.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+CONFIG = "configs/fashion_mnist.py"
+BASELINE = "unconditional"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  name: str
+  label: str
+  variant: str          # configs/fashion_mnist.py:<variant>
+  overrides: tuple = ()
+
+
+ROWS = [
+    Row("unconditional", "unconditional VDM", "remedy=unconditional"),
+    Row("elbo", "ELBO (beta = 1), additive", "remedy=elbo"),
+    Row("prior_mixture", "learned prior: Gaussian mixture", "remedy=elbo",
+        ("--config.model.prior=mixture",)),
+    Row("prior_vamp", "learned prior: VampPrior", "remedy=elbo", ("--config.model.prior=vamp",)),
+    Row("capped", "capped latent (D = 16)", "remedy=elbo", ("--config.model.latent_dim=16",)),
+    Row("discrete", "discrete latent (32 x 16, learned prior)", "remedy=elbo",
+        ("--config.model.latent=categorical", "--config.model.latent_dim=32",
+         "--config.model.latent_categories=16", "--config.model.prior=learned")),
+    Row("latent_schedule", "latent-driven schedule gamma(t, w)", "remedy=elbo",
+        ("--config.model.gamma_type=per_pixel",)),
+    Row("kl_balance", "KL balancing (alpha = 0.8)", "remedy=elbo",
+        ("--config.collapse.kl_balance=0.8",)),
+    Row("committed_rate", "committed rate (posterior std <= 0.5)", "remedy=elbo",
+        ("--config.model.posterior_std_max=0.5",)),
+    Row("staged", "staged training", "remedy=elbo", ("--config.training.staged=True",)),
+    Row("free_bits", "free bits (0.1 nats/dim)", "remedy=free_bits"),
+    Row("capacity", "KL capacity (to 10 nats)", "remedy=capacity"),
+    Row("film", "ELBO (beta = 1), FiLM", "remedy=film"),
+    Row("vae", "classic VAE (conv decoder)", "remedy=vae"),
+]
+ROW_BY_NAME = {r.name: r for r in ROWS}
+
+
+# -- which rows this checkout can run --------------------------------------------------
+def build_config(variant: str, overrides):
+  """The ConfigDict `python -m vdmrep.main --config configs/fashion_mnist.py:<variant>
+  <overrides>` builds (the same flag parsing); raises if this checkout lacks a key."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["study", "--config", os.path.join(harness.ROOT, f"{CONFIG}:{variant}"), *overrides]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, flag_values=fv, lock_config=True,
+                                  sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def availability(row: Row, budget) -> str | None:
+  """None if the row can run here, else why not (one line)."""
+  from vdmrep import config_lib
+  base = build_config(row.variant, [])
+  for o in list(row.overrides) + budget:
+    node, path = base, o[len("--config."):].partition("=")[0]
+    for part in path.split("."):
+      if not hasattr(node, "keys") or part not in node:
+        return f"config key {path} is not in this checkout"
+      node = node[part]
+  try:
+    config_lib.validate(build_config(row.variant, list(row.overrides) + budget))
+  except Exception as err:  # flags' unknown-key errors, ConfigError, ...: all mean "not here"
+    return " ".join(str(err).split())
+  return None
+
+
+# -- runs ------------------------------------------------------------------------------
+def budget_overrides(args) -> list:
+  o = [f"--config.model.vdm={args.decoder}", f"--config.eval.max_examples={args.eval_examples}"]
+  if args.steps:
+    o += [f"--config.training.num_steps={args.steps}",
+          f"--config.training.checkpoint_every={max(1, min(2500, args.steps // 4))}"]
+  if args.eval_every:
+    o.append(f"--config.training.eval_every={args.eval_every}")
+  if args.fd_samples:
+    o += [f"--config.sample.num_samples={args.fd_samples}",
+          f"--config.sample.batch_size={min(500, args.fd_samples)}"]
+  if args.sample_steps:
+    o.append(f"--config.sample.num_steps={args.sample_steps}")
+  return o + list(args.extra)
+
+
+def parse_rows(specs) -> list:
+  """['name:0,1,2', 'name', ...] -> [(Row, [seeds])]; default every row with seed 0."""
+  if not specs:
+    return [(r, [0]) for r in ROWS]
+  out = []
+  for spec in specs:
+    name, _, seeds = spec.partition(":")
+    if name not in ROW_BY_NAME:
+      raise SystemExit(f"error: --rows {spec!r}: unknown row {name!r}; known: "
+                       f"{list(ROW_BY_NAME)}")
+    try:
+      seeds = [int(s) for s in seeds.split(",")] if seeds else [0]
+    except ValueError:
+      raise SystemExit(f"error: --rows {spec!r}: seeds must be comma-separated integers")
+    out.append((ROW_BY_NAME[name], seeds))
+  return out
+
+
+def run_of(row: Row, seed: int, budget) -> harness.Run:
+  name = row.name if seed == 0 else f"{row.name}_seed{seed}"
+  return harness.Run(name, f"{CONFIG}:{row.variant}",
+                     list(row.overrides) + budget + [f"--config.seed={seed}"],
+                     labels={"row": row.name, "seed": seed})
+
+
+def command(out: str, run: harness.Run) -> str:
+  return " ".join(["python", "-m", "vdmrep.main", "--config", run.config, "--workdir",
+                   harness.run_dir(out, run), *run.overrides])
+
+
+# -- the table -------------------------------------------------------------------------
+def _f(x, digits=3):
+  if x is None or (isinstance(x, float) and math.isnan(x)):
+    return "-"
+  return f"{x:.{digits}f}"
+
+
+def _mean_sd(xs, digits=3):
+  xs = [float(x) for x in xs if x is not None and not math.isnan(float(x))]
+  if not xs:
+    return "-"
+  if len(xs) == 1:
+    return _f(xs[0], digits)
+  return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+
+def paired_differences(mine: dict, base: dict) -> list:
+  """bpd(row) - bpd(baseline) for each seed both have: {seed: bpd} x2 -> [diff]."""
+  return [mine[s] - base[s] for s in sorted(mine) if s in base]
+
+
+def histogram_baseline(reports) -> str:
+  """The per-pixel histogram's bpd on the same test images, from the reports."""
+  for rep in reports:
+    m = rep.get("metrics", {})
+    if m.get("histogram_bpd") is not None:
+      return f"{_f(m['histogram_bpd'])} ± {_f(m.get('histogram_bpd_se'))}"
+  return "-"
+
+
+def _metric(reports, key):
+  return [r["metrics"].get(key) for r in reports if r["metrics"].get(key) is not None]
+
+
+def table(out: str, rows, budget) -> str:
+  reports = {}
+  for row, seeds in rows:
+    for s in seeds:
+      rep = harness.load_report(out, run_of(row, s, budget))
+      if rep is not None:
+        reports.setdefault(row.name, {})[s] = rep
+  base_bpd = {s: r["metrics"]["bpd"] for s, r in reports.get(BASELINE, {}).items()}
+  header = ["row", "seeds done", "ELBO bpd", "histogram bpd", "bpd - unconditional (paired)",
+            "KL nats", "band saving / net bpd", "I(w; label) bits", "active units",
+            "logistic probe: w / random / pixels", "kNN probe: w / random / pixels",
+            "FD (eval-vs-train floor)", "guided class match", "wall min"]
+  lines = []
+  for row, seeds in rows:
+    why = availability(row, budget)
+    if why is not None:
+      lines.append([row.label, "skipped: " + why] + [""] * (len(header) - 2))
+      continue
+    done = reports.get(row.name, {})
+    reps = [done[s] for s in sorted(done)]
+    if not reps:
+      lines.append([row.label, f"0/{len(seeds)}"] + [""] * (len(header) - 2))
+      continue
+    m0 = reps[0]["metrics"]
+    bpd = (f"{_f(m0.get('bpd'))} ± {_f(m0.get('bpd_se'))}" if len(reps) == 1
+           else _mean_sd(_metric(reps, "bpd")) + " (sd over seeds)")
+    diffs = paired_differences({s: r["metrics"]["bpd"] for s, r in done.items()}, base_bpd)
+    paired = ("-" if row.name == BASELINE or not diffs
+              else f"{_mean_sd(diffs)} (n={len(diffs)})")
+    probe = lambda kind: " / ".join(_mean_sd(_metric(reps, f"{f}_{kind}_acc"))
+                                    for f in ("encoder", "random_encoder", "pixels"))
+    au = _metric(reps, "active_units")
+    lines.append([
+        row.label, f"{len(reps)}/{len(seeds)}", bpd, histogram_baseline(reps), paired,
+        _mean_sd(_metric(reps, "kl_nats"), 2),
+        f"{_mean_sd(_metric(reps, 'band_saving_bpd'), 4)} / "
+        f"{_mean_sd(_metric(reps, 'band_net_bpd'), 4)}",
+        _mean_sd(_metric(reps, "encoder_label_info_bits"), 2),
+        "-" if not au else f"{_mean_sd(au, 1)}/{m0.get('latent_dim', '?')}",
+        probe("logreg"), probe("knn"),
+        f"{_mean_sd(_metric(reps, 'fd_classifier'), 2)} "
+        f"({_mean_sd(_metric(reps, 'fd_classifier_eval_vs_train'), 2)})",
+        _mean_sd(_metric(reps, "guided_class_match")),
+        _mean_sd([harness.wall_minutes(out, run_of(row, s, budget)) for s in sorted(done)], 1)])
+  return harness.markdown_table(header, lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--out", required=True, help="output directory (runs/, the table, study.log)")
+  p.add_argument("--rows", nargs="*", default=[],
+                 help="NAME[:SEEDS] ... (e.g. unconditional:0,1,2 film); default every row, "
+                 "seed 0. Rows: " + ", ".join(ROW_BY_NAME))
+  p.add_argument("--decoder", default="mvdm", help="model.vdm for every VDM row (mvdm, unet, ...)")
+  p.add_argument("--steps", type=int, default=0, help="training steps (0: the config's)")
+  p.add_argument("--eval-examples", type=int, default=0, help="test images (0 = all 10,000)")
+  p.add_argument("--fd-samples", type=int, default=0, help="samples for FD (0: the config's)")
+  p.add_argument("--sample-steps", type=int, default=0, help="sampler steps (0: the config's)")
+  p.add_argument("--eval-every", type=int, default=0,
+                 help="steps between held-out evals (learning curves; 0: the config's)")
+  p.add_argument("--extra", action="append", default=[],
+                 help="one more --config.* override for every run, as --extra=--config.a.b=v")
+  p.add_argument("--parallel", type=int, default=2, help="runs trained at once")
+  p.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
+  p.add_argument("--table-only", action="store_true", help="only print the table")
+  p.add_argument("--detach", action="store_true",
+                 help="run in the background in its own session (log: OUT/study.log)")
+  args = p.parse_args(argv)
+  rows = parse_rows(args.rows)
+  budget = budget_overrides(args)
+  runs, skipped = [], []
+  for row, seeds in rows:
+    why = availability(row, budget)
+    if why is not None:
+      skipped.append(f"{row.name}: {why}")
+    else:
+      runs += [run_of(row, s, budget) for s in seeds]
+
+  if args.dry_run:
+    for run in runs:
+      state = "finished" if harness.is_finished(args.out, run) else "to run"
+      print(f"# {run.name} ({state})\n{command(args.out, run)}")
+    for s in skipped:
+      print(f"# skipped {s}")
+    return
+  if args.detach:
+    os.makedirs(args.out, exist_ok=True)
+    argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--detach"]
+    log = os.path.join(args.out, "study.log")
+    with open(log, "a") as fh:
+      proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)] + argv,
+                              cwd=harness.ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, start_new_session=True)
+    print(f"study running in the background: pid {proc.pid}, log {log}")
+    return
+  if not args.table_only:
+    for s in skipped:
+      print(f"skipped {s}")
+    harness.run_all(args.out, runs, parallel=args.parallel)
+  text = "\n".join([
+      "## Study C: Fashion-MNIST", "",
+      "Command: `python experiments/study_fashion.py " + " ".join(
+          a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table-only") + "`",
+      "", table(args.out, rows, budget), "",
+      "ELBO bpd: held-out negative ELBO at beta = 1 (bits/dim, ± standard error over test "
+      "images; with several seeds the mean ± sd over seeds). histogram: an independent "
+      "categorical per pixel fitted on the training split, on the same images. Paired: "
+      "bpd minus the unconditional VDM's with the same seed (mean ± sd over seeds). KL: "
+      "nats/image. Probes: accuracy on the test split of a logistic regression / k-NN fit "
+      "on training-split features. FD: Frechet distance of samples in the classifier's "
+      "feature space, beside the same distance between test and training images.", ""])
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "study_c.md"), "w") as fh:
+    fh.write(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,131 @@
+"""Study C's command (experiments/study_fashion.py) and the learning-curve script: rows,
+commands, skipped rows, resuming, the table from report files, curves from reports."""
+import argparse
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import harness  # noqa: E402
+import learning_curves  # noqa: E402
+import study_fashion as sf  # noqa: E402
+
+from vdmrep import config_lib  # noqa: E402
+
+
+def _write_report(out, name, **metrics):
+  d = os.path.join(out, "runs", name)
+  os.makedirs(d, exist_ok=True)
+  with open(os.path.join(d, "report.json"), "w") as fh:
+    json.dump({"step": 10, "metrics": metrics}, fh)
+
+
+def test_every_available_row_is_a_valid_config_and_others_say_why():
+  budget = sf.budget_overrides(argparse.Namespace(
+      decoder="mvdm", eval_examples=0, steps=0, eval_every=0, fd_samples=0, sample_steps=0,
+      extra=[]))
+  available = {r.name for r in sf.ROWS if sf.availability(r, budget) is None}
+  # What the config file itself provides is always runnable.
+  assert {"unconditional", "elbo", "film", "free_bits", "capacity", "vae"} <= available
+  for row in sf.ROWS:
+    if row.name in available:
+      c = sf.build_config(row.variant, list(row.overrides) + budget)
+      config_lib.validate(c)
+      assert c.data.source == "fashion_mnist"
+      assert (c.model.encoder == "none") == (row.name == "unconditional")
+      assert (c.model.get("decoder", "vdm") == "conv_vae") == (row.name == "vae")
+    else:
+      assert sf.availability(row, budget)  # a one-line reason
+
+
+def test_dry_run_prints_exact_commands_and_marks_finished_runs(tmp_path, capsys):
+  out = str(tmp_path)
+  _write_report(out, "unconditional", bpd=3.1)
+  sf.main(["--out", out, "--dry-run", "--rows", "unconditional:0,2", "film", "--steps", "50"])
+  text = capsys.readouterr().out
+  assert "# unconditional (finished)" in text and "# unconditional_seed2 (to run)" in text
+  cmd = [l for l in text.splitlines() if "unconditional_seed2" in l and l.startswith("python")]
+  assert cmd == [f"python -m vdmrep.main --config configs/fashion_mnist.py:remedy=unconditional "
+                 f"--workdir {out}/runs/unconditional_seed2 --config.model.vdm=mvdm "
+                 "--config.eval.max_examples=0 --config.training.num_steps=50 "
+                 "--config.training.checkpoint_every=12 --config.seed=2"]
+  assert not os.path.exists(os.path.join(out, "runs", "film"))  # nothing ran
+
+
+def test_table_pairs_seeds_and_marks_skipped_and_unfinished_rows(tmp_path, capsys):
+  out = str(tmp_path)
+  for seed, (u, f) in enumerate([(3.10, 3.05), (3.20, 3.16), (3.00, 2.99)]):
+    suffix = "" if seed == 0 else f"_seed{seed}"
+    _write_report(out, "unconditional" + suffix, bpd=u, bpd_se=0.01, histogram_bpd=4.588,
+                  histogram_bpd_se=0.01)
+    _write_report(out, "film" + suffix, bpd=f, bpd_se=0.01, kl_nats=5.0 + seed,
+                  encoder_logreg_acc=0.8, random_encoder_logreg_acc=0.7,
+                  pixels_logreg_acc=0.84, encoder_knn_acc=0.81, active_units=10 + seed,
+                  latent_dim=128, encoder_label_info_bits=1.5)
+  sf.main(["--out", out, "--table-only", "--rows", "unconditional:0,1,2", "film:0,1,2",
+           "free_bits", "staged"])
+  text = capsys.readouterr().out
+  rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
+          for l in text.splitlines() if l.startswith("| ")}
+  film = rows["ELBO (beta = 1), FiLM"]
+  assert film[0] == "3/3"
+  assert film[1] == "3.067 ± 0.086 (sd over seeds)"
+  # Paired by seed: -0.05, -0.04, -0.01 -> mean -0.033, sd 0.021.
+  assert film[3] == "-0.033 ± 0.021 (n=3)"
+  assert film[4] == "6.00 ± 1.00" and film[6] == "1.50 ± 0.00" and film[7] == "11.0 ± 1.0/128"
+  assert film[8] == "0.800 ± 0.000 / 0.700 ± 0.000 / 0.840 ± 0.000"
+  assert rows["unconditional VDM"][2] == "4.588 ± 0.010" and rows["unconditional VDM"][3] == "-"
+  assert rows["free bits (0.1 nats/dim)"][0] == "0/1"
+  assert rows["staged training"][0].startswith("skipped: config key training.staged")
+  assert open(os.path.join(out, "study_c.md")).read().count("| ") >= 5
+
+
+def test_learning_curves_from_reports_and_events(tmp_path, capsys):
+  wd = tmp_path / "run"
+  os.makedirs(wd / "reports")
+  for step, bpd in ((100, 3.5), (200, 3.2), (300, 3.05)):
+    with open(wd / "reports" / f"step{step}.json", "w") as fh:
+      json.dump({"step": step, "metrics": {"bpd": bpd, "bpd_se": 0.01},
+                 "dataset": {"num_eval": 50}}, fh)
+  from clu import metric_writers
+  writer = metric_writers.create_default_writer(str(wd))
+  for step, sps in ((100, 2.0), (200, 4.0), (300, 1.0)):  # 50 s, 25 s, 100 s
+    writer.write_scalars(step, {"steps_per_sec": sps})
+  writer.flush()
+  assert learning_curves.read_rates(str(wd)) == [(100, 2.0), (200, 4.0), (300, 1.0)]
+  mins = learning_curves.minutes_at(learning_curves.read_rates(str(wd)), [100, 150, 300])
+  assert mins == pytest.approx([50 / 60, 62.5 / 60, 175 / 60])
+  learning_curves.main([f"m={wd}", "--out", str(tmp_path / "fig"), "--targets", "3.3", "3.0"])
+  text = capsys.readouterr().out
+  assert "| m | 200 / 1.2 | not reached |" in text
+  assert os.path.exists(tmp_path / "fig_curves.png")
+  assert os.path.exists(tmp_path / "fig_time_to_bpd.png")
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_resumes_and_prints(tmp_path, capsys):
+  """Two real 8x8 runs of a few steps; the second invocation finds them finished, and a
+  run whose report is lost is evaluated again from its checkpoint."""
+  out = str(tmp_path)
+  tiny = ["--extra=--config.data.source=digits", "--extra=--config.model.channels=8",
+          "--extra=--config.model.n_blocks=1", "--extra=--config.training.batch_size=16",
+          "--extra=--config.eval.max_examples=64", "--extra=--config.eval.sample_quality=False",
+          "--extra=--config.eval.pictures=False", "--extra=--config.eval.probe_max_train=200",
+          "--extra=--config.eval.num_time_samples=1", "--extra=--config.training.log_every=2"]
+  argv = ["--out", out, "--rows", "unconditional", "vae", "--steps", "4", "--parallel", "1"]
+  sf.main(argv + tiny)
+  first = capsys.readouterr().out
+  assert "0 of 2 runs already finished" in first
+  for name in ("unconditional", "vae"):
+    assert os.path.exists(os.path.join(out, "runs", name, "report.json")), name
+  os.remove(os.path.join(out, "runs", "vae", "report.json"))
+  sf.main(argv + tiny)
+  second = capsys.readouterr().out
+  assert "1 of 2 runs already finished; running 1" in second
+  rows = {l.split("|")[1].strip(): l for l in second.splitlines() if l.startswith("| ")}
+  assert "1/1" in rows["unconditional VDM"] and "1/1" in rows["classic VAE (conv decoder)"]
+  stdout = open(os.path.join(out, "runs", "vae", "stdout.log")).read()
+  assert "resumed from checkpoint at step 4" in stdout
