@@ -33,7 +33,7 @@ def one_line(err) -> str:
 
 CONFIG_CASES = [
     (dict(model__vdm="huge"), "config.model.vdm='huge' is not valid; choose one of "
-                              "['original', 'svdm', 'tvdm', 'mvdm']"),
+                              "['original', 'svdm', 'tvdm', 'mvdm', 'unet', 'unet_s']"),
     (dict(model__encoder="xl"), "config.model.encoder='xl' is not valid; choose one of "
                                 "['oepp', 'oe', 'se', 'te', 'ue', 'none']"),
     (dict(model__gamma_type="cosine"), "config.model.gamma_type='cosine' is not valid; "
