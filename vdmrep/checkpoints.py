@@ -4,9 +4,14 @@ Guarantees (tested in tests/test_checkpoints.py and benchmarks/chaos.py):
   * Atomic: orbax writes each step into `<step>.orbax-checkpoint-tmp*` and renames it
     when complete, so a kill during a save leaves the previous checkpoints intact;
     leftover tmp directories are removed when the manager next starts.
-  * Verified: the record holds a SHA-256 of every array; a latest checkpoint that
-    cannot be read or whose arrays do not match it is reported by name, moved to
-    `<workdir>/corrupt_checkpoints/`, and the previous one is used.
+  * Verified: the record holds a SHA-256 of every array; a latest checkpoint whose
+    arrays do not match it, or that fails to decode, is reported by name, moved to
+    `<workdir>/corrupt_checkpoints/`, and the previous one is used. Read errors of the
+    storage (EIO, permissions, memory) are not corruption: they stop the run with one
+    line and move nothing; so does a checkpoint in another program's format.
+  * Read-only readers: `Checkpoints(..., read_only=True)` (eval and sample modes) never
+    deletes, moves or creates anything in `checkpoints/`; a step that is unreadable or
+    vanishes under it (the trainer's retention) is skipped, not moved.
   * Retention: one manager with an orbax preservation policy keeping the last
     `keep` checkpoints plus the one with the best (lowest) eval bits/dim.
   * Compatible: the stored model fingerprint and image shape are compared with the
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import time
@@ -39,8 +45,9 @@ class _DropOrbaxInfo(logging.Filter):
     if "orbax" not in record.pathname:
       return True
     # Checkpoints between evaluations carry no metrics, by design.
-    return record.levelno >= logging.WARNING and "did not provide metrics" not in \
-        record.getMessage()
+    msg = record.getMessage()
+    return (record.levelno >= logging.WARNING and "did not provide metrics" not in msg
+            and "read only" not in msg)
 
 
 logging.getLogger("absl").addFilter(_DropOrbaxInfo())
@@ -66,22 +73,74 @@ def tree_digest(tree) -> str | None:
   return h.hexdigest()
 
 
-def _is_disk_full(err: BaseException) -> bool:
-  """True if `err` or anything it wraps is ENOSPC (tensorstore reports it as text)."""
+# Errors of the storage or the machine, not of the checkpoint's bytes: a checkpoint that
+# meets one is left where it is (the next attempt may read it fine).
+_IO_ERRNOS = {errno.EIO, errno.EACCES, errno.EPERM, errno.ENOMEM, errno.ESTALE, errno.EAGAIN,
+              errno.EBUSY, errno.ETIMEDOUT, errno.ENXIO, errno.ENODEV, errno.EMFILE,
+              errno.ENFILE, errno.ECONNRESET, errno.EHOSTUNREACH}
+# tensorstore reports OS errors as text inside its own exception types
+_IO_TEXT = ("Input/output error", "Permission denied", "Cannot allocate memory",
+            "Operation not permitted", "Stale file handle", "Too many open files",
+            "PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
+
+
+def _chain(err: BaseException):
   seen = set()
   while err is not None and id(err) not in seen:
     seen.add(id(err))
-    if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err):
-      return True
+    yield err
     err = err.__cause__ or err.__context__
-  return False
+
+
+def read_failure(err: BaseException) -> str | None:
+  """A short reason if `err` is a storage or memory error (not corruption), else None."""
+  for e in _chain(err):
+    if isinstance(e, MemoryError):
+      return "out of memory"
+    if isinstance(e, OSError) and e.errno in _IO_ERRNOS:
+      return f"{type(e).__name__}: [Errno {e.errno}] {e.strerror or os.strerror(e.errno)}"
+    text = str(e)
+    for t in _IO_TEXT:
+      if t in text:
+        return f"{type(e).__name__}: {_short(text)}"
+  return None
+
+
+def _is_disk_full(err: BaseException) -> bool:
+  """True if `err` or anything it wraps is ENOSPC (tensorstore reports it as text)."""
+  return any(getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+             for e in _chain(err))
+
+
+def quiet_async_leftovers() -> None:
+  """Silences asyncio's "exception was never retrieved" reports of a failed save.
+
+  A save that fails (disk full) leaves tensorstore's other write futures failed too;
+  asyncio logs each as a traceback when it is garbage-collected, burying the one line
+  that says what happened.
+  """
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 class Checkpoints:
-  def __init__(self, workdir: str, keep: int):
+  """The checkpoints of one workdir. `read_only=True` (eval, sample) never changes them."""
+
+  def __init__(self, workdir: str, keep: int, read_only: bool = False):
     # gs://... (TPU pods: hosts share no disk) goes to orbax as is.
     self.workdir = workdir if "://" in workdir else os.path.abspath(workdir)
     self.directory = os.path.join(self.workdir, "checkpoints")
+    self.read_only = read_only
+    self.quarantined = []  # where unreadable steps were moved, this session
+    self.skipped = []  # unreadable steps a read-only reader passed over
+    if "://" not in self.directory and os.path.lexists(self.directory) and \
+        not os.path.isdir(self.directory):
+      raise CheckpointError(f"{self.directory} exists but is not a directory; move it away or "
+                            "use another --workdir")
+    if read_only:
+      self.manager = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(
+          read_only=True, create=False, cleanup_tmp_directories=False, save_interval_steps=0,
+          enable_async_checkpointing=False))
+      return
     policy = pp.AnyPreservationPolicy([
         pp.LatestN(n=keep),
         pp.BestN(get_metric_fn=_best_metric, reverse=True, n=1,
@@ -91,7 +150,6 @@ class Checkpoints:
         options=ocp.CheckpointManagerOptions(
             create=True, enable_async_checkpointing=False, cleanup_tmp_directories=True,
             best_fn=_best_metric, best_mode="min", preservation_policy=policy))
-    self.quarantined = []  # where unreadable steps were moved, this session
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -113,6 +171,7 @@ class Checkpoints:
     except Exception as err:  # orbax/tensorstore wrap OS errors in many types
       kept = (f"the previous checkpoint (step {previous}) is intact" if previous is not None
               else "no earlier checkpoint exists")
+      quiet_async_leftovers()
       if _is_disk_full(err):
         raise CheckpointError(f"disk full while saving checkpoint step {step} in "
                               f"{self.directory}; {kept}; free space and rerun to resume"
@@ -131,32 +190,93 @@ class Checkpoints:
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def quarantine(self, step: int, why: str) -> str:
-    """Moves an unreadable step out of the manager's sight; returns where it went."""
-    dest_dir = os.path.join(self.workdir, "corrupt_checkpoints")
-    dest = os.path.join(dest_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if jax.process_index() == 0:
-      epath.Path(dest_dir).mkdir(parents=True, exist_ok=True)
-      epath.Path(self.step_path(step)).rename(dest)
-    if jax.process_count() > 1:  # every process must see the move before re-listing
-      multihost_utils.sync_global_devices(f"quarantine_{step}")
-    self.manager.reload()
-    msg = (f"checkpoint {self.step_path(step)} is unreadable ({why}); moved it to {dest} and "
-           "trying the previous one")
+  def quarantine(self, step: int, why: str) -> str | None:
+    """Moves a corrupt step out of the manager's sight; returns where it went.
+
+    A read-only reader moves nothing: it reports the step and passes over it (None).
+    """
+    if self.read_only:
+      msg = (f"checkpoint {self.step_path(step)} is unreadable ({why}); left in place (this "
+             "run only reads checkpoints) and trying the previous one")
+      self.skipped.append(step)
+      dest = None
+    else:
+      dest_dir = os.path.join(self.workdir, "corrupt_checkpoints")
+      dest = os.path.join(dest_dir, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+      if jax.process_index() == 0:
+        epath.Path(dest_dir).mkdir(parents=True, exist_ok=True)
+        epath.Path(self.step_path(step)).rename(dest)
+      if jax.process_count() > 1:  # every process must see the move before re-listing
+        multihost_utils.sync_global_devices(f"quarantine_{step}")
+      self.manager.reload()
+      msg = (f"checkpoint {self.step_path(step)} is unreadable ({why}); moved it to {dest} "
+             "and trying the previous one")
+      self.quarantined.append(dest)
     logging.getLogger("absl").warning(msg)
     if jax.process_index() == 0:
       print(f"warning: {msg}", flush=True)
-    self.quarantined.append(dest)
     return dest
+
+  def _steps(self):
+    """Steps newest first, without those a read-only reader already passed over."""
+    return [s for s in sorted(self.manager.all_steps(), reverse=True) if s not in self.skipped]
+
+  def _vanished(self, step: int) -> bool:
+    if "://" in self.directory or os.path.isdir(self.step_path(step)):
+      return False
+    self.skipped.append(step)  # the trainer's retention deleted it: not an error
+    if not self.read_only:
+      self.manager.reload()
+    return True
+
+  def _failed(self, step: int, what: str, err: BaseException) -> None:
+    """Handles an exception of reading `what` of `step`: re-raises storage errors as one
+    line, passes over a vanished step, quarantines a corrupt one."""
+    if isinstance(err, CheckpointError):
+      raise err
+    if self._vanished(step):
+      return
+    io = read_failure(err)
+    if io is not None:
+      raise CheckpointError(
+          f"reading checkpoint {self.step_path(step)} failed ({io}); it is a storage or memory "
+          "error, not corruption, so nothing was moved: fix the cause and rerun") from None
+    self._check_own_format(step)
+    self.quarantine(step, f"{what}: {type(err).__name__}: {_short(err)}")
+
+  def _check_own_format(self, step: int) -> None:
+    """Raises CheckpointError if `step` is a valid checkpoint of another program (its
+    orbax metadata lists items other than this package's 'state' and 'meta')."""
+    path = os.path.join(self.step_path(step), "_CHECKPOINT_METADATA")
+    try:
+      with open(path) as f:
+        items = set(json.load(f).get("item_handlers") or {})
+    except (OSError, ValueError, AttributeError):
+      return  # no readable orbax metadata: judged by its contents
+    if items and items != {"state", "meta"}:
+      raise CheckpointError(
+          f"{self.step_path(step)} is a checkpoint in another format (items {sorted(items)}, "
+          "expected ['meta', 'state']); it was left in place: move it out of "
+          f"{self.directory} or use another --workdir")
 
   def latest_meta(self):
     """(step, meta) of the newest checkpoint whose record reads, quarantining the others."""
-    for step in sorted(self.manager.all_steps(), reverse=True):
+    while True:
+      steps = self._steps()
+      if not steps:
+        return None, None
+      step = steps[0]
       try:
-        return step, self.read_meta(step)
+        meta = self.read_meta(step)
       except Exception as err:  # truncated/garbled JSON or metadata: many types
-        self.quarantine(step, f"record: {type(err).__name__}: {_short(err)}")
-    return None, None
+        self._failed(step, "record", err)
+        continue
+      if not isinstance(meta, dict) or "model_fingerprint" not in meta:
+        raise CheckpointError(
+            f"{self.step_path(step)} was not written by vdmrep (its record has no model "
+            f"fingerprint); it was left in place: move it out of {self.directory} or use "
+            "another --workdir")
+      return step, meta
 
   def check_compatible(self, meta: dict, fingerprint: dict, image_shape) -> None:
     """Raises CheckpointError if `meta` was saved by a different model or image size."""
@@ -172,37 +292,61 @@ class Checkpoints:
           f"{self.directory} holds a checkpoint built for images of shape {tuple(shape)} "
           f"but the data (config.data.source) has shape {tuple(image_shape)}")
 
-  def check_latest_compatible(self, fingerprint: dict, image_shape) -> None:
-    """check_compatible on the newest readable record (reads no arrays)."""
+  def check_latest_compatible(self, fingerprint: dict, image_shape):
+    """check_compatible on the newest readable record (reads no arrays); returns it."""
     _, meta = self.latest_meta()
     if meta is not None:
       self.check_compatible(meta, fingerprint, image_shape)
+    return meta
+
+  def _check_structure(self, step: int, abstract_state) -> None:
+    """Raises CheckpointError if the saved state's tree differs from `abstract_state`
+    (an older vdmrep's state): that is a version mismatch, not corruption."""
+    try:
+      tree = self.manager.item_metadata(step)["state"].tree
+    except Exception:  # unreadable metadata: the restore reports it
+      return
+    path = lambda p: jax.tree_util.keystr(p)
+    saved = {path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    want = {path(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    if saved and saved != want:
+      missing, extra = sorted(want - saved), sorted(saved - want)
+      raise CheckpointError(
+          f"{self.step_path(step)} holds a train state of another vdmrep version (missing "
+          f"{_short(str(missing), 80)}, extra {_short(str(extra), 80)}); it was left in place: "
+          f"move it out of {self.directory} or use another --workdir")
 
   def restore_latest(self, abstract_state, fingerprint: dict, image_shape=None):
     """(state, meta) of the newest readable compatible checkpoint, or (None, None).
 
-    Unreadable or digest-mismatched steps are quarantined (reported by name) and the
-    previous one is tried; an incompatible one raises CheckpointError.
+    Corrupt steps (decode errors, digest mismatch) are quarantined (reported by name)
+    and the previous one is tried; storage errors and incompatible or foreign
+    checkpoints raise CheckpointError and move nothing.
     """
     while True:
       step, meta = self.latest_meta()
       if step is None:
         break
       self.check_compatible(meta, fingerprint, image_shape)
+      self._check_structure(step, abstract_state)
       try:
         state = self.restore(step, abstract_state)
-        digest = meta.get("state_sha256")
-        if digest is not None and tree_digest(state) not in (None, digest):
-          raise ValueError("array contents do not match the SHA-256 in its record")
-        return state, meta
-      except CheckpointError:
-        raise
       except Exception as err:  # tensorstore/zarr/ocdbt read errors: many types
-        self.quarantine(step, f"{type(err).__name__}: {_short(err)}")
+        self._failed(step, "arrays", err)
+        continue
+      digest = meta.get("state_sha256")
+      if digest is not None and tree_digest(state) not in (None, digest):
+        self.quarantine(step, "array contents do not match the SHA-256 in its record")
+        continue
+      return state, meta
     if self.quarantined:
-      raise CheckpointError(f"no readable checkpoint left in {self.directory} (unreadable ones "
-                            f"moved to {os.path.dirname(self.quarantined[0])}); rerun to start "
-                            "from scratch")
+      raise CheckpointError(
+          f"no readable checkpoint left in {self.directory}: the unreadable ones were moved to "
+          f"{os.path.dirname(self.quarantined[0])} (move a step directory back into "
+          f"{self.directory} to retry it); rerunning now starts from step 0")
+    if self.skipped and self.read_only:
+      raise CheckpointError(f"no readable checkpoint in {self.directory} (unreadable: steps "
+                            f"{sorted(set(self.skipped))}, left in place)")
     return None, None
 
   def close(self):

@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.split_seed = 0             # fixed train/eval split of such sources
   c.data.tfds_data_dir = ""         # "" = tfds default
   c.data.max_train_examples = 0     # 0 = all; > 0 keeps the first N (small studies)
+  c.data.npz_max_expansion = 100.0  # refuse an npz whose arrays exceed N x its size; 0 = no cap
 
   c.model = ml_collections.ConfigDict()
   c.model.decoder = "vdm"           # vdm (diffusion decoder sized by model.vdm) | conv_vae
@@ -97,6 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.training.eval_every = 0         # 0 = only at the end
   c.training.nan_policy = "stop"    # stop | skip: what a non-finite loss/gradient does
   c.training.max_consecutive_skips = 10  # 'skip' halts after more bad steps in a row
+  c.training.allow_config_change = False  # resume although seed/batch/optim/data changed
+  c.training.memory_check = True    # refuse when the estimated step memory exceeds the machine
 
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
@@ -236,6 +239,10 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   sampling.validate(config, num_devices)
   from vdmrep import parallel  # late import: parallel raises this module's ConfigError
   parallel.validate(config)
+  from vdmrep import preflight  # every number finite and in its domain
+  problem = preflight.config_problem(config)
+  if problem:
+    raise ConfigError(problem)
 
 
 def check_image_shape(config, image_shape) -> None:

@@ -22,6 +22,8 @@ import concurrent.futures
 import dataclasses
 import gzip
 import os
+import zipfile
+import zlib
 from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
@@ -69,6 +71,35 @@ def check_images(images, where: str) -> np.ndarray:
   return images.astype(np.uint8)
 
 
+def check_labels(labels, num_images: int, where: str) -> np.ndarray:
+  """Validates class labels: [N] (or [N, 1]) integers in [0, 2**31) -> int32 [N].
+
+  Floats are accepted only when every value is a finite whole number (some tools save
+  labels as float64); anything else would be silently rounded or wrapped.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim == 2 and labels.shape[1] == 1:
+    labels = labels[:, 0]
+  if labels.ndim != 1:
+    raise DataError(f"{where}: labels must be [N] (one class per image); got shape "
+                    f"{labels.shape}")
+  if len(labels) != num_images:
+    raise DataError(f"{where}: {len(labels)} labels for {num_images} images")
+  if labels.dtype == np.bool_ or not (np.issubdtype(labels.dtype, np.integer) or
+                                      np.issubdtype(labels.dtype, np.floating)):
+    raise DataError(f"{where}: labels must be integer classes; got dtype {labels.dtype}")
+  if labels.size and np.issubdtype(labels.dtype, np.floating):
+    if not np.all(np.isfinite(labels)) or np.any(labels != np.round(labels)):
+      raise DataError(f"{where}: labels must be whole numbers; got non-finite or fractional "
+                      "values")
+  if labels.size:
+    lo, hi = labels.min(), labels.max()
+    if lo < 0 or hi >= 2**31:
+      raise DataError(f"{where}: labels must be classes in [0, 2**31); got range "
+                      f"[{lo:g}, {hi:g}]")
+  return labels.astype(np.int32)
+
+
 def _split(images, labels, eval_fraction, seed):
   perm = np.random.default_rng(seed).permutation(len(images))
   n_eval = max(1, int(round(eval_fraction * len(images))))
@@ -94,13 +125,15 @@ def read_idx(path: str) -> np.ndarray:
   try:
     with opener(path, "rb") as fh:
       raw = fh.read()
-  except OSError as err:
-    raise DataError(f"cannot read idx file {path}: {err}") from None
+  except (OSError, EOFError, zlib.error) as err:  # gzip: EOFError when truncated
+    raise DataError(f"cannot read idx file {path}: {type(err).__name__}: {err}") from None
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
     raise DataError(f"{path} is not an idx file (bad magic number)")
   if raw[2] != 0x08:
     raise DataError(f"{path}: only unsigned-byte idx files are supported (type {raw[2]:#x})")
   ndim = raw[3]
+  if len(raw) < 4 + 4 * ndim:
+    raise DataError(f"{path}: truncated header ({len(raw)} bytes for {ndim} dimensions)")
   dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
   data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
   if data.size != int(np.prod(dims)):
@@ -123,9 +156,9 @@ def load_idx(directory: str, data_cfg) -> Dataset:
            for k in ("train", "t10k") for kind, n in (("images", 3), ("labels", 1))}
   def pair(k):
     imgs = check_images(read_idx(files[f"{k}-images"]), files[f"{k}-images"])
-    labs = read_idx(files[f"{k}-labels"]).astype(np.int32) if files[f"{k}-labels"] else None
-    if labs is not None and len(labs) != len(imgs):
-      raise DataError(f"{files[f'{k}-labels']}: {len(labs)} labels for {len(imgs)} images")
+    labs = files[f"{k}-labels"]
+    if labs is not None:
+      labs = check_labels(read_idx(labs), len(imgs), labs)
     return imgs, labs
   if files["train-images"] and files["t10k-images"]:
     tr, trl = pair("train")
@@ -158,22 +191,45 @@ def load_fashion_mnist(directory: str, data_cfg) -> Dataset:
                              note="Fashion-MNIST train/t10k idx files")
 
 
+def check_npz_archive(path: str, max_expansion: float) -> None:
+  """Raises DataError unless `path` is a zip archive (an .npz) whose arrays expand to at
+  most `max_expansion` times the file's size (0 = no cap): a small file must not fill
+  the memory when decompressed."""
+  try:
+    is_zip = zipfile.is_zipfile(path)
+  except OSError as err:
+    raise DataError(f"npz source: cannot read {path!r}: {err.strerror or err}") from None
+  if not is_zip:
+    raise DataError(f"npz source: {path!r} is not an .npz (zip) archive; write it with "
+                    "numpy.savez or numpy.savez_compressed")
+  try:
+    with zipfile.ZipFile(path) as zf:
+      expanded = sum(i.file_size for i in zf.infolist())
+  except (OSError, zipfile.BadZipFile) as err:
+    raise DataError(f"npz source: cannot read {path!r}: {err}") from None
+  size = max(1, os.path.getsize(path))
+  if max_expansion and expanded > max_expansion * size:
+    raise DataError(f"npz source: {path!r} expands from {size:,} to {expanded:,} bytes, more "
+                    f"than config.data.npz_max_expansion={max_expansion:g} times its size; "
+                    "raise that (0 = no cap) if the data is meant to be this large")
+
+
 def load_npz(path: str, data_cfg) -> Dataset:
   if not os.path.exists(path):
     raise DataError(f"npz source: file {path!r} does not exist")
+  check_npz_archive(path, data_cfg.get("npz_max_expansion", 0))
   try:
-    with np.load(path) as f:
+    with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
   except Exception as err:  # zipfile/pickle errors come in many types
-    raise DataError(f"npz source: cannot read {path!r}: {err}") from None
+    raise DataError(f"npz source: cannot read {path!r}: {type(err).__name__}: "
+                    f"{' '.join(str(err).split())}") from None
   if "images" not in arrays:
     raise DataError(f"npz source: {path!r} has no 'images' array (found {sorted(arrays)})")
   images = check_images(arrays["images"], f"{path}['images']")
   labels = arrays.get("labels")
   if labels is not None:
-    labels = np.asarray(labels).astype(np.int32).reshape(-1)
-    if len(labels) != len(images):
-      raise DataError(f"{path}: {len(labels)} labels for {len(images)} images")
+    labels = check_labels(labels, len(images), f"{path}['labels']")
   tr, trl, ev, evl = _split(images, labels, data_cfg.eval_fraction, data_cfg.split_seed)
   return Dataset(f"npz:{path}", tr, ev, trl, evl,
                  note=f"npz split {1 - data_cfg.eval_fraction:.0%}/{data_cfg.eval_fraction:.0%}"
@@ -193,7 +249,7 @@ def load_tfds(name: str, data_cfg) -> Dataset:
     images = np.concatenate([c["image"] for c in chunks])
     labels = np.concatenate([c["label"] for c in chunks]) if "label" in chunks[0] else None
     return (check_images(images, f"tfds:{name}[{s}]"),
-            None if labels is None else labels.astype(np.int32))
+            None if labels is None else check_labels(labels, len(images), f"tfds:{name}[{s}]"))
   tr, trl = split("train")
   ev, evl = split("test")
   return Dataset(f"tfds:{name}", tr, ev, trl, evl, note=f"tfds {name} train/test")

@@ -1,6 +1,9 @@
 """Command line: python -m vdmrep.main --config CONFIG --workdir DIR [--mode train|eval|sample]."""
 from __future__ import annotations
 
+import errno
+import os
+import signal
 import sys
 
 if __name__ == "__main__":  # before anything heavy: it may re-execute this process
@@ -19,31 +22,107 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
                   "train (then evaluate), evaluate only, or sample (pictures + samples.npz).")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Exit codes: 2 bad input (flags, config, data, workdir, checkpoint, unwritable or full
+# disk); 3 training halted on a non-finite step; 128 + signum after SIGTERM/SIGINT
+# (0 if training had finished and its checkpoint was saved).
+BAD_INPUT = 2
+_UNWRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _fail(msg: str, code: int = BAD_INPUT):
+  print(f"error: {' '.join(str(msg).split())}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _config_file_error(err: BaseException, argv) -> str:
+  """One line for a config file that failed to load (ml_collections defers the error)."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None and "--config" in argv[:-1]:
+    path = argv[argv.index("--config") + 1]
+  path = (path or "?").split(":")[0]
+  if not os.path.isfile(path):
+    return f"--config: config file {path!r} does not exist"
+  for e in _chain(err):
+    if isinstance(e, SyntaxError):
+      return f"--config: {path} line {e.lineno}: syntax error: {e.msg}"
+    if isinstance(e, AttributeError) and "get_config" in str(e):
+      return f"--config: {path} defines no get_config()"
+  root = list(_chain(err))[-1]
+  return f"--config: {path} failed to load ({type(root).__name__}: {root})"
+
+
+def _chain(err):
+  seen = set()
+  while err is not None and id(err) not in seen:
+    seen.add(id(err))
+    yield err
+    err = err.__cause__ or err.__context__
+
+
+def parse_flags(argv):
+  """absl's parser, with every error (flags, config file, config override) as one line
+  and exit 2 (absl exits 1; bad input is 2 here)."""
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as err:
+    _fail(f"{err} (see --helpshort)")
+  except AttributeError as err:  # an override of a key the config does not have
+    if "get_config" in str(err):
+      _fail(_config_file_error(err, argv))
+    key = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")), "--config.?")
+    _fail(f"{key}: no such config key ({err})")
+  except Exception as err:  # a config file that fails while overrides are applied
+    _fail(_config_file_error(err, argv))
+  try:
+    FLAGS.config.keys()  # config_flags keeps a load error until the config is used
+  except Exception as err:
+    _fail(_config_file_error(err, argv))
+  return rest
+
+
+def _interrupted_during_start_up(signum, frame):
+  del frame
+  print(f"interrupted by {signal.Signals(signum).name} during start-up; no checkpoint was "
+        "changed, rerun the same command", file=sys.stderr, flush=True)
+  sys.exit(128 + signum)
+
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    _fail(f"unexpected arguments: {argv[1:]}")
   from vdmrep import checkpoints, data, reliability, train  # heavy imports after flags
-  # Exit codes: 2 bad input (config, data, workdir, checkpoint, disk full); 3 training
-  # halted on a non-finite step; 128 + signum after SIGTERM/SIGINT saved a checkpoint.
+  phase = {"train": "start-up", "eval": "evaluation", "sample": "sampling"}[FLAGS.mode]
   try:
-    if FLAGS.mode == "train":
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == "sample":
-      from vdmrep import quality
-      quality.sample_checkpoint(FLAGS.config, FLAGS.workdir)
-    else:
-      train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+    with reliability.raise_on_signals(phase):
+      if FLAGS.mode == "train":
+        train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      elif FLAGS.mode == "sample":
+        from vdmrep import quality
+        quality.sample_checkpoint(FLAGS.config, FLAGS.workdir)
+      else:
+        train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
   except (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+    checkpoints.quiet_async_leftovers()
+    _fail(err)
   except reliability.NumericalError as err:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(3)
+    _fail(err, 3)
   except reliability.Interrupted as err:
-    print(str(err), file=sys.stderr)
+    print(str(err), file=sys.stderr, flush=True)
     sys.exit(reliability.exit_code(err))
+  except KeyboardInterrupt:  # SIGINT before the handlers were installed
+    print(f"interrupted by SIGINT during {phase}", file=sys.stderr, flush=True)
+    sys.exit(128 + signal.SIGINT)
+  except Exception as err:  # a disk that filled or turned read-only under a writer
+    bad = next((e for e in _chain(err) if getattr(e, "errno", None) in _UNWRITABLE), None)
+    if bad is None and not checkpoints._is_disk_full(err):
+      raise
+    checkpoints.quiet_async_leftovers()
+    why = (bad.strerror or os.strerror(bad.errno)) if bad is not None else "No space left on device"
+    where = getattr(bad, "filename", None) or FLAGS.workdir
+    _fail(f"{where}: {why} (while writing results); checkpoints already saved are intact")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  for _sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(_sig, _interrupted_during_start_up)
+  app.run(main, flags_parser=parse_flags)

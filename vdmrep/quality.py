@@ -232,11 +232,17 @@ def restore_for_sampling(config, workdir: str):
   Raises checkpoints.CheckpointError when there is none.
   """
   from vdmrep import checkpoints, config_lib, train
+  from vdmrep import reliability
   ds, model, tx, mesh = train.setup(config)
+  # Read-only: a trainer may own this workdir; nothing in checkpoints/ is changed.
+  ckpt = checkpoints.Checkpoints(workdir, keep=config.training.keep_checkpoints,
+                                 read_only=True)
+  if ckpt.check_latest_compatible(config_lib.model_fingerprint(config), ds.image_shape) is None:
+    raise checkpoints.CheckpointError(f"no checkpoint to sample from in {ckpt.directory}")
+  reliability.check_workdir(workdir)  # pictures and samples.npz are written here
   state = train.initial_state(model, tx, config, ds.image_shape, mesh)
-  ckpt = checkpoints.Checkpoints(workdir, keep=config.training.keep_checkpoints)
   restored, _ = ckpt.restore_latest(checkpoints.abstract(state),
-                                    config_lib.model_fingerprint(config))
+                                    config_lib.model_fingerprint(config), ds.image_shape)
   ckpt.close()
   if restored is None:
     raise checkpoints.CheckpointError(f"no checkpoint to sample from in {ckpt.directory}")

@@ -18,6 +18,8 @@ Policies (`config.training.nan_policy`):
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import signal
 import tempfile
@@ -34,13 +36,31 @@ class NumericalError(RuntimeError):
   """Training met a non-finite loss term or gradient (the message names step and term)."""
 
 
-class Interrupted(Exception):
-  """SIGTERM/SIGINT arrived; a checkpoint at `step` was saved before raising."""
+class Interrupted(BaseException):
+  """SIGTERM/SIGINT arrived and the run stopped cleanly.
 
-  def __init__(self, signum: int, step: int):
-    self.signum, self.step = signum, step
-    super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; "
-                     f"checkpoint saved, rerun the same command to resume")
+  A BaseException (like KeyboardInterrupt), so no `except Exception` on the way up
+  mistakes it for a failed read or save. Three cases, by what is on disk:
+    training: a checkpoint at `step` was saved at the step boundary (exit 128 + signum);
+    finished: training had finished and its checkpoint `step` was saved; the signal
+      came during the final evaluation (exit 0: the job is done, do not requeue it);
+    `phase` (start-up, evaluation, sampling): nothing was changed (exit 128 + signum).
+  """
+
+  def __init__(self, signum: int, step: int | None = None, *, finished: bool = False,
+               phase: str = "training"):
+    self.signum, self.step, self.finished, self.phase = signum, step, finished, phase
+    name = signal.Signals(signum).name
+    if finished:
+      msg = (f"interrupted by {name} during {phase}; training had finished and checkpoint "
+             f"step {step} is saved; run --mode eval to evaluate it")
+    elif step is not None:
+      msg = (f"interrupted by {name} at step {step}; checkpoint saved, rerun the same command "
+             "to resume")
+    else:
+      msg = (f"interrupted by {name} during {phase}; no checkpoint was changed, rerun the same "
+             "command")
+    super().__init__(msg)
 
 
 def validate(config) -> None:
@@ -181,10 +201,35 @@ def stop_on_signals(signums=(signal.SIGTERM, signal.SIGINT)):
       signal.signal(s, h)
 
 
+@contextlib.contextmanager
+def raise_on_signals(phase: str, step: int | None = None, finished: bool = False,
+                     signums=(signal.SIGTERM, signal.SIGINT)):
+  """SIGTERM/SIGINT raise Interrupted(phase, step, finished) at once (main thread only).
+
+  For phases that write no checkpoint (start-up, restore, evaluation, sampling), where
+  stopping at once loses nothing; the training loop defers with `stop_on_signals`.
+  """
+  def handle(signum, frame):
+    del frame
+    raise Interrupted(signum, step, finished=finished, phase=phase)
+  old = {}
+  try:
+    for s in signums:
+      old[s] = signal.signal(s, handle)
+  except ValueError:  # not the main thread
+    pass
+  try:
+    yield
+  finally:
+    for s, h in old.items():
+      signal.signal(s, h)
+
+
 def exit_code(err: Interrupted) -> int:
-  """128 + signal number, what a shell reports for a process killed by that signal, so
-  schedulers see the job as interrupted (not finished) and requeue it."""
-  return 128 + err.signum
+  """0 if training had finished (the job is done); otherwise 128 + signal number, what a
+  shell reports for a process killed by that signal, so schedulers see the job as
+  interrupted and requeue it."""
+  return 0 if err.finished else 128 + err.signum
 
 
 # -- workdir ------------------------------------------------------------------------
@@ -195,6 +240,10 @@ def check_workdir(workdir: str) -> None:
   from vdmrep.checkpoints import CheckpointError
   if "://" in workdir:  # remote storage (gs://...): orbax creates and writes it
     return
+  for path in (workdir, os.path.join(workdir, "checkpoints")):
+    if os.path.lexists(path) and not os.path.isdir(path):
+      raise CheckpointError(f"{path} exists but is not a directory; move it away or use "
+                            "another --workdir")
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test"):
@@ -202,3 +251,40 @@ def check_workdir(workdir: str) -> None:
   except OSError as err:
     raise CheckpointError(f"workdir {workdir!r} is not writable: "
                           f"{err.strerror or err}") from None
+
+
+LOCK_NAME = "train.lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds an exclusive lock on `<workdir>/train.lock` while training.
+
+  An OS file lock (flock), so the kernel releases it when the process dies however it
+  dies; a stale lock file left by a killed run is no obstacle. A second trainer on the
+  same workdir raises CheckpointError naming the holder's PID (written in the file).
+  Only process 0 locks; remote workdirs (gs://) are not locked.
+  """
+  from vdmrep.checkpoints import CheckpointError
+  if "://" in workdir or jax.process_index() != 0:
+    yield
+    return
+  path = os.path.join(workdir, LOCK_NAME)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as err:
+    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+    os.close(fd)
+    if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      raise CheckpointError(f"workdir {workdir} is in use by another training process (PID "
+                            f"{holder}, lock {path}); wait for it to finish, stop it, or use "
+                            "another --workdir") from None
+    raise CheckpointError(f"cannot lock {path} ({err.strerror}); the filesystem does not "
+                          "support file locks: use a local --workdir") from None
+  try:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # releases the lock; the file stays (removing it would race a new owner)

@@ -22,7 +22,7 @@ from absl import logging
 
 from vdmrep import checkpoints, collapse, config_lib, diagnostics, parallel
 from vdmrep import data as data_lib
-from vdmrep import evaluate, reliability
+from vdmrep import evaluate, preflight, reliability
 from vdmrep.models import build_model
 
 
@@ -108,8 +108,12 @@ def setup(config):
   parallel.maybe_initialize_distributed(config.distributed)
   config_lib.validate(config, num_devices=jax.device_count(),
                       num_processes=jax.process_count())
+  parallel.main_print(f"loading data ({config.data.source})")
   ds = data_lib.hold_out_class(data_lib.load(config.data), config.eval.ood_holdout_class)
   config_lib.check_image_shape(config, ds.image_shape)
+  preflight.check_dataset(ds, config)
+  parallel.main_print(f"data: {len(ds.train_images):,} training and {len(ds.eval_images):,} "
+                      f"evaluation images of shape {ds.image_shape}")
   model = build_model(config.model)
   return ds, model, make_optimizer(config.optim), parallel.make_mesh()
 
@@ -129,18 +133,42 @@ def initial_state(model, tx, config, image_shape, mesh):
       jax.random.fold_in(jax.random.key(config.seed), 1 << 30))
 
 
+def check_memory(model, tx, config, image_shape) -> None:
+  """Raises ConfigError if the estimated step memory exceeds the machine (traces, no compile)."""
+  shapes = jax.eval_shape(functools.partial(create_train_state, model, tx,
+                                            image_shape=image_shape), jax.random.key(0))
+  problem = preflight.memory_problem(config, image_shape, count_params(shapes.params),
+                                     jax.device_count())
+  if problem:
+    raise config_lib.ConfigError(problem)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds a checkpoint), then evaluates.
 
-  Returns the final evaluation summary (bits/dim terms with standard errors). Raises
-  reliability.Interrupted after saving a checkpoint when SIGTERM/SIGINT arrives, and
+  Returns the final evaluation summary (bits/dim terms with standard errors). Holds the
+  workdir's lock throughout (one trainer per workdir). Raises reliability.Interrupted
+  when SIGTERM/SIGINT arrives (after saving a checkpoint), and
   reliability.NumericalError when a non-finite step halts training (see reliability.py).
   """
   ds, model, tx, mesh = setup(config)
   reliability.check_workdir(workdir)
+  with reliability.workdir_lock(workdir):
+    return _train_and_evaluate(config, workdir, ds, model, tx, mesh)
+
+
+def _train_and_evaluate(config, workdir, ds, model, tx, mesh) -> dict:
   ckpt = checkpoints.Checkpoints(workdir, keep=config.training.keep_checkpoints)
   fingerprint = config_lib.model_fingerprint(config)
-  ckpt.check_latest_compatible(fingerprint, ds.image_shape)  # before anything compiles
+  # Before anything compiles: the model, the settings of a resumed run, the memory.
+  latest = ckpt.check_latest_compatible(fingerprint, ds.image_shape)
+  digest = preflight.data_digest(ds)
+  changed = preflight.check_resume(latest, config, digest, ckpt.directory)
+  if changed:
+    logging.warning("resuming with changed settings: %s", "; ".join(changed))
+    parallel.main_print("warning: resuming with changed settings "
+                        "(config.training.allow_config_change=True): " + "; ".join(changed))
+  check_memory(model, tx, config, ds.image_shape)
   state = initial_state(model, tx, config, ds.image_shape, mesh)
   log_param_counts(model, state.params)
   restored, meta = ckpt.restore_latest(checkpoints.abstract(state), fingerprint, ds.image_shape)
@@ -160,13 +188,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
   p_step = make_train_step(model, tx, config, mesh)
   key = jax.random.key(config.seed)
   meta_base = {"model_fingerprint": fingerprint, "image_shape": list(ds.image_shape),
-               "config": json.loads(config.to_json_best_effort())}
+               "config": json.loads(config.to_json_best_effort()), "data_sha256": digest}
   t = config.training
   summary, skipped = None, 0
 
   make_batch = functools.partial(
       data_lib.train_batch, ds, batch_size=t.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
+  if start < num_steps:
+    parallel.main_print(f"compiling the training step, then training steps {start}.."
+                        f"{num_steps}")
   with reliability.stop_on_signals() as stop:
     for step, local in data_lib.prefetch(make_batch, range(start, num_steps)):
       state, metrics = p_step(state, parallel.global_batch(mesh, local), key)
@@ -180,11 +211,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
         reliability.check_health(health, config, ckpt.latest_step())
         skipped = _write_train_scalars(writer, done, sums, health, skipped)
         acc = None
-      evaluate_now = last or (t.eval_every and done % t.eval_every == 0)
-      if not (evaluate_now or stop or done % t.checkpoint_every == 0):
+      evaluate_now = not last and t.eval_every and done % t.eval_every == 0
+      if not (last or evaluate_now or stop or done % t.checkpoint_every == 0):
         continue
       # Never evaluate or save a halted state; evaluate before saving so a kill in
-      # between redoes the evaluation on resume; flush logs so none are lost.
+      # between redoes the evaluation on resume; flush logs so none are lost. The last
+      # step saves first and is evaluated after the loop: an evaluation that fails
+      # never costs the training.
       reliability.check_health(jax.device_get(state.health), config, ckpt.latest_step())
       best = None
       if evaluate_now:
@@ -196,8 +229,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                   metric_sums=_sums_to_json(acc)), metrics=best)
       if stop:
         ckpt.close()
-        raise reliability.Interrupted(stop.signum, done)
-  if summary is None:  # the workdir held a finished run: evaluate it again
+        raise reliability.Interrupted(stop.signum, done, finished=last,
+                                      phase="the final save")
+  # Training is finished and saved (now or by an earlier launch): a signal from here on
+  # ends the job as done (exit 0).
+  with reliability.raise_on_signals("the final evaluation", step=int(state.step),
+                                    finished=True):
     summary = _eval_and_write(model, state, ds, config, mesh, writer, int(state.step), workdir)
   writer.flush()
   ckpt.close()
@@ -246,9 +283,13 @@ def _flat(d, prefix=""):
 def evaluate_checkpoint(config, workdir: str) -> dict:
   """Evaluates the latest checkpoint in `workdir` (EMA parameters)."""
   ds, model, tx, mesh = setup(config)
-  ckpt = checkpoints.Checkpoints(workdir, keep=config.training.keep_checkpoints)
+  # Read-only: a trainer may own this workdir; nothing in checkpoints/ is changed.
+  ckpt = checkpoints.Checkpoints(workdir, keep=config.training.keep_checkpoints,
+                                 read_only=True)
   fingerprint = config_lib.model_fingerprint(config)
-  ckpt.check_latest_compatible(fingerprint, ds.image_shape)  # before anything compiles
+  if ckpt.check_latest_compatible(fingerprint, ds.image_shape) is None:  # before compiling
+    raise checkpoints.CheckpointError(f"no checkpoint to evaluate in {ckpt.directory}")
+  reliability.check_workdir(workdir)  # the report, pictures and logs are written here
   state = initial_state(model, tx, config, ds.image_shape, mesh)
   restored, _ = ckpt.restore_latest(checkpoints.abstract(state), fingerprint, ds.image_shape)
   if restored is None:
