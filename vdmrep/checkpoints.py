@@ -302,15 +302,17 @@ class Checkpoints:
   def _check_structure(self, step: int, abstract_state) -> None:
     """Raises CheckpointError if the saved state's tree differs from `abstract_state`
     (an older vdmrep's state): that is a version mismatch, not corruption."""
-    try:
-      tree = self.manager.item_metadata(step)["state"].tree
-    except Exception:  # unreadable metadata: the restore reports it
+    try:  # orbax's tree record of the saved state: {"tree_metadata": {path: {...}}}
+      with open(os.path.join(self.step_path(step), "state", "_METADATA")) as f:
+        entries = json.load(f)["tree_metadata"].values()
+      saved = {tuple(str(k["key"]) for k in e["key_metadata"]) for e in entries
+               if not e["value_metadata"].get("skip_deserialize")}  # empty nodes: no leaf
+    except Exception:  # no readable record: the restore judges the arrays
       return
-    path = lambda p: jax.tree_util.keystr(p)
-    saved = {path(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    want = {path(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    want = _leaf_paths(abstract_state)
     if saved and saved != want:
-      missing, extra = sorted(want - saved), sorted(saved - want)
+      missing = sorted(".".join(p) for p in want - saved)
+      extra = sorted(".".join(p) for p in saved - want)
       raise CheckpointError(
           f"{self.step_path(step)} holds a train state of another vdmrep version (missing "
           f"{_short(str(missing), 80)}, extra {_short(str(extra), 80)}); it was left in place: "
@@ -351,6 +353,13 @@ class Checkpoints:
 
   def close(self):
     self.manager.close()
+
+
+def _leaf_paths(tree) -> set:
+  """Leaf paths as tuples of names (a dataclass field and a dict key alike)."""
+  name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+  return {tuple(name(k) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _short(err: BaseException, n: int = 200) -> str:
