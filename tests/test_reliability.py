@@ -454,10 +454,12 @@ def test_sigterm_during_the_final_evaluation_exits_0(tmp_path):
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-2000:]
-  assert "interrupted by SIGTERM during the final evaluation; training had finished and " \
-         "checkpoint step 10 is saved" in err
+  # (during the last save's final writes if the signal came as the step directory appeared)
+  assert re.search(r"^interrupted by SIGTERM during the final (evaluation|save); training had "
+                   r"finished and checkpoint step 10 is saved", err, re.M), err[-2000:]
   assert "Traceback" not in err
-  assert chaos.steps_on_disk(workdir) == ([10], [])
+  steps, tmp = chaos.steps_on_disk(workdir)
+  assert steps[-1] == 10 and tmp == []
 
 
 DISK_FULL = """
@@ -481,6 +483,7 @@ def test_disk_full_is_one_line_and_nothing_else(tmp_path):
   proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                         text=True, timeout=900)
   assert proc.returncode == 2
-  lines = [l for l in proc.stderr.splitlines() if not re.match(r"[IW]\d{4} ", l)]
+  lines = [l for l in proc.stderr.splitlines() if not re.match(r"[IW]\d{4} ", l)
+           and not l.startswith("WARNING: All log messages before absl::InitializeLog()")]
   assert lines == [f"error: disk full while saving checkpoint step 5 in {tmp_path}/w/checkpoints"
                    "; no earlier checkpoint exists; free space and rerun to resume"], lines

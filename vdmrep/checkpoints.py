@@ -46,8 +46,10 @@ class _DropOrbaxInfo(logging.Filter):
       return True
     # Checkpoints between evaluations carry no metrics, by design.
     msg = record.getMessage()
+    # A failed save's worker threads log their exception with a traceback each; the
+    # exception itself reaches `Checkpoints.save`, which reports it in one line.
     return (record.levelno >= logging.WARNING and "did not provide metrics" not in msg
-            and "read only" not in msg)
+            and "read only" not in msg and "raised an exception" not in msg)
 
 
 logging.getLogger("absl").addFilter(_DropOrbaxInfo())

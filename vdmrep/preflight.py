@@ -191,24 +191,37 @@ def estimate_train_bytes(config, image_shape, num_params: int, num_devices: int 
   """A lower-bound estimate of one device's memory for a training step (bytes).
 
   Parameters, EMA, gradients and two Adam moments (5 float32 copies), plus the score
-  network's activations kept for the backward pass: every ResNet block at full
+  network's activations kept for the backward pass: every ResNet block at the top
   resolution stores at least its input and output, [B, H, W, channels] float32 each,
-  and the attention block one [chunk, HW, HW] matrix per stored softmax. The true
+  and the attention block a [chunk, P, P] matrix and its gradient, P the pixels at
+  its resolution. The true
   figure is larger (XLA temporaries), so a refusal never rests on an overestimate.
   """
-  from vdmrep.models.score_net import VDM_SIZES
+  from vdmrep.models import score_net
+  try:
+    from vdmrep.models.unet import UNET_SIZES
+  except ImportError:
+    UNET_SIZES = {}
   m = config.model
-  size = VDM_SIZES[m.vdm]
-  blocks, ch = m.n_blocks or size.n_blocks, m.channels or size.channels
   h, w, c = image_shape
   b = max(1, config.training.batch_size // num_devices)
+  if m.get("decoder", "vdm") != "vdm":  # a conv decoder: parameters only
+    return 5 * 4 * num_params
+  if m.vdm in UNET_SIZES:  # the top level only; attention at the lowest level
+    size = UNET_SIZES[m.vdm]
+    levels = len(m.get("channel_mult") or size.channel_mult)
+    attn_pixels = (h >> (levels - 1)) * (w >> (levels - 1))
+  else:
+    size = score_net.VDM_SIZES[m.vdm]
+    attn_pixels = h * w
+  blocks, ch = m.n_blocks or size.n_blocks, m.channels or size.channels
   act = b * h * w * max(ch, c) * 4 * 2 * (2 * blocks + 4)
   if m.attention_chunk == -1:  # auto: one example at a time on CPU (layers.attention)
     import jax
     chunk = 1 if jax.default_backend() == "cpu" else b
   else:
     chunk = min(b, m.attention_chunk) if m.attention_chunk else b
-  attn = chunk * (h * w) ** 2 * 4 * 2
+  attn = chunk * attn_pixels ** 2 * 4 * 2
   return 5 * 4 * num_params + act + attn
 
 
