@@ -198,10 +198,7 @@ def estimate_train_bytes(config, image_shape, num_params: int, num_devices: int 
   figure is larger (XLA temporaries), so a refusal never rests on an overestimate.
   """
   from vdmrep.models import score_net
-  try:
-    from vdmrep.models.unet import UNET_SIZES
-  except ImportError:
-    UNET_SIZES = {}
+  from vdmrep.models.unet import UNET_SIZES
   m = config.model
   h, w, c = image_shape
   b = max(1, config.training.batch_size // num_devices)
