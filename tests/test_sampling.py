@@ -216,3 +216,101 @@ def test_config_errors_name_the_key(field, value, needle):
   c.sample[field] = value
   with pytest.raises(config_lib.ConfigError, match=needle.replace(".", r"\.")):
     config_lib.validate(c)
+
+
+# -- the DDIM-style update, guidance, sampler config -----------------------------------
+def _alpha_sigma(g):
+  return np.sqrt(_sig(-g)), np.sqrt(_sig(g))
+
+
+def test_ddim_one_step_from_t1_with_perfect_eps_recovers_the_data():
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1, 1, (4, 8, 8, 1))
+  eps = rng.normal(size=x.shape)
+  (a1, s1), (a0, s0) = _alpha_sigma(GMAX), _alpha_sigma(GMIN)
+  z1 = a1 * x + s1 * eps
+  z0 = np.asarray(sampling.ddim_step(jnp.asarray(z1, jnp.float32), jnp.asarray(eps, jnp.float32),
+                                     GMIN, GMAX), np.float64)
+  # Closed form: x_hat = (z_1 - sigma_1 eps) / alpha_1 = x, so z_0 = alpha_0 x + sigma_0 eps.
+  np.testing.assert_allclose(z0, a0 * x + s0 * eps, atol=2e-5)
+  np.testing.assert_allclose(z0 / a0, x, atol=s0 / a0 * np.abs(eps).max() + 2e-5)
+  assert np.abs(z0 / a0 - x).max() < 0.01 < np.abs(z1 / a1 - x).max()
+  # The ancestral update draws noise instead: one step lands within sigma_0 of the same x.
+  noise = rng.normal(size=x.shape)
+  za = np.asarray(sampling.ancestral_step(z1, eps, GMIN, GMAX, noise), np.float64)
+  c = -np.expm1(GMIN - GMAX)
+  np.testing.assert_allclose(za, a0 * x + np.sqrt(c) * s0 * noise + np.exp(GMIN - GMAX)
+                             * (a0 / a1) * s1 * eps, atol=2e-5)
+
+
+@pytest.mark.parametrize("num_steps", [1, 3, 50])
+def test_ddim_with_the_true_noise_stays_on_the_path_at_any_step_count(num_steps):
+  """eps_hat(z_t) = (z_t - alpha_t x) / sigma_t, the perfect prediction for one known x:
+  every DDIM step maps alpha_t x + sigma_t eps to alpha_s x + sigma_s eps."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.uniform(-1, 1, (3, 4, 4, 1)), jnp.float32)
+  eps = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+  def eps_fn(z, g):
+    g = g[:, None, None, None]
+    return (z - jnp.sqrt(jax.nn.sigmoid(-g)) * x) / jnp.sqrt(jax.nn.sigmoid(g))
+  a1, s1 = _alpha_sigma(GMAX)
+  a0, s0 = _alpha_sigma(GMIN)
+  z0, _ = jax.jit(lambda z: sampling.denoise(eps_fn, _linear_gamma, z, jax.random.key(0),
+                                             num_steps=num_steps, sampler="ddim"))(
+                                                 a1 * x + s1 * eps)
+  np.testing.assert_allclose(np.asarray(z0), a0 * np.asarray(x) + s0 * np.asarray(eps),
+                             atol=5e-5)
+
+
+def _ddim_moments(num_steps, m, v, mean, var):
+  """Exact mean/variance after N DDIM steps on x ~ N(m, v) with the exact eps_hat (each
+  step is an affine map z -> A z + B), from z_1 of the given moments."""
+  n = num_steps
+  for k in range(n):
+    g_t, g_s = _linear_gamma((n - k) / n), _linear_gamma((n - k - 1) / n)
+    (a_t, s_t), (a_s, s_s) = _alpha_sigma(g_t), _alpha_sigma(g_s)
+    d = a_t ** 2 * v + s_t ** 2
+    pe, qe = s_t / d, -s_t * a_t * m / d  # eps_hat = pe z + qe
+    big_a = a_s * (1 - s_t * pe) / a_t + s_s * pe
+    big_b = -a_s * s_t * qe / a_t + s_s * qe
+    mean, var = big_a * mean + big_b, big_a ** 2 * var
+  return mean, var
+
+
+def test_ddim_is_deterministic_and_transports_gaussian_data():
+  """On x ~ N(m, v) with the exact eps_hat the DDIM chain is affine: the sampler matches
+  its moments, draws no noise, and (started from q(z_1)) converges to q(z_0) as the
+  probability-flow ODE does."""
+  m, v, n = 0.3, 0.04, 20_000
+
+  def eps_fn(z, g):
+    g = g[:, None]
+    a2, s2 = jax.nn.sigmoid(-g), jax.nn.sigmoid(g)
+    return jnp.sqrt(s2) * (z - jnp.sqrt(a2) * m) / (a2 * v + s2)
+  (a1, s1), (a0, s0) = _alpha_sigma(GMAX), _alpha_sigma(GMIN)
+  mean1, var1 = a1 * m, a1 ** 2 * v + s1 ** 2  # q(z_1) of the data
+  z1 = mean1 + np.sqrt(var1) * jax.random.normal(jax.random.key(1), (n, 2))
+  run = jax.jit(lambda z, k: sampling.denoise(eps_fn, _linear_gamma, z, k, num_steps=20,
+                                              sampler="ddim")[0])
+  a, b = np.asarray(run(z1, jax.random.key(0))), np.asarray(run(z1, jax.random.key(5)))
+  np.testing.assert_array_equal(a, b)
+  mean20, var20 = _ddim_moments(20, m, v, mean1, var1)
+  assert abs(a.mean() - mean20) < 4 * np.sqrt(var20 / a.size)
+  assert abs(a.var() - var20) < 4 * var20 * np.sqrt(2.0 / a.size)
+  true_mean, true_var = a0 * m, a0 ** 2 * v + s0 ** 2
+  assert var20 < 0.85 * true_var  # 20 steps lose variance ...
+  mean_n, var_n = _ddim_moments(5000, m, v, mean1, var1)  # ... which comes back with N
+  assert abs(mean_n - true_mean) < 1e-6 and abs(var_n - true_var) < 0.002 * true_var
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("sampler", "heun", "config.sample.sampler"),
+    ("guidance", -1.0, "config.sample.guidance"),
+    ("label", 3, "config.sample.label"),  # the base model has no classes
+])
+def test_sampler_config_errors_name_the_key(field, value, needle):
+  c = config_lib.base_config()
+  c.sample[field] = value
+  with pytest.raises(config_lib.ConfigError, match=needle.replace(".", r"\.")):
+    config_lib.validate(c)

@@ -56,6 +56,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention_chunk = -1      # examples per attention chunk; -1 auto (1 on CPU), 0 all
   c.model.conv_impl = "auto"        # auto | xla | onednn (CPU kernels for the convolutions
                                     # and attention; auto: where they run)
+  c.model.num_classes = 0           # > 0: class-conditional p(x | w, y) on the data's labels
+  c.model.label_dropout = 0.1       # P(label -> "no label") in training (classifier-free)
+  c.model.label_encoder = False     # the encoder sees the label too: q(w | x, y)
 
   # Posterior-collapse remedies; formulas and sources in vdmrep/collapse.py. The defaults
   # are the ELBO; each remedy is switched on by its own key and they combine.
@@ -130,6 +133,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.num_samples = 10_000     # unconditional samples for the Frechet distance / score
   c.sample.batch_size = 256
   c.sample.decode = "sample"        # z_0 -> pixels: sample | argmax of p(x | z_0)
+  c.sample.sampler = "ancestral"    # ancestral | ddim (deterministic), any num_steps
+  c.sample.label = -1               # class-conditional model: >= 0 samples only this class;
+                                    # -1 cycles through the classes
+  c.sample.guidance = 0.0           # classifier-free guidance weight s (0 = none)
   c.sample.t_start = 0.8            # reconstruction: noise level the input is taken to
   c.sample.trajectory_frames = 8    # frames per reconstruction trajectory picture
   c.sample.num_trajectories = 8     # rows of that picture
@@ -199,6 +206,15 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
                       f"(model.vdm in {list(UNET_SIZES)}), not model.vdm={m.vdm!r}")
   if not all(isinstance(k, int) and k > 0 for k in mult):
     raise ConfigError(f"config.model.channel_mult={tuple(mult)} must be positive integers")
+  _positive("model.num_classes", m.num_classes, allow_zero=True)
+  if not 0.0 <= m.label_dropout <= 1.0:
+    raise ConfigError(f"config.model.label_dropout={m.label_dropout} must be in [0, 1]")
+  if m.num_classes and m.get("decoder", "vdm") != "vdm":
+    raise ConfigError(f"config.model.num_classes={m.num_classes}: class conditioning is for "
+                      f"the VDM decoder, not model.decoder={m.decoder!r}")
+  if m.label_encoder and not (m.num_classes and m.encoder != "none"):
+    raise ConfigError("config.model.label_encoder=True needs config.model.num_classes > 0 "
+                      "and an encoder")
   if m.attention_chunk < -1:
     raise ConfigError(f"config.model.attention_chunk={m.attention_chunk} must be -1 (auto), "
                       "0 (whole batch) or a positive number of examples")
@@ -269,4 +285,6 @@ def model_fingerprint(config) -> dict:
     out["channel_mult"] = list(m.channel_mult)
   if m.get("decoder", "vdm") != "vdm":
     out["decoder"] = m.decoder
+  if m.get("num_classes", 0):  # absent otherwise: older checkpoints stay compatible
+    out.update(num_classes=m.num_classes, label_encoder=bool(m.label_encoder))
   return out

@@ -318,11 +318,27 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> n
 
 
 def train_batch(ds: Dataset, step: int, batch_size: int, seed: int,
-                process_index: int = 0, process_count: int = 1) -> np.ndarray:
-  """This process's slice of the global batch at `step`: uint8 [batch_size / P, H, W, C]."""
+                process_index: int = 0, process_count: int = 1, with_labels: bool = False):
+  """This process's slice of the global batch at `step`: uint8 [batch_size / P, H, W, C]
+  (with_labels: a tuple (images, int32 labels [batch_size / P]))."""
   idx = batch_indices(len(ds.train_images), batch_size, step, seed)
   per = batch_size // process_count
-  return ds.train_images[idx[process_index * per:(process_index + 1) * per]]
+  mine = idx[process_index * per:(process_index + 1) * per]
+  if with_labels:
+    return ds.train_images[mine], ds.train_labels[mine]
+  return ds.train_images[mine]
+
+
+def check_labels(ds: Dataset, num_classes: int, key: str) -> None:
+  """A class-conditional model (num_classes > 0) needs labels in [0, num_classes)."""
+  if not num_classes:
+    return
+  if ds.train_labels is None or ds.eval_labels is None:
+    raise DataError(f"{key}={num_classes}: {ds.name} has no labels")
+  hi = int(max(ds.train_labels.max(), ds.eval_labels.max()))
+  if hi >= num_classes or min(ds.train_labels.min(), ds.eval_labels.min()) < 0:
+    raise DataError(f"{key}={num_classes}: {ds.name} has labels up to {hi}; they must be "
+                    f"in [0, {num_classes})")
 
 
 def prefetch(make_batch: Callable[[int], np.ndarray], steps: Iterable[int],

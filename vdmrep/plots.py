@@ -219,6 +219,27 @@ def interpolation(inputs_a, inputs_b, rows, alphas, path: str, title: str,
   return save(fig, path)
 
 
+def labelled_rows(rows, row_labels, col_labels, path: str, title: str, vocab_size: int = 256):
+  """A table of images: rows [R, S, H, W, C] with a label per row and per column
+  (e.g. step counts x classes, or classes x attribute scales)."""
+  r, s = rows.shape[:2]
+  fig, axes = plt.subplots(r, s, figsize=(0.9 * s + 1.2, 0.9 * r + 0.6), squeeze=False)
+  for i in range(r):
+    for j in range(s):
+      ax = axes[i, j]
+      ax.imshow(_display(rows[i, j], vocab_size), cmap="gray", vmin=0, vmax=1,
+                interpolation="nearest")
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == 0:
+        ax.set_title(str(col_labels[j]), fontsize=8)
+      if j == 0:
+        ax.set_ylabel(str(row_labels[i]), fontsize=8, rotation=0, ha="right", va="center")
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  return save(fig, path)
+
+
 def to_tensorboard(writer, step: int, pictures: dict) -> None:
   """Writes {name: RGB uint8 [H, W, 3]} as images through a clu metric writer."""
   if writer is None or not pictures:

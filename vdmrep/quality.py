@@ -72,19 +72,27 @@ def real_floor(features, key) -> float:
 def draw_samples(model, params, ds, config, mesh, key, *, num_unconditional):
   """Every sample set the pictures and numbers use, as host numpy arrays.
 
-  Returns a dict: unconditional [N]; for the first min(num_guided, M) eval images
+  Returns a dict: unconditional [N] (for a class-conditional model drawn for
+  `unconditional_labels` [N]: config.sample.label, or the classes in turn, with
+  guidance weight config.sample.guidance); for the first min(num_guided, M) eval images
   `inputs`, `guided` (w ~ q(w|x), from z_1 ~ N(0, I)) with its trajectory
   (`guided_frames` [K, n, ...], `guided_frame_t`), `reconstruction` (from t_start) with
   its trajectory; and `interp` [P, S, ...] with `interp_a`, `interp_b`, `interp_alpha`.
-  Guided and interpolation are absent for an unconditional model.
+  Guided and interpolation are absent for an unconditional model; guided and
+  reconstruction of a class-conditional model take the inputs' labels.
   """
   s = config.sample
   k_unc, k_guid, k_rec, k_int = jax.random.split(key, 4)
   common = dict(batch_size=s.batch_size, num_steps=s.num_steps, decode_method=s.decode,
-                mesh=mesh)
+                mesh=mesh, sampler=s.sampler, guidance=s.guidance)
+  labels = None
+  if getattr(model, "num_classes", 0):
+    labels = (np.full(num_unconditional, s.label, np.int32) if s.label >= 0 else
+              np.arange(num_unconditional, dtype=np.int32) % model.num_classes)
   out = {"unconditional": sampling.generate(
       model, params, k_unc, mode="unconditional", num=num_unconditional,
-      image_shape=ds.image_shape, **common)["images"]}
+      image_shape=ds.image_shape, labels=labels, **common)["images"]}
+  out["unconditional_labels"] = labels
   inputs = ds.eval_images[:min(s.num_guided, len(ds.eval_images))]
   out["inputs"] = inputs
   out["input_labels"] = None if ds.eval_labels is None else ds.eval_labels[:len(inputs)]
@@ -92,7 +100,8 @@ def draw_samples(model, params, ds, config, mesh, key, *, num_unconditional):
       (("reconstruction", k_rec),)
   for mode, k in modes:
     r = sampling.generate(model, params, k, mode=mode, images=inputs, t_start=s.t_start,
-                          num_frames=s.trajectory_frames, **common)
+                          num_frames=s.trajectory_frames,
+                          labels=out["input_labels"] if labels is not None else None, **common)
     out[mode], out[f"{mode}_frames"], out[f"{mode}_frame_t"] = (
         r["images"], r["frames"][:, :s.num_trajectories], r["frame_t"])
   p = min(s.num_interpolations, len(ds.eval_images) // 2)
@@ -116,10 +125,14 @@ def write_pictures(samples, config, directory, *, writer=None, step=0) -> dict:
     rgb[f"samples/{name}"] = image
     paths[name] = os.path.join(directory, f"{name}.png")
 
-  how = f"{s.num_steps} ancestral steps, decode={s.decode}"
+  how = f"{s.num_steps} {s.sampler} steps, decode={s.decode}"
+  what = "unconditional samples"
+  if samples.get("unconditional_labels") is not None:
+    what = (f"class {s.label}" if s.label >= 0 else "classes in turn") + \
+        f", guidance {s.guidance:g}"
   put("grid_unconditional", plots.sample_grid(
       samples["unconditional"][:n], os.path.join(directory, "grid_unconditional.png"),
-      f"unconditional samples (w ~ N(0, I), {how})", vocab_size=v))
+      f"{what} (w ~ N(0, I), {how})", vocab_size=v))
   if "guided" in samples:
     put("grid_guided", plots.sample_grid(
         samples["guided"][:n], os.path.join(directory, "grid_guided.png"),
@@ -201,6 +214,10 @@ def sample_quality_section(model, params, ds, config, workdir, mesh, key, *, wri
     res["fd_classifier_eval_vs_train"] = fd_from_features(f_ev, f_tr)
     res["is_classifier"], res["is_classifier_std"] = inception_score(lg_gen)
     res["is_classifier_real_train"], _ = inception_score(lg_tr)
+    if samples.get("unconditional_labels") is not None:  # class-conditional samples
+      res["class_conditional_match"] = float(np.mean(
+          np.argmax(lg_gen, -1) == samples["unconditional_labels"]))
+      res["guidance"], res["sampler"] = float(s.guidance), s.sampler
     pred_in = clf.predict(samples["inputs"])
     for mode in ("guided", "reconstruction"):
       if mode in samples:
@@ -213,7 +230,9 @@ def sample_quality_section(model, params, ds, config, workdir, mesh, key, *, wri
         f"{res['fd_classifier_eval_vs_train']:.4f}); score {res['is_classifier']:.3f} "
         f"(real {res['is_classifier_real_train']:.3f})"
         + (f"; guided class match {res['guided_class_match']:.3f} (shuffled "
-           f"{res['guided_class_match_shuffled']:.3f})" if "guided" in samples else ""))
+           f"{res['guided_class_match_shuffled']:.3f})" if "guided" in samples else "")
+        + (f"; samples of class k classified as k {res['class_conditional_match']:.3f} "
+           f"(guidance {s.guidance:g})" if "class_conditional_match" in res else ""))
   if s.inception_weights:
     from vdmrep import inception
     feats = inception.feature_fn(inception.load_network(s.inception_weights))

@@ -62,17 +62,20 @@ def ema_decay(step, max_decay):
 
 
 def train_step(state: TrainState, batch, key, *, model, tx, config):
-  """One optimiser step on a global batch of uint8 images [B, H, W, C].
+  """One optimiser step on a global batch of uint8 images [B, H, W, C], or of
+  (images, int labels [B]) for a class-conditional model.
 
   The loss the optimiser sees is the collapse objective in bits/dim. Returns the new
   state and a dict of scalar metrics (bits/dim per term, KL in nats/image).
   """
+  batch, labels = batch if isinstance(batch, tuple) else (batch, None)
   num_dims = int(np.prod(batch.shape[1:]))
   to_bpd = 1.0 / (num_dims * math.log(2.0))
   rng = jax.random.fold_in(key, state.step)
 
   def loss_fn(params):
-    terms = model.elbo_terms(params, batch, rng, train=True,
+    with_labels = {} if labels is None else {"y": labels}
+    terms = model.elbo_terms(params, batch, rng, train=True, **with_labels,
                              deterministic_encoder=config.collapse.deterministic_encoder)
     loss, logs = collapse.objective(terms, state.step, config, jax.random.fold_in(rng, 1))
     means = {k: jnp.mean(terms[k]) for k in evaluate.TERMS}
@@ -112,6 +115,7 @@ def setup(config):
   ds = data_lib.hold_out_class(data_lib.load(config.data), config.eval.ood_holdout_class)
   config_lib.check_image_shape(config, ds.image_shape)
   preflight.check_dataset(ds, config)
+  data_lib.check_labels(ds, config.model.num_classes, "config.model.num_classes")
   parallel.main_print(f"data: {len(ds.train_images):,} training and {len(ds.eval_images):,} "
                       f"evaluation images of shape {ds.image_shape}")
   model = build_model(config.model)
@@ -194,13 +198,15 @@ def _train_and_evaluate(config, workdir, ds, model, tx, mesh) -> dict:
 
   make_batch = functools.partial(
       data_lib.train_batch, ds, batch_size=t.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      with_labels=bool(getattr(model, "num_classes", 0)))
   if start < num_steps:
     parallel.main_print(f"compiling the training step, then training steps {start}.."
                         f"{num_steps}")
   with reliability.stop_on_signals() as stop:
     for step, local in data_lib.prefetch(make_batch, range(start, num_steps)):
-      state, metrics = p_step(state, parallel.global_batch(mesh, local), key)
+      glob = jax.tree.map(functools.partial(parallel.global_batch, mesh), local)
+      state, metrics = p_step(state, glob, key)
       acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
       for h in hooks:
         h(step + 1)

@@ -28,11 +28,12 @@ def build_model(model_cfg) -> VAEVDM | ConvVAE:
                                         conv_impl=conv_impl),
                    channels=model_cfg.get("channels") or 32,
                    vocab_size=model_cfg.get("vocab_size", 256))
+  num_classes = model_cfg.get("num_classes", 0)
   common = dict(gamma_min=model_cfg.gamma_min, gamma_max=model_cfg.gamma_max,
                 conditioning=model_cfg.conditioning, dropout=model_cfg.dropout,
                 use_fourier_features=model_cfg.fourier_features,
                 n_blocks=model_cfg.get("n_blocks"), channels=model_cfg.get("channels"),
-                dtype=dtype, remat=model_cfg.get("remat", False))
+                dtype=dtype, remat=model_cfg.get("remat", False), num_classes=num_classes)
   if model_cfg.vdm in UNET_SIZES:
     score = make_unet(
         model_cfg.vdm, channel_mult=model_cfg.get("channel_mult") or None,
@@ -46,6 +47,8 @@ def build_model(model_cfg) -> VAEVDM | ConvVAE:
       score_net=score,
       schedule=make_schedule(model_cfg.gamma_type, model_cfg.gamma_min, model_cfg.gamma_max),
       encoder=make_encoder(model_cfg.encoder, dtype=dtype, attention_chunk=chunk,
-                           conv_impl=conv_impl),
+                           conv_impl=conv_impl,
+                           num_classes=num_classes if model_cfg.get("label_encoder") else 0),
+      num_classes=num_classes, label_dropout=model_cfg.get("label_dropout", 0.0),
       vocab_size=model_cfg.get("vocab_size", 256),
       antithetic_time_sampling=model_cfg.get("antithetic_time_sampling", True))

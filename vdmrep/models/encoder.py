@@ -4,6 +4,10 @@ conv_in -> `layers` ResNet blocks (one block, no downsampling) -> mid block
 (ResNet, self-attention, ResNet) -> GroupNorm, swish -> conv_out to one channel ->
 flatten -> Dense(2 * latent) -> (mean, logvar). Parameter counts on 28x28x1 are
 exactly those of the study's Table 1 (see `tests/test_models.py`).
+
+With num_classes > 0 it is q(w | x, y) of a conditional VAE: a label embedding
+(num_classes is the "no label" token, also used when y is None) is concatenated to the
+flattened features before the moments layer.
 """
 from __future__ import annotations
 
@@ -42,10 +46,11 @@ class Encoder(nn.Module):
   latent: int
   attention_chunk: int = 0  # examples per attention chunk (layers.attention)
   conv_impl: str = "xla"  # "xla" | "onednn" (layers.resolve_conv_impl)
+  num_classes: int = 0  # > 0: q(w | x, y)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, *, deterministic: bool = True):
+  def __call__(self, x, y=None, *, deterministic: bool = True):
     h = conv(self.channels, (3, 3), self.conv_impl, dtype=self.dtype, name="conv_in")(x)
     block = functools.partial(ResnetBlock, groups=self.groups, conv_impl=self.conv_impl,
                               dtype=self.dtype)
@@ -60,16 +65,21 @@ class Encoder(nn.Module):
                   name="norm_out")(h, swish=True)
     h = conv(1, (3, 3), self.conv_impl, dtype=self.dtype, name="conv_out")(h)
     h = h.reshape(h.shape[0], -1)
+    if self.num_classes:
+      y = jnp.full((h.shape[0],), self.num_classes, jnp.int32) if y is None else y
+      label = nn.Embed(self.num_classes + 1, self.channels, name="label_embed")(y)
+      h = jnp.concatenate([h, label.astype(h.dtype)], axis=-1)
     moments = nn.Dense(2 * self.latent, dtype=self.dtype, name="to_moments")(h)
     mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
     return mean, logvar
 
 
 def make_encoder(name: str, dtype=jnp.float32, attention_chunk=0,
-                 conv_impl="xla") -> Encoder | None:
+                 conv_impl="xla", num_classes=0) -> Encoder | None:
   """The named encoder, or None for `none` (an unconditional VDM)."""
   if name == "none":
     return None
   s = ENCODER_SIZES[name]
   return Encoder(channels=s.channels, layers=s.layers, groups=s.groups, latent=s.latent,
-                 attention_chunk=attention_chunk, conv_impl=conv_impl, dtype=dtype)
+                 attention_chunk=attention_chunk, conv_impl=conv_impl,
+                 num_classes=num_classes, dtype=dtype)

@@ -12,6 +12,11 @@ Conditioning on the encoder latent w [B, D]:
     so it reaches every block through the same additive projection (the study's way);
   * "film": every ResNet block scales and shifts its normalised features by a
     zero-initialised linear map of w (diffusion autoencoders' way).
+
+A class-conditional net (num_classes > 0) also embeds a label y in [0, num_classes]
+(num_classes itself is the "no label" token of classifier-free guidance, also used
+when y is None); the embedding joins w on the same path (concatenated to the time
+embedding, or to the FiLM input).
 """
 from __future__ import annotations
 
@@ -58,6 +63,19 @@ def fourier_features(z, start: int = 6, stop: int = 8):
   return jnp.concatenate([jnp.sin(h), jnp.cos(h)], axis=-1)
 
 
+def join_label(w, y, num_classes: int, features: int, batch: int):
+  """w [B, D] or None, joined with an embedding of labels y [B] ([B, D + features]).
+
+  y None means the "no label" token num_classes. num_classes = 0 returns w unchanged.
+  Called inside a compact method: the embedding is the caller's "label_embed".
+  """
+  if not num_classes:
+    return w
+  y = jnp.full((batch,), num_classes, jnp.int32) if y is None else y
+  label = nn.Embed(num_classes + 1, features, name="label_embed")(y)
+  return label if w is None else jnp.concatenate([w, label.astype(w.dtype)], axis=-1)
+
+
 class ScoreNet(nn.Module):
   n_blocks: int
   channels: int
@@ -69,15 +87,18 @@ class ScoreNet(nn.Module):
   attention_chunk: int = 0  # examples per attention chunk (layers.attention)
   remat: bool = False  # recompute each ResNet block's activations in the backward pass
   conv_impl: str = "xla"  # "xla" | "onednn" (layers.resolve_conv_impl)
+  num_classes: int = 0  # > 0: class-conditional (label embedding, null token num_classes)
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, z, gamma_t, w=None, *, deterministic: bool = True):
-    """z [B, H, W, C] in model scale; gamma_t scalar or [B]; w [B, D] or None -> [B, H, W, C]."""
+  def __call__(self, z, gamma_t, w=None, y=None, *, deterministic: bool = True):
+    """z [B, H, W, C] in model scale; gamma_t scalar or [B]; w [B, D] or None; y [B] int
+    or None (ignored unless num_classes > 0) -> [B, H, W, C]."""
     b = z.shape[0]
     c = self.channels
     t = (jnp.broadcast_to(gamma_t, (b,)) - self.gamma_min) / (self.gamma_max - self.gamma_min)
     cond = timestep_embedding(t, c)
+    w = join_label(w, y, self.num_classes, c, b)
     film = None
     if w is not None and self.conditioning == "additive":
       cond = jnp.concatenate([cond, w.astype(cond.dtype)], axis=-1)
@@ -120,10 +141,10 @@ class ScoreNet(nn.Module):
 
 def make_score_net(name: str, *, gamma_min, gamma_max, conditioning, dropout,
                    use_fourier_features, n_blocks=None, channels=None, dtype=jnp.float32,
-                   attention_chunk=0, remat=False, conv_impl="xla"):
+                   attention_chunk=0, remat=False, conv_impl="xla", num_classes=0):
   size = VDM_SIZES[name]
   return ScoreNet(n_blocks=n_blocks or size.n_blocks, channels=channels or size.channels,
                   gamma_min=gamma_min, gamma_max=gamma_max, conditioning=conditioning,
                   dropout=dropout, use_fourier_features=use_fourier_features,
                   attention_chunk=attention_chunk, remat=remat, conv_impl=conv_impl,
-                  dtype=dtype)
+                  num_classes=num_classes, dtype=dtype)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from vdmrep.models.layers import AttnBlock, ResnetBlock, num_groups
-from vdmrep.models.score_net import fourier_features, timestep_embedding
+from vdmrep.models.score_net import fourier_features, join_label, timestep_embedding
 
 ModuleDef = Any
 
@@ -56,6 +56,7 @@ class UNet(nn.Module):
   dropout: float = 0.0
   use_fourier_features: bool = True
   remat: bool = False  # recompute each ResNet block's activations in the backward pass
+  num_classes: int = 0  # > 0: class-conditional (score_net.join_label)
   dtype: jnp.dtype = jnp.float32
   conv: ModuleDef = nn.Conv
   norm: ModuleDef = nn.GroupNorm
@@ -63,9 +64,9 @@ class UNet(nn.Module):
   attn_block: ModuleDef = AttnBlock
 
   @nn.compact
-  def __call__(self, z, gamma_t, w=None, *, deterministic: bool = True):
+  def __call__(self, z, gamma_t, w=None, y=None, *, deterministic: bool = True):
     """z [B, H, W, C] in model scale (H, W divisible by 2^(levels - 1)); gamma_t scalar or
-    [B]; w [B, D] or None -> eps_hat [B, H, W, C]."""
+    [B]; w [B, D] or None; y [B] labels or None -> eps_hat [B, H, W, C]."""
     b, hgt, wid, _ = z.shape
     levels = len(self.channel_mult)
     factor = 2 ** (levels - 1)
@@ -75,6 +76,7 @@ class UNet(nn.Module):
     c = self.channels
     t = (jnp.broadcast_to(gamma_t, (b,)) - self.gamma_min) / (self.gamma_max - self.gamma_min)
     cond = timestep_embedding(t, c)
+    w = join_label(w, y, self.num_classes, c, b)
     film = None
     if w is not None and self.conditioning == "additive":
       cond = jnp.concatenate([cond, w.astype(cond.dtype)], axis=-1)
@@ -138,7 +140,7 @@ class UNet(nn.Module):
 
 def make_unet(name: str, *, gamma_min, gamma_max, conditioning, dropout,
               use_fourier_features, n_blocks=None, channels=None, channel_mult=None,
-              dtype=jnp.float32, remat=False, **modules):
+              dtype=jnp.float32, remat=False, num_classes=0, **modules):
   """The named size (n_blocks / channels / channel_mult override it when given);
   `modules` are UNet's block fields (conv, norm, resnet_block, attn_block)."""
   size = UNET_SIZES[name]
@@ -146,4 +148,5 @@ def make_unet(name: str, *, gamma_min, gamma_max, conditioning, dropout,
               channel_mult=tuple(channel_mult or size.channel_mult),
               n_blocks=n_blocks or size.n_blocks, gamma_min=gamma_min, gamma_max=gamma_max,
               conditioning=conditioning, dropout=dropout,
-              use_fourier_features=use_fourier_features, remat=remat, dtype=dtype, **modules)
+              use_fourier_features=use_fourier_features, remat=remat, num_classes=num_classes,
+              dtype=dtype, **modules)
