@@ -69,8 +69,8 @@ def main():
   ap.add_argument("--batch", type=int, default=250)
   ap.add_argument("--weights", default="0,0.5,1,2,4", help="guidance weights")
   ap.add_argument("--guidance-steps", type=int, default=100)
-  ap.add_argument("--steps", default="10,25,50,100,250,1000")
-  ap.add_argument("--samplers", default="ddim,ancestral")
+  ap.add_argument("--ddim-steps", default="10,25,50,100,250,1000")
+  ap.add_argument("--ancestral-steps", default="10,25,50,100,250,1000")
   ap.add_argument("--steps-guidance", type=float, default=1.0,
                   help="guidance weight of the steps table")
   ap.add_argument("--seed", type=int, default=0)
@@ -143,8 +143,8 @@ def main():
 
   # 3. Sampler x steps.
   rows, seeds = [], []
-  for sampler in args.samplers.split(","):
-    for n in [int(x) for x in args.steps.split(",")]:
+  for sampler, steps in (("ddim", args.ddim_steps), ("ancestral", args.ancestral_steps)):
+    for n in [int(x) for x in steps.split(",") if x]:
       imgs, sec = steering.timed_samples(model, params, k_steps, num_steps=n, sampler=sampler,
                                          labels=labels, guidance=args.steps_guidance, **common)
       rows.append(dict(steering.sample_row(clf, f_train, imgs, labels), sampler=sampler,

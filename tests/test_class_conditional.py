@@ -144,3 +144,14 @@ def test_class_means_and_prior_interpolation():
                                                       "slerp", mu, sc))[0]
   np.testing.assert_allclose(path[[0, -1]], [a, b], atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm((path - mu) / sc, axis=-1), 1.0, atol=1e-5)
+
+
+def test_unet_takes_labels_too():
+  c, model = _model(**{"model.vdm": "unet_s", "model.channels": 8, "model.n_blocks": 1,
+                       "model.conditioning": "additive"})
+  params = perturbed(jax.jit(model.init, static_argnums=1)(jax.random.key(0), (8, 8, 1)))
+  assert params["score"]["label_embed"]["embedding"].shape == (11, 8)
+  z, g, w = jnp.ones((2, 8, 8, 1)), jnp.zeros((2,)), jnp.zeros((2, 128))
+  a = model.eps_hat(params, z, g, w, jnp.array([0, 1]))
+  b = model.eps_hat(params, z, g, w, None)
+  assert float(jnp.max(jnp.abs(a - b))) > 1e-3
