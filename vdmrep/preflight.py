@@ -21,6 +21,7 @@ INT_SENTINELS = {
     "model.attention_chunk": {-1: "auto"},
     "eval.ood_holdout_class": {-1: "off"},
     "distributed.process_id": {-1: "from the environment"},
+    "sample.label": {-1: "every class in turn"},
 }
 # Float keys whose domain is narrower than "finite": (low, low excluded, high, high excluded).
 # Keys checked by their own module (collapse, eval, sampling) are not repeated here.
