@@ -214,11 +214,12 @@ def estimate_train_bytes(config, image_shape, num_params: int, num_devices: int 
     attn_pixels = h * w
   blocks, ch = m.n_blocks or size.n_blocks, m.channels or size.channels
   act = b * h * w * max(ch, c) * 4 * 2 * (2 * blocks + 4)
-  if m.attention_chunk == -1:  # auto: one example at a time on CPU (layers.attention)
+  chunk_cfg = m.get("attention_chunk", 0)  # examples per attention chunk; 0 = all
+  if chunk_cfg == -1:  # auto: one example at a time on CPU
     import jax
     chunk = 1 if jax.default_backend() == "cpu" else b
   else:
-    chunk = min(b, m.attention_chunk) if m.attention_chunk else b
+    chunk = min(b, chunk_cfg) if chunk_cfg else b
   attn = chunk * attn_pixels ** 2 * 4 * 2
   return 5 * 4 * num_params + act + attn
 
