@@ -487,3 +487,32 @@ def test_disk_full_is_one_line_and_nothing_else(tmp_path):
            and not l.startswith("WARNING: All log messages before absl::InitializeLog()")]
   assert lines == [f"error: disk full while saving checkpoint step 5 in {tmp_path}/w/checkpoints"
                    "; no earlier checkpoint exists; free space and rerun to resume"], lines
+
+
+UNWRITABLE = """
+import errno, sys
+sys.path.insert(0, {repo!r})
+from absl import app
+from vdmrep import main, train
+def evaluate_checkpoint(config, workdir):
+  try:
+    raise OSError({errno_!r}, "x", workdir + "/report.json")
+  except OSError as err:
+    raise RuntimeError("writer failed") from err  # as TF/clu wrap it
+train.evaluate_checkpoint = evaluate_checkpoint
+sys.argv = ["main", "--config", "configs/digits.py", "--workdir", {wd!r}, "--mode", "eval"]
+app.run(main.main, flags_parser=main.parse_flags)
+"""
+
+
+@pytest.mark.parametrize("errno_,why", [(errno.EROFS, "Read-only file system"),
+                                        (errno.ENOSPC, "No space left on device")],
+                         ids=["read_only", "full"])
+def test_eval_writer_on_an_unwritable_disk_is_one_line(tmp_path, errno_, why):
+  script = UNWRITABLE.format(repo=REPO, wd=str(tmp_path), errno_=errno_)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert error_lines(proc.stderr) == [
+      f"error: {tmp_path}/report.json: {why} (while writing results); checkpoints already "
+      "saved are intact"]

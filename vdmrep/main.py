@@ -117,7 +117,7 @@ def main(argv):
     if bad is None and not checkpoints._is_disk_full(err):
       raise
     checkpoints.quiet_async_leftovers()
-    why = (bad.strerror or os.strerror(bad.errno)) if bad is not None else "No space left on device"
+    why = os.strerror(bad.errno) if bad is not None else "No space left on device"
     where = getattr(bad, "filename", None) or FLAGS.workdir
     _fail(f"{where}: {why} (while writing results); checkpoints already saved are intact")
 
