@@ -71,7 +71,7 @@ def check_images(images, where: str) -> np.ndarray:
   return images.astype(np.uint8)
 
 
-def check_labels(labels, num_images: int, where: str) -> np.ndarray:
+def check_label_array(labels, num_images: int, where: str) -> np.ndarray:
   """Validates class labels: [N] (or [N, 1]) integers in [0, 2**31) -> int32 [N].
 
   Floats are accepted only when every value is a finite whole number (some tools save
@@ -158,7 +158,7 @@ def load_idx(directory: str, data_cfg) -> Dataset:
     imgs = check_images(read_idx(files[f"{k}-images"]), files[f"{k}-images"])
     labs = files[f"{k}-labels"]
     if labs is not None:
-      labs = check_labels(read_idx(labs), len(imgs), labs)
+      labs = check_label_array(read_idx(labs), len(imgs), labs)
     return imgs, labs
   if files["train-images"] and files["t10k-images"]:
     tr, trl = pair("train")
@@ -229,7 +229,7 @@ def load_npz(path: str, data_cfg) -> Dataset:
   images = check_images(arrays["images"], f"{path}['images']")
   labels = arrays.get("labels")
   if labels is not None:
-    labels = check_labels(labels, len(images), f"{path}['labels']")
+    labels = check_label_array(labels, len(images), f"{path}['labels']")
   tr, trl, ev, evl = _split(images, labels, data_cfg.eval_fraction, data_cfg.split_seed)
   return Dataset(f"npz:{path}", tr, ev, trl, evl,
                  note=f"npz split {1 - data_cfg.eval_fraction:.0%}/{data_cfg.eval_fraction:.0%}"
@@ -249,7 +249,8 @@ def load_tfds(name: str, data_cfg) -> Dataset:
     images = np.concatenate([c["image"] for c in chunks])
     labels = np.concatenate([c["label"] for c in chunks]) if "label" in chunks[0] else None
     return (check_images(images, f"tfds:{name}[{s}]"),
-            None if labels is None else check_labels(labels, len(images), f"tfds:{name}[{s}]"))
+            None if labels is None else check_label_array(labels, len(images),
+                                                              f"tfds:{name}[{s}]"))
   tr, trl = split("train")
   ev, evl = split("test")
   return Dataset(f"tfds:{name}", tr, ev, trl, evl, note=f"tfds {name} train/test")
