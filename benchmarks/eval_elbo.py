@@ -2,7 +2,7 @@
 
   python benchmarks/eval_elbo.py --vdm tvdm --encoder te --batch 256 --samples 4 --image 28
 
-Times `evaluate.make_eval_fn` (the function `evaluate_elbo` runs per batch) after
+Times `evaluators.elbo.make_eval_fn` (the function the ELBO evaluator runs per batch) after
 compilation and prints a markdown row: median (min..max) seconds per batch, images/s,
 model GFLOP per batch (XLA cost analysis), GFLOP/s, % of the measured f32 matmul peak,
 XLA temp memory and peak RSS.
@@ -15,9 +15,11 @@ import common
 from common import fmt_s
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from vdmrep import config_lib, evaluate, parallel
+from vdmrep import config_lib, parallel
+from vdmrep.evaluators import elbo as elbo_eval
 from vdmrep.models import build_model
 
 
@@ -46,14 +48,15 @@ def main():
   x = parallel.global_batch(mesh, np.random.default_rng(0).integers(
       0, 256, (args.batch,) + shape, dtype=np.uint8))
   key = jax.random.key(1)
-  compiled = evaluate.make_eval_fn(model, mesh, args.samples).lower(params, x, key).compile()
+  compiled = elbo_eval.make_eval_fn(model, mesh, args.samples).lower(
+      params, x, key, jnp.float32(1.0)).compile()
   # Model FLOPs: one draw, attention unchunked, times K (common.lowered_flops).
   config.model.attention_chunk = 0
   config.model.conv_impl = "xla"  # XLA cannot count a custom call's FLOPs
-  plain = evaluate.make_eval_fn(build_model(config.model), mesh, 1)
-  flops = args.samples * common.lowered_flops(plain.lower(params, x, key))
+  plain = elbo_eval.make_eval_fn(build_model(config.model), mesh, 1)
+  flops = args.samples * common.lowered_flops(plain.lower(params, x, key, jnp.float32(1.0)))
   temp = common.memory_of(compiled).get("temp", float("nan")) / 2 ** 20
-  med, lo, hi = common.summary(common.time_fn(compiled, params, x, key, repeats=args.repeats))
+  med, lo, hi = common.summary(common.time_fn(compiled, params, x, key, jnp.float32(1.0), repeats=args.repeats))
   print(f"hardware: {common.hardware()}; {common.load_note()}")
   print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s\n")
   print("| vdm | encoder | batch x K | image | dtype, conv | s/batch median (min..max) | images/s "

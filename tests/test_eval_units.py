@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from vdmrep import config_lib, data, diagnostics, evaluate, plots, probes, report
+from vdmrep import config_lib, data, diagnostics, plots, probes, report
+from vdmrep.evaluators import elbo as elbo_eval
+from vdmrep.evaluators import ood as ood_eval
 
 
 def _brute_mi(mean, logvar, w):
@@ -59,9 +61,12 @@ def test_logistic_probe_equals_sklearn_and_knn_is_exact_on_separated_data():
   rng = np.random.default_rng(2)
   x = rng.normal(size=(120, 4))
   y = (x[:, 0] + 0.3 * rng.normal(size=120) > 0).astype(int)
-  got = probes.logistic_probe(x[:80], y[:80], x[80:], y[80:], c=0.5, max_iter=500)
-  want = LogisticRegression(C=0.5, max_iter=500).fit(x[:80], y[:80]).score(x[80:], y[80:])
-  assert got["acc"] == want
+  from sklearn.preprocessing import StandardScaler
+  got = probes.logistic_probe(x[:80], y[:80], x[80:], y[80:], cs=[0.5], max_iter=500)
+  sc = StandardScaler().fit(x[:80])
+  want = LogisticRegression(C=0.5, max_iter=500).fit(sc.transform(x[:80]), y[:80]).score(
+      sc.transform(x[80:]), y[80:])
+  assert got["acc"] == want and got["c"] == 0.5
   centres = np.array([[0.0, 0.0], [10.0, 10.0], [-10.0, 10.0]])
   lab = np.repeat(np.arange(3), 20)
   pts = centres[lab] + 0.1 * rng.normal(size=(60, 2))
@@ -72,7 +77,7 @@ def test_auroc_against_pair_counting():
   rng = np.random.default_rng(3)
   a, b = rng.normal(size=30), rng.normal(size=20) + 1.0
   pairs = np.mean((b[None, :] > a[:, None]) + 0.5 * (b[None, :] == a[:, None]))
-  assert evaluate.auroc(a, b) == pytest.approx(pairs)
+  assert ood_eval.auroc(a, b) == pytest.approx(pairs)
 
 
 def test_pca_matches_sklearn_up_to_sign():
@@ -163,12 +168,12 @@ def test_ood_source_of_another_shape_is_rejected(tmp_path):
   c.eval.ood_source = "npz:" + path
   ds = data.load(c.data)
   with pytest.raises(data.DataError, match="config.eval.ood_source=.*differ in shape"):
-    evaluate.ood_sets(ds, c)
+    ood_eval.ood_sets(ds, c)
 
 
 def test_eval_times_are_stratified_per_image_and_independent_across_images():
   import jax
-  t = np.asarray(evaluate.eval_times(jax.random.key(0), 128, 4))
+  t = np.asarray(elbo_eval.eval_times(jax.random.key(0), 128, 4))
   assert t.shape == (4, 128) and np.all((t >= 0) & (t < 1))
   offsets = np.sort(np.mod(t - t[0], 1.0), axis=0)
   np.testing.assert_allclose(offsets, np.repeat([[0.0], [0.25], [0.5], [0.75]], 128, 1),
@@ -189,7 +194,7 @@ def test_trained_objective_of_an_mmd_model_is_its_training_loss():
   c.training.batch_size, c.eval.num_time_samples = 8, 1
   images = data.load(c.data).eval_images[:8]
   key = jax.random.key(3)
-  got = evaluate.trained_objective(model, params, images, key, 5, c, parallel.make_mesh())
+  got = elbo_eval.trained_objective(model, params, images, key, 5, c, parallel.make_mesh())
   k_terms, k_obj = jax.random.split(jax.random.split(jax.random.fold_in(key, 0), 1)[0])
   terms = model.elbo_terms(params, jnp.asarray(images), k_terms, deterministic_encoder=True)
   want = float(collapse.objective(terms, 5, c, k_obj)[0]) / (64 * math.log(2))

@@ -68,7 +68,8 @@ def test_every_number_is_written_and_printed(run):
       assert f"| {k} | {m[k]:.4g} |" in text
     assert f"active units: {m['active_units']} / 128" in text
     assert f"I_q(x; w): {m['mi_nats']:.4g}" in text
-    assert f"| pixels | {m['pixels_logreg_acc']:.4g} | {m['pixels_knn_acc']:.4g} |" in text
+    assert f"| pixels | {m['pixels_logreg_acc']:.4g} (" in text
+    assert f"| {m['pixels_knn_acc']:.4g} | {m['pixels_label_info_bits']:.4g} |" in text
   u = run["report"]["usefulness"]
   assert len(u["t"]) == len(u["gap_bpd"]) == 4
   assert m["usefulness_gap_bpd"] == pytest.approx(np.mean(u["gap_bpd"]), rel=1e-9, abs=1e-12)
@@ -113,14 +114,18 @@ def test_active_units_kl_and_mi_recomputed_from_latents(run):
 
 def test_pixel_probe_is_sklearn_logistic_regression(run):
   from sklearn.linear_model import LogisticRegression
+  from sklearn.preprocessing import StandardScaler
   cfg = run["config"]
   ds = data.hold_out_class(data.load(cfg.data), cfg.eval.ood_holdout_class)
   n = cfg.eval.probe_max_train
   tr = ds.train_images[:n].reshape(n, -1) / 255.0
   ev = ds.eval_images.reshape(len(ds.eval_images), -1) / 255.0
-  clf = LogisticRegression(C=cfg.eval.probe_c, max_iter=cfg.eval.probe_max_iter)
-  acc = clf.fit(tr, ds.train_labels[:n]).score(ev, ds.eval_labels)
+  res = run["report"]["probes"]["results"]["pixels"]
+  sc = StandardScaler().fit(tr)
+  clf = LogisticRegression(C=res["logreg_c"], max_iter=cfg.eval.probe_max_iter)
+  acc = clf.fit(sc.transform(tr), ds.train_labels[:n]).score(sc.transform(ev), ds.eval_labels)
   assert run["report"]["metrics"]["pixels_logreg_acc"] == acc
+  assert res["logreg_c"] in [float(c) for c in cfg.eval.probe_cs.split(",")]
   with np.load(os.path.join(run["workdir"], "latents.npz")) as f:
     np.testing.assert_array_equal(f["labels"], ds.eval_labels)
   ood = run["report"]["ood"]["class_9"]

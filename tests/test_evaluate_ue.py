@@ -27,7 +27,8 @@ def test_ue_objective_is_flagged_not_a_bound(tmp_path):
       sum(m[f"{k}_bpd"] for k in ("recon", "prior", "diffusion", "kl")), rel=1e-9)
   tol = 4 * math.hypot(m["objective_bpd_se"], m["bpd_se"])
   assert abs(m["objective_bpd"] - (m["bpd"] - m["kl_bpd"])) < tol
-  flag = (f"| trained objective | {m['objective_bpd']:.4g} | {m['objective_bpd_se']:.4g} | "
+  assert m["objective_step"] == c.training.num_steps - 1  # the last trained step
+  flag = (f"| trained objective (step {m['objective_step']}) | {m['objective_bpd']:.4g} | {m['objective_bpd_se']:.4g} | "
           f"**not a bound** ({m['objective_not_bound_reason']}); true ELBO: {m['bpd']:.4g} |")
   with open(os.path.join(tmp_path, "report.md")) as fh:
     assert flag in fh.read()

@@ -9,7 +9,8 @@ evaluation, samples and report):
   losses.py       the objective's pure functions (nats per example; bpd conversion)
   collapse.py     beta, annealing, free bits, capacity, MMD: the trained objective
   train.py        TrainState, train_step, train_and_evaluate (sharded, orbax, clu)
-  evaluate.py     held-out ELBO with its standard error, KL, active units, MI, probes
+  evaluators/     one evaluator per module (ELBO, baselines, latents, probes, OOD, samples,
+                  pictures), one interface, chosen by config.eval.evaluators
   sampling.py     the ancestral sampler (any step count), guided and trajectory modes
   main.py         `python -m vdmrep.main --config configs/X.py --workdir DIR`
   hostmem.py      malloc settings for XLA's per-step CPU buffers (entry points re-exec once)

@@ -275,28 +275,17 @@ def objective(terms, step, config, rng=None):
   return loss, logs
 
 
-def is_bound(config) -> tuple[bool, str]:
-  """Whether the trained objective is the negative ELBO; (False, reason) when it is not.
-
-  The rule: it is the ELBO iff at *every* step of the run the KL weight beta(step) is 1
-  (checked on all `training.num_steps` steps, so a warm-up or cyclical schedule never is,
-  even one whose average happens to be 1), the KL is the plain KL (no free bits, no
-  capacity), the InfoVAE weights are alpha = 0, lambda = 1, the encoder is stochastic,
-  and the diffusion term has the ELBO weighting. `ue` never is; `none` is (its ELBO has
-  no KL). The evaluation's test ELBO is a bound for any parameters; this flag says whether
-  training optimised that bound.
-  """
+def _not_elbo_reasons(config, betas, where: str) -> list:
   c, enc = config.collapse, config.model.encoder
   reasons = []
   if enc == "ue":
     reasons.append("encoder trained without its KL term (ue)")
   elif enc != "none":
-    betas = np.asarray(kl_weight(np.arange(config.training.num_steps), config))
     if c.schedule == "constant" and c.beta != 1.0:
       reasons.append(f"KL weight beta={c.beta:g} != 1")
     elif not np.all(betas == 1.0):
-      reasons.append(f"KL weight beta ({c.schedule}) is not 1 at every step "
-                     f"(mean {betas.mean():.4g} over the run)")
+      reasons.append(f"KL weight beta ({c.schedule}) is not 1 {where} "
+                     f"(mean {betas.mean():.4g})")
     if c.free_bits > 0:
       reasons.append(f"free bits lambda={c.free_bits} nats ({c.free_bits_mode})")
     if c.capacity_gamma > 0:
@@ -308,4 +297,30 @@ def is_bound(config) -> tuple[bool, str]:
       reasons.append("deterministic encoder (w = mean)")
   if c.diffusion_weighting != "elbo":
     reasons.append(f"diffusion weighting {c.diffusion_weighting!r}")
+  return reasons
+
+
+def is_bound(config) -> tuple[bool, str]:
+  """Whether the run trained the negative ELBO at every step; (False, reason) when not.
+
+  The rule: it is the ELBO iff at *every* step of the run the KL weight beta(step) is 1
+  (checked on all `training.num_steps` steps, so a warm-up or cyclical schedule never is,
+  even one whose average happens to be 1), the KL is the plain KL (no free bits, no
+  capacity), the InfoVAE weights are alpha = 0, lambda = 1, the encoder is stochastic,
+  and the diffusion term has the ELBO weighting. `ue` never is; `none` is (its ELBO has
+  no KL). `is_bound_at` asks the same of the objective of one step.
+  """
+  betas = np.asarray(kl_weight(np.arange(config.training.num_steps), config))
+  reasons = _not_elbo_reasons(config, betas, "at every step of the run")
+  return (not reasons), "; ".join(reasons)
+
+
+def is_bound_at(config, step: int) -> tuple[bool, str]:
+  """Whether the objective of step `step` (counting from 0) is the negative ELBO.
+
+  As `is_bound`, with beta checked at this step only: a warm-up that has reached
+  beta = 1, or a cyclical schedule at a step where beta = 1, trains the ELBO there.
+  """
+  betas = np.asarray(kl_weight(np.asarray([step]), config))
+  reasons = _not_elbo_reasons(config, betas, f"at step {step}")
   return (not reasons), "; ".join(reasons)

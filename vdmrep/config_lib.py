@@ -105,9 +105,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.training.memory_check = True    # refuse when the estimated step memory exceeds the machine
 
   c.eval = ml_collections.ConfigDict()
+  # Evaluators (vdmrep/evaluators/) a full / periodic evaluation runs, in order.
+  c.eval.evaluators = "elbo,baselines,latents,probes,ood,samples,pictures"
+  c.eval.periodic_evaluators = "elbo,baselines,latents"
+  c.eval.seed = -1                  # seed of every eval draw; -1 = config.seed
   c.eval.batch_size = 256
   c.eval.num_time_samples = 4       # K Monte Carlo draws of (t, eps, w) per image
   c.eval.max_examples = 0           # 0 = the whole eval split
+  c.eval.histogram_k = 0.5          # add-k smoothing of the per-pixel histogram baseline
+  # deterministic encoders: q(w|x) = N(mean, s^2 I) with s fitted after training (a bound)
+  c.eval.posterior_std_grid = "0.01,0.03,0.1,0.3,1.0"  # candidates for s; "" = no bound
+  c.eval.posterior_fit_examples = 256  # first N train images choose s; 0 = all
   # collapse diagnostics (vdmrep/diagnostics.py)
   c.eval.active_threshold = 0.01    # active unit: Var_x E_q[w_d|x] above this
   c.eval.mi_samples = 1             # draws of w per image for the I_q(x; w) estimate
@@ -115,7 +123,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.usefulness_max_examples = 512  # 0 = all eval images
   # representation quality (vdmrep/probes.py)
   c.eval.probe_max_train = 10000    # first N train images fit the probes; 0 = all
-  c.eval.probe_c = 1.0              # inverse L2 strength of the logistic probe
+  c.eval.probe_cs = "0.001,0.01,0.1,1,10,100"  # logistic probe's C candidates (CV on train)
+  c.eval.probe_cv_folds = 3         # stratified folds of that cross-validation
   c.eval.probe_max_iter = 1000
   c.eval.knn_k = 5
   c.eval.random_encoder_seed = 1    # init seed of the random-encoder baseline
@@ -248,9 +257,9 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   for key in ("b1", "b2"):
     if not 0.0 <= o[key] < 1.0:
       raise ConfigError(f"config.optim.{key}={o[key]} must be in [0, 1)")
-  from vdmrep import collapse, evaluate, reliability, sampling  # late: they read names here
+  from vdmrep import collapse, evaluators, reliability, sampling  # late: they read names here
   collapse.validate(config)
-  evaluate.validate(config)
+  evaluators.validate(config)
   reliability.validate(config)
   sampling.validate(config, num_devices)
   from vdmrep import parallel  # late import: parallel raises this module's ConfigError

@@ -147,14 +147,18 @@ def mutual_information(mean, logvar, w, chunk: int = 1024) -> dict:
 
 
 # -- usefulness of w to the decoder ---------------------------------------------------
-def _usefulness_batch(params, x, other, key, ts, *, model):
+def _usefulness_batch(params, x, other, key, ts, *, model, deterministic=False):
   """Diffusion loss [T, B] nats at each t in `ts` with w of image i and with w of `other[i]`.
 
   Both passes share w's draw, t, eps and z_t; only the conditioning latent differs.
+  `deterministic`: w = the encoder mean (the w a deterministic encoder was trained with).
   """
   mean, logvar = model.encode(params, x)
   k_w, k_t = jax.random.split(key)
-  w = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_w, mean.shape)
+  if deterministic:
+    w = mean
+  else:
+    w = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_w, mean.shape)
   w_other = w[other]
   b = x.shape[0]
 
@@ -168,9 +172,9 @@ def _usefulness_batch(params, x, other, key, ts, *, model):
 
 
 @functools.lru_cache(maxsize=8)
-def make_usefulness_fn(model, mesh):
+def make_usefulness_fn(model, mesh, deterministic=False):
   repl = parallel.replicated(mesh)
-  return jax.jit(functools.partial(_usefulness_batch, model=model),
+  return jax.jit(functools.partial(_usefulness_batch, model=model, deterministic=deterministic),
                  in_shardings=(repl, parallel.batch_sharded(mesh), repl, repl, repl),
                  out_shardings=(repl, repl))
 

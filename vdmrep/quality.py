@@ -6,8 +6,10 @@ The Frechet distance between Gaussians fitted to two feature sets is
 where tr((S_1 S_2)^{1/2}) = tr((S_1^{1/2} S_2 S_1^{1/2})^{1/2}): the right-hand matrix is
 symmetric positive semi-definite, so a symmetric eigendecomposition gives its root with
 no complex round-off (the usual failure of a general sqrtm on S_1 S_2). FD is biased
-upwards at small sample sizes, so the report states every set's size; the floor is
-the FD between two random halves of the training split.
+upwards at small sample sizes, so the report states every set's size. The floor a sample
+FD is compared with is the eval split against the training split (held-out real images,
+the same reference set as the samples'); two random halves of the training split give a
+second, lower number (same-set halves), reported beside it.
 
 The Inception-style score is exp(E_x KL(p(y|x) || p(y))) with the classifier's softmax,
 mean and standard deviation over 10 splits (Salimans et al. 2016).
@@ -75,7 +77,8 @@ def draw_samples(model, params, ds, config, mesh, key, *, num_unconditional):
   Returns a dict: unconditional [N] (for a class-conditional model drawn for
   `unconditional_labels` [N]: config.sample.label, or the classes in turn, with
   guidance weight config.sample.guidance); for the first min(num_guided, M) eval images
-  `inputs`, `guided` (w ~ q(w|x), from z_1 ~ N(0, I)) with its trajectory
+  `inputs`, `guided` (w ~ q(w|x), w = mean for a deterministic encoder, from z_1 ~
+  N(0, I)) with its trajectory
   (`guided_frames` [K, n, ...], `guided_frame_t`), `reconstruction` (from t_start) with
   its trajectory; and `interp` [P, S, ...] with `interp_a`, `interp_b`, `interp_alpha`.
   Guided and interpolation are absent for an unconditional model; guided and
@@ -101,7 +104,9 @@ def draw_samples(model, params, ds, config, mesh, key, *, num_unconditional):
   for mode, k in modes:
     r = sampling.generate(model, params, k, mode=mode, images=inputs, t_start=s.t_start,
                           num_frames=s.trajectory_frames,
-                          labels=out["input_labels"] if labels is not None else None, **common)
+                          labels=out["input_labels"] if labels is not None else None,
+                          deterministic_encoder=config.collapse.deterministic_encoder,
+                          **common)
     out[mode], out[f"{mode}_frames"], out[f"{mode}_frame_t"] = (
         r["images"], r["frames"][:, :s.num_trajectories], r["frame_t"])
   p = min(s.num_interpolations, len(ds.eval_images) // 2)
@@ -182,7 +187,8 @@ def sample_quality_section(model, params, ds, config, workdir, mesh, key, *, wri
 
   Returns a JSON-serialisable dict: classifier test accuracy; FD (squared units of the
   classifier's features) of `num_samples` unconditional samples vs the training split,
-  the real-vs-real floor (two halves of the training split) and eval-vs-train; the
+  the real-vs-real floor (two halves of the training split) and eval-vs-train (the floor
+  to compare a sample FD with: held-out real images against the same training set); the
   Inception-style score of samples and of real data; guided/reconstruction class
   agreement (with a shuffled-pairs chance level); standard Inception FID when
   `config.sample.inception_weights` is set; and `pictures` {name: PNG path}.
@@ -226,8 +232,8 @@ def sample_quality_section(model, params, ds, config, workdir, mesh, key, *, wri
         res.update({f"{mode}_class_{k}": v for k, v in agree.items()})
     log(f"sample quality ({s.num_samples} samples, {s.num_steps} steps): classifier "
         f"accuracy {res['classifier_test_accuracy']:.4f}; FD {res['fd_classifier']:.4f} "
-        f"(real floor {res['fd_classifier_floor_real_halves']:.4f}, eval vs train "
-        f"{res['fd_classifier_eval_vs_train']:.4f}); score {res['is_classifier']:.3f} "
+        f"(floor: eval vs train {res['fd_classifier_eval_vs_train']:.4f}; train halves "
+        f"{res['fd_classifier_floor_real_halves']:.4f}); score {res['is_classifier']:.3f} "
         f"(real {res['is_classifier_real_train']:.3f})"
         + (f"; guided class match {res['guided_class_match']:.3f} (shuffled "
            f"{res['guided_class_match_shuffled']:.3f})" if "guided" in samples else "")

@@ -2,15 +2,21 @@
 from workdirs.
 
 Layout of `report.json` (a study script reads `metrics`, flat name -> number):
-  step, full (whether probes/OOD/pictures ran), config (the whole config), dataset
-  (source, note, num_train, num_eval), metrics, notes (what each number is),
-  per_dim (kl_nats [D], mean_variance [D]), usefulness (t and curves, lists),
-  probes (per feature set), ood (per OOD set), pictures (paths relative to the workdir).
+  step, full (whether probes/OOD/pictures ran), evaluators (which ran), config (the whole
+  config), dataset (source, note, num_train, num_eval), metrics, notes (what each number
+  is), eval_key (what identifies the eval images), per_image (bpd [N] and histogram_bpd
+  [N], bits/dim, in eval-image order: `paired_difference` pairs two reports with them),
+  baselines, per_dim (kl_nats [D], mean_variance [D]), usefulness (t and curves, lists),
+  probes (per feature set), ood (per OOD set), samples, pictures (paths relative to the
+  workdir).
 Metric columns (units in the names): bpd, bpd_se and {recon,prior,diffusion,kl}_bpd(_se)
-(the beta = 1 ELBO, always a bound); objective_bpd(_se), objective_is_bound,
-objective_not_bound_reason (what training optimised); kl_nats(_se), kl_nats_per_dim,
-latent_dim, active_units, active_threshold; mi_nats(_se), mi_upper_nats, mi_samples;
-usefulness_gap_bpd; {encoder,random_encoder,pixels}_{logreg,knn}_acc; ood_auroc/<set>.
+(the beta = 1 ELBO, a bound; bound_kind says which q(w|x) it uses), eval_num_time_samples
+(K), eval_seed; objective_bpd(_se), objective_step, objective_is_bound,
+objective_not_bound_reason (the objective of the last trained step);
+histogram_bpd(_se), histogram_k, uniform_bpd, levels_used, bpd_minus_histogram(_se);
+kl_nats(_se), kl_nats_per_dim, latent_dim, active_units, active_threshold; mi_nats(_se),
+mi_upper_nats, mi_samples; usefulness_gap_bpd; {encoder,random_encoder,pixels}_{logreg_acc,
+logreg_acc_se,knn_acc,label_info_bits}; ood_auroc/<set>; sample-quality numbers.
 Written to `workdir/reports/step<N>.{json,md}`; a full eval also to `workdir/report.*`.
 """
 from __future__ import annotations
@@ -36,9 +42,23 @@ NOTES = {
     "usefulness_gap_bpd": "diffusion loss with another image's w minus with the image's own "
                           "w (same t, eps, z_t), averaged over the t grid, bits/dim; ~0 when "
                           "the decoder ignores w.",
-    "probes": "logistic regression (lbfgs, L2) and k-NN fit on train-split features, "
-              "accuracy on the eval split; features: encoder means, the same architecture "
-              "at random init, raw pixels / 255.",
+    "probes": "logistic regression on standardised features (scaler fit on train; L2 "
+              "strength C chosen by stratified cross-validation on train) and k-NN on the "
+              "raw features, fit on train-split features, accuracy on the eval split; "
+              "label_info_bits = H(y) - held-out cross-entropy of the logistic probe, bits "
+              "(a lower-bound estimate of I(features; label)); features: encoder means, the "
+              "same architecture at random init, raw pixels / 255.",
+    "histogram_bpd": "per-pixel categorical fitted on the training split (add-k smoothing, "
+                     "k = histogram_k), bits/dim of the same eval images; uniform_bpd = "
+                     "log2(levels_used), the uniform model over the levels the data uses.",
+    "bound_kind": "elbo: q(w|x) as trained; fitted_posterior_std: a deterministic encoder's "
+                  "means with q(w|x) = N(mean, s^2 I), s fitted after training on training "
+                  "images (a bound of the trained decoder, not what training optimised); "
+                  "none: a point-mass posterior has no finite KL, so no bound.",
+    "eval_noise": "bpd_se is over eval images for one eval seed and K draws per image; it "
+                  "omits the spread between eval seeds and between training seeds. Compare "
+                  "rows of one eval split with report.paired_difference (paired over images), "
+                  "across training seeds with the seed sd.",
     "ood": "AUROC of the per-image ELBO (bits/dim) separating the OOD set from the eval split.",
 }
 
@@ -75,31 +95,73 @@ def _fmt(v, digits=4):
   return f"{v:.{digits}g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
 
 
+def _num(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def markdown(rep: dict) -> str:
   """A human-readable summary of `rep`: every metric, with the "not a bound" flag inline."""
   m = rep["metrics"]
+  cfg = rep["config"]
   lines = [f"# Evaluation at step {rep['step']} ({'full' if rep['full'] else 'periodic'})", "",
            f"Data: {rep['dataset']['source']}: {rep['dataset']['note']} "
-           f"({rep['dataset']['num_train']} train, {m['num_images']} eval images used). "
-           f"Model: vdm={rep['config']['model']['vdm']}, "
-           f"encoder={rep['config']['model']['encoder']}.", "",
-           "## Likelihood (bits/dim)", "", "| quantity | value | s.e. | note |", "|---|---|---|---|"]
-  for k in ("bpd", "recon_bpd", "prior_bpd", "diffusion_bpd", "kl_bpd"):
-    note = "true ELBO (beta = 1): a bound" if k == "bpd" else ""
-    lines.append(f"| {k} | {_fmt(m[k])} | {_fmt(m[k + '_se'])} | {note} |")
-  flag = ("the ELBO itself" if m["objective_is_bound"] else
-          f"**not a bound** ({m['objective_not_bound_reason']}); true ELBO: {_fmt(m['bpd'])}")
-  lines.append(f"| trained objective | {_fmt(m['objective_bpd'])} | "
-               f"{_fmt(m['objective_bpd_se'])} | {flag} |")
-  if not m["objective_is_bound"]:
-    lines += ["", "The ELBO (beta = 1) above is a bound on -log2 p(x) per dimension for any "
-              "parameters; the trained objective's value is NOT a bound (training optimised "
-              f"something else: {m['objective_not_bound_reason']}). It is measured on "
-              f"{m.get('objective_num_images', '?')} eval images in training-size batches."]
-  if "kl_nats" in m:
+           f"({rep['dataset']['num_train']} train, {m.get('num_images', '?')} eval images "
+           f"used). Model: vdm={cfg['model']['vdm']}, encoder={cfg['model']['encoder']}.", ""]
+  if "bpd" in m or "at_mean_bpd" in m:
+    lines += ["## Likelihood (bits/dim)", "",
+              f"K = {m.get('eval_num_time_samples')} Monte Carlo draws per image, eval seed "
+              f"{m.get('eval_seed')}; s.e. over images (not over eval or training seeds).", "",
+              "| quantity | value | s.e. | note |", "|---|---|---|---|"]
+    kind = m.get("bound_kind", "elbo")
+    if kind == "fitted_posterior_std":
+      bound_note = (f"a bound with q(w|x) = N(mean, {m['fitted_posterior_std']:g}^2 I), s "
+                    f"fitted after training on {m['posterior_fit_images']} train images "
+                    "(deterministic encoder: not the trained posterior)")
+    elif kind == "none":
+      bound_note = "**no bound**: a point-mass posterior has no finite KL"
+    else:
+      bound_note = "true ELBO (beta = 1): a bound"
+    for k in ("bpd", "recon_bpd", "prior_bpd", "diffusion_bpd", "kl_bpd"):
+      if k in m:
+        lines.append(f"| {k} | {_fmt(m[k])} | {_fmt(m[k + '_se'])} | "
+                     f"{bound_note if k == 'bpd' else ''} |")
+    if "at_mean_bpd" in m:
+      lines.append(f"| decoder at w = mean (recon + prior + diffusion) | "
+                   f"{_fmt(m['at_mean_bpd'])} | {_fmt(m['at_mean_bpd_se'])} | the w training "
+                   "used; no KL: **not a bound** |")
+    if "histogram_bpd" in m:
+      lines.append(f"| per-pixel histogram (baseline) | {_fmt(m['histogram_bpd'])} | "
+                   f"{_fmt(m['histogram_bpd_se'])} | fitted on the training split, add-k "
+                   f"k = {m['histogram_k']:g} |")
+      lines.append(f"| uniform over the {m['levels_used']} levels used | "
+                   f"{_fmt(m['uniform_bpd'])} | 0 | "
+                   + (f"the data uses {m['levels_used']} of {m['vocab_size']} levels: not "
+                      "comparable with 8-bit bpd |" if m["levels_used"] < m["vocab_size"]
+                      else "|"))
+      if "bpd_minus_histogram" in m:
+        lines.append(f"| model - histogram (paired over images) | "
+                     f"{_fmt(m['bpd_minus_histogram'])} | {_fmt(m['bpd_minus_histogram_se'])} "
+                     "| negative: the model beats pixel marginals |")
+    if "objective_bpd" in m:
+      flag = ("the ELBO itself" if m["objective_is_bound"] else
+              f"**not a bound** ({m['objective_not_bound_reason']}); true ELBO: {_fmt(m['bpd'])}")
+      lines.append(f"| trained objective (step {m.get('objective_step')}) | "
+                   f"{_fmt(m['objective_bpd'])} | {_fmt(m['objective_bpd_se'])} | {flag} |")
+      if not m["objective_is_bound"]:
+        lines += ["", "The ELBO (beta = 1) above is a bound on -log2 p(x) per dimension for "
+                  "any parameters; the trained objective's value is NOT a bound (training "
+                  f"optimised something else: {m['objective_not_bound_reason']}). It is "
+                  f"measured on {m.get('objective_num_images', '?')} eval images in "
+                  "training-size batches, at the last trained step."]
+      elif not m.get("run_trained_elbo_throughout", True):
+        lines += ["", f"At the last trained step the objective is the ELBO; earlier in the "
+                  f"run it was not ({m['run_not_elbo_reason']})."]
+  if "active_units" in m:
+    kl = (f"{_fmt(m['kl_nats'])} +- {_fmt(m['kl_nats_se'])} nats/image, "
+          f"{_fmt(m['kl_nats_per_dim'])} nats/dimension" if _num(m.get("kl_nats"))
+          else "infinite (point-mass posterior)")
     lines += ["", "## Collapse diagnostics", "",
-              f"- encoder KL: {_fmt(m['kl_nats'])} +- {_fmt(m['kl_nats_se'])} nats/image, "
-              f"{_fmt(m['kl_nats_per_dim'])} nats/dimension (D = {m['latent_dim']})",
+              f"- encoder KL: {kl} (D = {m['latent_dim']}; q(w|x): {m.get('kl_kind')})",
               f"- active units: {m['active_units']} / {m['latent_dim']} "
               f"(Var_x E[w_d|x] > {m['active_threshold']})",
               f"- I_q(x; w): {_fmt(m['mi_nats'])} +- {_fmt(m['mi_nats_se'])} nats "
@@ -115,16 +177,28 @@ def markdown(rep: dict) -> str:
   if rep.get("probes"):
     p = rep["probes"]
     lines += ["", f"## Probes (fit on {p['num_train']} train, scored on {p['num_eval']} eval)",
-              "", "| features | logistic regression acc | k-NN acc |", "|---|---|---|"]
+              "", "Logistic: standardised features, C by cross-validation on train. "
+              "I(w; label): label entropy minus the logistic probe's held-out "
+              "cross-entropy, bits.", "",
+              "| features | logistic acc (s.e.) | C | k-NN acc | I(features; label) bits |",
+              "|---|---|---|---|---|"]
     for name, r in p["results"].items():
       conv = "" if r["logreg_converged"] else " (lbfgs not converged)"
-      lines.append(f"| {name} | {_fmt(r['logreg_acc'])}{conv} | {_fmt(r['knn_acc'])} |")
+      lines.append(f"| {name} | {_fmt(r['logreg_acc'])} ({_fmt(r['logreg_acc_se'])}){conv} | "
+                   f"{_fmt(r['logreg_c'])} | {_fmt(r['knn_acc'])} | "
+                   f"{_fmt(r['label_info_bits'])} |")
   if rep.get("ood"):
-    lines += ["", "## OOD (per-image ELBO as score)", "",
+    lines += ["", "## OOD (per-image bound as score)", "",
               "| OOD set | AUROC | n OOD | bpd OOD (s.e.) | bpd in |", "|---|---|---|---|---|"]
     for name, r in rep["ood"].items():
-      lines.append(f"| {name} | {_fmt(r['auroc'])} | {r['num_ood']} | {_fmt(r['ood_bpd'])} ({_fmt(r['ood_bpd_se'])}) | "
-                   f"{_fmt(r['in_bpd'])} |")
+      lines.append(f"| {name} | {_fmt(r['auroc'])} | {r['num_ood']} | {_fmt(r['ood_bpd'])} "
+                   f"({_fmt(r['ood_bpd_se'])}) | {_fmt(r['in_bpd'])} |")
+  if "fd_classifier" in m:
+    lines += ["", "## Samples", "",
+              f"- Frechet distance (classifier features) of samples vs train: "
+              f"{_fmt(m['fd_classifier'])}; floor (eval vs train, the one that matters): "
+              f"{_fmt(m['fd_classifier_eval_vs_train'])}; two train halves: "
+              f"{_fmt(m['fd_classifier_floor_real_halves'])}"]
   if rep.get("pictures"):
     lines += ["", "## Pictures", ""] + [f"- {k}: `{v}`" for k, v in rep["pictures"].items()]
   return "\n".join(lines) + "\n"
@@ -133,16 +207,58 @@ def markdown(rep: dict) -> str:
 def one_line(rep: dict) -> str:
   """The console summary line: 'eval step N: bpd X +- SE (terms); encoder KL K nats/image'."""
   m = rep["metrics"]
-  line = (f"eval step {rep['step']}: bpd {m['bpd']:.4f} +- {m['bpd_se']:.4f} "
-          f"(recon {m['recon_bpd']:.4f}, prior {m['prior_bpd']:.5f}, "
-          f"diffusion {m['diffusion_bpd']:.4f}, kl {m['kl_bpd']:.4f}); "
-          f"encoder KL {m.get('kl_nats', 0.0):.3f} nats/image")
+  if "bpd" not in m:
+    return f"eval step {rep['step']}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in m.items()
+                                                    if _num(v))
+  line = (f"eval step {rep['step']}: bpd {_fmt(m['bpd'])} +- {_fmt(m['bpd_se'])} "
+          f"(recon {_fmt(m['recon_bpd'])}, prior {_fmt(m['prior_bpd'])}, "
+          f"diffusion {_fmt(m['diffusion_bpd'])}, kl {_fmt(m['kl_bpd'])})")
+  if m.get("bound_kind") not in (None, "elbo"):
+    line += f" [{m['bound_kind']}]"
+  if "histogram_bpd" in m:
+    line += f"; histogram baseline {_fmt(m['histogram_bpd'])}"
+  if _num(m.get("kl_nats")):
+    line += f"; encoder KL {m['kl_nats']:.3f} nats/image"
   if "active_units" in m:
     line += f", {m['active_units']}/{m['latent_dim']} active units, MI {m['mi_nats']:.3f} nats"
-  if not m["objective_is_bound"]:
+  if "objective_is_bound" in m and not m["objective_is_bound"]:
     line += (f"  [trained objective {m['objective_bpd']:.4f} bpd is not a bound: "
              f"{m['objective_not_bound_reason']}]")
   return line
+
+
+# -- comparing two reports -------------------------------------------------------------
+def paired_difference(rep_a, rep_b, key: str = "bpd") -> dict:
+  """Mean and standard error of per-image `key` of report A minus report B.
+
+  rep_a, rep_b: report dicts or paths of report.json files whose `eval_key` agrees (the
+  same eval images in the same order). Each image's difference is one draw: the
+  standard error is sd(differences) / sqrt(N), which removes the image-to-image spread
+  both share (an unpaired s.e. of the difference, sqrt(se_a^2 + se_b^2), does not).
+  It is the eval noise of one pair of trained models only; a claim about training
+  configurations needs the spread over training seeds.
+  Returns {"diff", "se", "n", "key"}; raises ValueError when the eval keys differ or
+  per-image values are missing.
+  """
+  reps = []
+  for r in (rep_a, rep_b):
+    if isinstance(r, str):
+      with open(r) as fh:
+        r = json.load(fh)
+    reps.append(r)
+  a, b = reps
+  if a.get("eval_key") is None or a.get("eval_key") != b.get("eval_key"):
+    raise ValueError(f"paired_difference: the reports were evaluated on different images "
+                     f"(eval_key {a.get('eval_key')} vs {b.get('eval_key')})")
+  try:
+    xa = np.asarray(a["per_image"][key], np.float64)
+    xb = np.asarray(b["per_image"][key], np.float64)
+  except KeyError:
+    raise ValueError(f"paired_difference: per_image.{key} missing from a report") from None
+  d = xa - xb
+  n = len(d)
+  return {"diff": float(d.mean()), "se": float(d.std(ddof=1) / math.sqrt(n)) if n > 1
+          else float("nan"), "n": n, "key": key}
 
 
 def write(workdir: str, rep: dict) -> None:

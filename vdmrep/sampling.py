@@ -207,10 +207,17 @@ def decode(model, params, z_0, key, method: str = "sample"):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def posterior_w(model, params, x_int, key, labels=None):
-  """w ~ q(w | x[, y]) through `model.encode`: [B, D]."""
+def posterior_w(model, params, x_int, key, labels=None, deterministic: bool = False):
+  """w ~ q(w | x[, y]) through `model.encode`: [B, D].
+
+  `deterministic`: w = the encoder mean, the w a deterministic encoder
+  (`config.collapse.deterministic_encoder`) was trained with; its log-variance head
+  was never trained, so drawing from it would condition on noise training never saw.
+  """
   mean, logvar = (model.encode(params, x_int) if labels is None
                   else model.encode(params, x_int, labels))
+  if deterministic:
+    return mean
   return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
 
 
@@ -259,7 +266,8 @@ def reconstruction_steps(num_steps: int, t_start: float) -> int:
 
 
 def run_mode(model, params, key, x_int, *, mode, num_steps, t_start=1.0, frames=None,
-             decode_method="sample", sampler="ancestral", labels=None, guidance=0.0):
+             decode_method="sample", sampler="ancestral", labels=None, guidance=0.0,
+             deterministic_encoder=False):
   """One batch of one mode; x_int [B, H, W, C] gives the inputs (only its shape for
   `unconditional`). Returns (x_int samples [B, H, W, C], recorded z [K, B, ...] or None).
 
@@ -272,17 +280,18 @@ def run_mode(model, params, key, x_int, *, mode, num_steps, t_start=1.0, frames=
   shape = x_int.shape
   if model.score_net is None and mode in MODES:  # a VAE: p(x | w) directly, no denoising
     w = (prior_w(model, k_w, shape[0]) if mode == "unconditional"
-         else posterior_w(model, params, x_int, k_w))
+         else posterior_w(model, params, x_int, k_w, deterministic=deterministic_encoder))
     return model.sample(params, w, shape[1:], k_run, decode_method), None
   if mode == "unconditional":
     w, t0 = prior_w(model, k_w, shape[0]), 1.0
     z = jax.random.normal(k_z, shape)
   elif mode == "guided":
-    w, t0 = (posterior_w(model, params, x_int, k_w, labels) if model.conditional
-             else None), 1.0
+    w, t0 = (posterior_w(model, params, x_int, k_w, labels, deterministic_encoder)
+             if model.conditional else None), 1.0
     z = jax.random.normal(k_z, shape)
   elif mode == "reconstruction":
-    w = posterior_w(model, params, x_int, k_w, labels) if model.conditional else None
+    w = (posterior_w(model, params, x_int, k_w, labels, deterministic_encoder)
+         if model.conditional else None)
     t0 = float(t_start)
     g = model.gamma(params, jnp.asarray(t0, jnp.float32))
     f = losses.data_to_model_scale(x_int, model.vocab_size)
@@ -301,7 +310,8 @@ def run_mode(model, params, key, x_int, *, mode, num_steps, t_start=1.0, frames=
 # sharding (from `parallel.global_batch`) decides how XLA splits the work.
 _run_mode_jit = jax.jit(run_mode, static_argnums=(0,),
                         static_argnames=("mode", "num_steps", "t_start", "frames",
-                                         "decode_method", "sampler", "guidance"))
+                                         "decode_method", "sampler", "guidance",
+                                         "deterministic_encoder"))
 
 
 def _to_host(x):
@@ -314,7 +324,7 @@ def _to_host(x):
 def generate(model, params, key, *, mode, images=None, num=None, image_shape=None,
              batch_size=256, num_steps=1000, t_start=1.0, num_frames=0,
              decode_method="sample", mesh=None, sampler="ancestral", labels=None,
-             guidance=0.0):
+             guidance=0.0, deterministic_encoder=False):
   """Samples of one mode over many batches (batch i uses fold_in(key, i)).
 
   Args:
@@ -323,6 +333,7 @@ def generate(model, params, key, *, mode, images=None, num=None, image_shape=Non
     num_frames: K > 0 also returns K recorded latents per sample (the trajectory).
     sampler, guidance: see `denoise` and `guided_eps_fn`.
     labels: optional int [N] class labels (a class-conditional model).
+    deterministic_encoder: guided / reconstruction modes condition on w = encoder mean.
   Returns:
     dict: "images" uint8/int [N, H, W, C]; with num_frames, "frames" float [K, N, H, W, C]
     (z in model scale) and "frame_t" [K] their times.
@@ -350,7 +361,8 @@ def generate(model, params, key, *, mode, images=None, num=None, image_shape=Non
     x, rec = _run_mode_jit(model, params, jax.random.fold_in(key, i), batch, mode=mode,
                            num_steps=int(num_steps), t_start=float(t_start), frames=frames,
                            decode_method=decode_method, sampler=sampler, labels=lab,
-                           guidance=float(guidance))
+                           guidance=float(guidance),
+                           deterministic_encoder=bool(deterministic_encoder))
     outs.append(_to_host(x)[keep])
     if frames is not None:
       recs.append(_to_host(rec)[:, keep])

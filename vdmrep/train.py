@@ -22,8 +22,9 @@ from absl import logging
 
 from vdmrep import checkpoints, collapse, config_lib, diagnostics, parallel
 from vdmrep import data as data_lib
-from vdmrep import evaluate, preflight, reliability
+from vdmrep import evaluators, preflight, reliability
 from vdmrep.models import build_model
+from vdmrep.models.vae_vdm import ELBO_TERMS
 
 
 @flax.struct.dataclass
@@ -78,7 +79,7 @@ def train_step(state: TrainState, batch, key, *, model, tx, config):
     terms = model.elbo_terms(params, batch, rng, train=True, **with_labels,
                              deterministic_encoder=config.collapse.deterministic_encoder)
     loss, logs = collapse.objective(terms, state.step, config, jax.random.fold_in(rng, 1))
-    means = {k: jnp.mean(terms[k]) for k in evaluate.TERMS}
+    means = {k: jnp.mean(terms[k]) for k in ELBO_TERMS}
     logs = dict(logs, **diagnostics.batch_stats(terms, config.eval.active_threshold))
     return loss * to_bpd, (means, logs)
 
@@ -88,7 +89,7 @@ def train_step(state: TrainState, batch, key, *, model, tx, config):
   d = ema_decay(state.step, config.optim.ema_decay)
   ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
   metrics = {f"{k}_bpd": v * to_bpd for k, v in means.items()}
-  metrics["bpd"] = sum(metrics[f"{k}_bpd"] for k in evaluate.TERMS)  # ELBO at beta = 1
+  metrics["bpd"] = sum(metrics[f"{k}_bpd"] for k in ELBO_TERMS)  # ELBO at beta = 1
   metrics.update(loss_bpd=loss, kl_nats=means["kl"], grad_norm=optax.tree.norm(grads), **logs)
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                             opt_state=opt_state)
@@ -229,7 +230,8 @@ def _train_and_evaluate(config, workdir, ds, model, tx, mesh) -> dict:
       if evaluate_now:
         summary = _eval_and_write(model, state, ds, config, mesh, writer, done, workdir,
                                   full=last or config.eval.periodic_full)
-        best = {checkpoints.BEST_METRIC: summary["bpd"]}
+        if math.isfinite(summary["bpd"]):  # NaN: a deterministic encoder without a bound
+          best = {checkpoints.BEST_METRIC: summary["bpd"]}
       writer.flush()
       ckpt.save(done, state, dict(meta_base, step=done, data_position=done,
                                   metric_sums=_sums_to_json(acc)), metrics=best)
@@ -271,8 +273,8 @@ def _sums_from_json(sums):
 
 def _eval_and_write(model, state, ds, config, mesh, writer, step, workdir, full=True):
   """Evaluates the EMA parameters; returns the report's flat metrics (see vdmrep/report.py)."""
-  rep = evaluate.run_evaluation(model, state.ema_params, ds, config, mesh, step=step,
-                                workdir=workdir, writer=writer, full=full)
+  rep = evaluators.run_evaluation(model, state.ema_params, ds, config, mesh, step=step,
+                                  workdir=workdir, writer=writer, full=full)
   return rep["metrics"]
 
 

@@ -25,6 +25,9 @@ from vdmrep.models.encoder import Encoder
 from vdmrep.models.schedules import gamma_and_derivative
 from vdmrep.models.score_net import ScoreNet
 
+# The terms of the negative ELBO (each [B] nats in `elbo_terms`); their sum is the bound.
+ELBO_TERMS = ("recon", "prior", "diffusion", "kl")
+
 
 @dataclasses.dataclass(frozen=True)
 class VAEVDM:

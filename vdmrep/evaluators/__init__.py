@@ -1,0 +1,217 @@
+"""Evaluators: one module per evaluation, one interface, chosen by config.
+
+Each evaluator is a function `run(ctx: Context) -> Section`:
+
+  elbo       held-out negative ELBO (bits/dim, per term, standard errors), the trained
+             objective at the last trained step (elbo.py)
+  baselines  trivial baselines of the same eval images: per-pixel histogram and uniform
+             bpd over the grey levels the data uses (baselines.py)
+  latents    encoder KL, active units, I_q(x; w), usefulness of w (latents.py)
+  probes     logistic (standardised, C by cross-validation) and k-NN probes, I(w; label)
+             in bits, on encoder means, a random encoder and raw pixels (probes.py)
+  ood        AUROC of the per-image ELBO against held-out sets (ood.py)
+  samples    sample quality: Frechet distances, guided class match, sample pictures
+  pictures   latent maps and the usefulness curve
+
+`config.eval.evaluators` lists those a full evaluation runs (in order; later ones read
+what earlier ones leave in `ctx.shared`), `config.eval.periodic_evaluators` those a
+periodic one runs. `config.eval.sample_quality = False` and `config.eval.pictures = False`
+drop `samples` and `pictures`. Adding an evaluator: a module with `run(ctx) -> Section`
+and one line in `REGISTRY`.
+
+Shared values (`ctx.shared`), set by the evaluator named in brackets: "per_image"
+(dict of [N] nats per term), "per_image_bpd" ([N] the bound per image), "score_fn"
+(images -> [M] bpd, the same estimator on other images) [elbo]; "mean", "logvar" ([N, D]
+encoder moments of the eval images) [latents]; "usefulness" [latents]; "rand_mean" [probes].
+Every random draw comes from the eval seed (`config.eval.seed`, -1 = `config.seed`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from vdmrep import parallel, report
+
+PERIODIC_DEFAULT = "elbo,baselines,latents"
+FULL_DEFAULT = "elbo,baselines,latents,probes,ood,samples,pictures"
+# fold_in tags of the eval key for each random quantity of an eval
+ELBO, OBJECTIVE, MI, USEFUL, OOD, SAMPLES, FIT = range(7)
+
+
+@dataclasses.dataclass
+class Context:
+  """What every evaluator sees: the model and parameters, data, config and shared results."""
+  model: Any
+  params: Any
+  ds: Any                      # data.Dataset
+  config: Any
+  mesh: Any
+  step: int                    # optimiser steps taken by `params`
+  workdir: str
+  key: Any                     # the eval key (from the eval seed)
+  images: np.ndarray           # uint8 [N, H, W, C] eval images (first max_examples)
+  labels: Optional[np.ndarray]  # [N] or None
+  full: bool
+  writer: Any = None
+  shared: dict = dataclasses.field(default_factory=dict)
+
+  @property
+  def num_dims(self) -> int:
+    return int(np.prod(self.images.shape[1:]))
+
+
+@dataclasses.dataclass
+class Section:
+  """One evaluator's output.
+
+  metrics: flat name -> number (report["metrics"], TensorBoard "eval/<name>").
+  report: top-level report keys this evaluator owns (e.g. "probes": {...}).
+  arrays: name -> array saved into latents.npz by a full eval.
+  pictures: name -> PNG path (absolute); images: name -> RGB uint8 [H, W, 3] for TensorBoard.
+  """
+  metrics: dict = dataclasses.field(default_factory=dict)
+  report: dict = dataclasses.field(default_factory=dict)
+  arrays: dict = dataclasses.field(default_factory=dict)
+  pictures: dict = dataclasses.field(default_factory=dict)
+  images: dict = dataclasses.field(default_factory=dict)
+
+
+def _registry() -> dict:
+  from vdmrep.evaluators import baselines, elbo, latents, ood, pictures, probes, samples
+  return {"elbo": elbo.run, "baselines": baselines.run, "latents": latents.run,
+          "probes": probes.run, "ood": ood.run, "samples": samples.run,
+          "pictures": pictures.run}
+
+
+NAMES = ("elbo", "baselines", "latents", "probes", "ood", "samples", "pictures")
+
+
+def _parse(text: str) -> list:
+  return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def validate(config) -> None:
+  """Raises ConfigError naming the first bad `config.eval` key."""
+  from vdmrep.config_lib import ConfigError
+  e = config.eval
+  for key in ("evaluators", "periodic_evaluators"):
+    names = _parse(e[key])
+    unknown = [n for n in names if n not in NAMES]
+    if unknown:
+      raise ConfigError(f"config.eval.{key}={e[key]!r}: unknown evaluator(s) {unknown}; "
+                        f"choose from {list(NAMES)}")
+    if names and names[0] != "elbo" and "elbo" in names:
+      raise ConfigError(f"config.eval.{key}={e[key]!r}: 'elbo' must come first (the others "
+                        "read its per-image values)")
+    if any(n in names for n in ("ood", "baselines")) and "elbo" not in names:
+      raise ConfigError(f"config.eval.{key}={e[key]!r}: 'ood' and 'baselines' need 'elbo'")
+    if "pictures" in names and "latents" not in names:
+      raise ConfigError(f"config.eval.{key}={e[key]!r}: 'pictures' needs 'latents'")
+  for key in ("mi_samples", "usefulness_num_t", "probe_max_iter", "knn_k", "probe_cv_folds",
+              "tsne_perplexity", "histogram_k"):
+    if not e[key] > 0:
+      raise ConfigError(f"config.eval.{key}={e[key]!r} must be > 0")
+  for key in ("usefulness_max_examples", "probe_max_train", "tsne_max_points",
+              "posterior_fit_examples"):
+    if e[key] < 0:
+      raise ConfigError(f"config.eval.{key}={e[key]!r} must be >= 0 (0 = all)")
+  if not e.active_threshold > 0:
+    raise ConfigError(f"config.eval.active_threshold={e.active_threshold!r} must be > 0")
+  try:
+    stds = [float(s) for s in _parse(e.posterior_std_grid)]
+  except ValueError:
+    raise ConfigError(f"config.eval.posterior_std_grid={e.posterior_std_grid!r}: expected "
+                      "comma-separated positive numbers") from None
+  if any(not s > 0 for s in stds):
+    raise ConfigError(f"config.eval.posterior_std_grid={e.posterior_std_grid!r}: every "
+                      "standard deviation must be > 0")
+  try:
+    cs = [float(s) for s in _parse(e.probe_cs)]
+  except ValueError:
+    cs = [0.0]
+  if not cs or any(not c > 0 for c in cs):
+    raise ConfigError(f"config.eval.probe_cs={e.probe_cs!r}: expected comma-separated "
+                      "positive inverse regularisation strengths")
+  if e.ood_holdout_class < -1:
+    raise ConfigError(f"config.eval.ood_holdout_class={e.ood_holdout_class} must be -1 (off) "
+                      "or a class label >= 0")
+  if e.ood_source and not (e.ood_source in ("digits", "fashion_mnist") or any(
+      e.ood_source.startswith(p) and len(e.ood_source) > len(p)
+      for p in ("fashion_mnist:", "tfds:", "idx:", "npz:"))):
+    raise ConfigError(f"config.eval.ood_source={e.ood_source!r} is not valid; use '' (none), "
+                      "'digits', 'fashion_mnist[:<dir>]', 'tfds:<name>', 'idx:<dir>' or "
+                      "'npz:<file>'")
+
+
+def eval_seed(config) -> int:
+  """The seed of every random draw of an evaluation: `eval.seed`, or `config.seed` if -1."""
+  return int(config.seed if config.eval.seed < 0 else config.eval.seed)
+
+
+def selected(config, full: bool) -> list:
+  """Evaluator names a full (or periodic) evaluation runs, in order."""
+  e = config.eval
+  names = _parse(e.evaluators if full or e.periodic_full else e.periodic_evaluators)
+  if not e.sample_quality:
+    names = [n for n in names if n != "samples"]
+  if not e.pictures:
+    names = [n for n in names if n != "pictures"]
+  return names
+
+
+def _head(x, n):
+  return x if x is None or not n else x[:n]
+
+
+def run_evaluation(model, params, ds, config, mesh, *, step: int, workdir: str, writer=None,
+                   full: bool = True, names: Optional[list] = None) -> dict:
+  """Runs the selected evaluators on `params` (the EMA parameters) and writes the report.
+
+  Args:
+    step: optimiser steps taken by `params` (the trained objective is evaluated at
+      step - 1, the last step training applied).
+    names: evaluators to run (default: `selected(config, full)`).
+  Returns the report dict (see `vdmrep/report.py`); `report["metrics"]` holds the flat
+  columns.
+  """
+  e = config.eval
+  ctx = Context(model=model, params=params, ds=ds, config=config, mesh=mesh, step=int(step),
+                workdir=workdir, key=jax.random.key(eval_seed(config)),
+                images=_head(ds.eval_images, e.max_examples),
+                labels=_head(ds.eval_labels, e.max_examples), full=full, writer=writer)
+  rep = report.new(step, config, ds, full=full)
+  metrics, arrays, pictures, images = {}, {}, {}, {}
+  registry = _registry()
+  names = selected(config, full) if names is None else names
+  for name in names:
+    sec = registry[name](ctx)
+    metrics.update(sec.metrics)
+    for k, v in sec.report.items():  # dict sections merge (e.g. "per_image")
+      rep[k] = {**rep[k], **v} if isinstance(v, dict) and isinstance(rep.get(k), dict) else v
+    arrays.update(sec.arrays)
+    pictures.update(sec.pictures)
+    images.update(sec.images)
+  rep["evaluators"] = list(names)
+  rep["metrics"] = metrics
+  rep["pictures"] = {k: os.path.relpath(v, workdir) for k, v in pictures.items()}
+  if parallel.is_main_process():
+    if full and "mean" in arrays:
+      np.savez(os.path.join(workdir, "latents.npz"), step=step,
+               labels=ctx.labels if ctx.labels is not None else np.zeros((0,), np.int32),
+               **arrays)
+    report.write(workdir, rep)
+  if writer is not None:
+    writer.write_scalars(step, {f"eval/{k}": float(v) for k, v in metrics.items()
+                                if isinstance(v, (int, float, bool, np.number))
+                                and v is not None})
+    if images:
+      writer.write_images(step, {f"eval/{k}": v[None] for k, v in images.items()})
+  parallel.main_print(report.markdown(rep) + "\n" + report.one_line(rep))
+  return rep
+
+
+EvaluatorFn = Callable[[Context], Section]
