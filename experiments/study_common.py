@@ -91,8 +91,23 @@ def budget_overrides(args, include_source: bool = True) -> list:
   return o
 
 
+def _three(m, suffix, digits=3):
+  return " / ".join(_fmt(m.get(f"{k}_{suffix}"), digits)
+                    for k in ("encoder", "random_encoder", "pixels"))
+
+
+def _bound(m):
+  kind = m.get("bound_kind", "elbo")
+  if kind == "none" or m.get("bpd") is None:
+    return "no bound"
+  cell = f"{_fmt(m.get('bpd'))} ± {_fmt(m.get('bpd_se'))}"
+  return cell + (f" (fitted s = {m['fitted_posterior_std']:g})"
+                 if kind == "fitted_posterior_std" else "")
+
+
 COLUMNS = [
-    ("bpd (ELBO)", lambda m: f"{_fmt(m.get('bpd'))} ± {_fmt(m.get('bpd_se'))}"),
+    ("bpd (bound)", _bound),
+    ("histogram bpd", lambda m: _fmt(m.get("histogram_bpd"))),
     ("trained objective bpd", lambda m: _fmt(m.get("objective_bpd")) +
      ("" if m.get("objective_is_bound", True) else " (not a bound)")),
     ("KL nats", lambda m: _fmt(m.get("kl_nats"), 2)),
@@ -100,23 +115,40 @@ COLUMNS = [
      f"{m['active_units']}/{m.get('latent_dim', '?')}"),
     ("MI nats", lambda m: _fmt(m.get("mi_nats"), 2)),
     ("usefulness gap bpd", lambda m: _fmt(m.get("usefulness_gap_bpd"), 4)),
-    ("probe: latent / random enc / pixels", lambda m: " / ".join(
-        _fmt(m.get(f"{k}_logreg_acc"), 3) for k in ("encoder", "random_encoder", "pixels"))),
-    ("sample FD (real floor)", lambda m: f"{_fmt(m.get('fd_classifier'), 2)} "
-     f"({_fmt(m.get('fd_classifier_floor_real_halves'), 2)})"),
+    ("logistic probe: latent / random enc / pixels", lambda m: _three(m, "logreg_acc")),
+    ("k-NN: latent / random enc / pixels", lambda m: _three(m, "knn_acc")),
+    ("I(w; label) bits: latent / random enc / pixels",
+     lambda m: _three(m, "label_info_bits", 2)),
+    ("sample FD (floor: eval vs train)", lambda m: f"{_fmt(m.get('fd_classifier'), 2)} "
+     f"({_fmt(m.get('fd_classifier_eval_vs_train'), 2)})"),
     ("guided class match", lambda m: _fmt(m.get("guided_class_match"), 3)),
 ]
 
 
+def paired_cell(rep, base_rep) -> str:
+  """'diff ± se' of bpd minus the baseline's, paired over the same eval images."""
+  from vdmrep import report as report_lib
+  if rep is None or base_rep is None or rep is base_rep:
+    return "-"
+  try:
+    d = report_lib.paired_difference(rep, base_rep)
+  except ValueError:
+    return "n/a"
+  return f"{d['diff']:+.3f} ± {d['se']:.3f}"
+
+
 # Numeric metrics summarised over seeds: (column, metric key, digits).
 SEED_COLUMNS = [
-    ("bpd (ELBO)", "bpd", 3),
+    ("bpd (bound)", "bpd", 3),
+    ("histogram bpd", "histogram_bpd", 3),
     ("KL nats", "kl_nats", 2),
     ("active units", "active_units", 1),
     ("MI nats", "mi_nats", 2),
     ("usefulness gap bpd", "usefulness_gap_bpd", 4),
     ("probe: latent", "encoder_logreg_acc", 3),
     ("probe: random enc", "random_encoder_logreg_acc", 3),
+    ("k-NN: latent", "encoder_knn_acc", 3),
+    ("I(w; label) bits", "encoder_label_info_bits", 2),
     ("sample FD", "fd_classifier", 2),
 ]
 
@@ -175,18 +207,34 @@ def write_results(args, runs, *, title, label_cols, filename, baseline_of=None,
   if len(seeds) > 1:  # beside, not over, the one-seed table of the same runs
     filename = filename.replace(".md", "_seeds.md")
     title += ", training seeds " + ", ".join(map(str, seeds))
+  reps = {run.name: harness.load_report(args.out, run) for run in runs}
+  by_key = {tuple(run.labels.get(c, "") for c in row_cols): reps[run.name] for run in runs}
+  eval_note = base_note = ""
   for run in runs:
-    rep = harness.load_report(args.out, run)
+    rep = reps[run.name]
+    extra = []
+    if baseline_of is not None:
+      key = tuple(run.labels.get(c, "") for c in label_cols)
+      base = baseline_of(key)
+      base_key = None if base is None else tuple(base) + (
+          (run.labels.get("seed", ""),) if len(seeds) > 1 else ())
+      extra = [paired_cell(rep, by_key.get(base_key)) if base_key is not None else "-"]
     if rep is None:
       rows.append([run.labels.get(c, "") for c in row_cols] + ["not finished"] +
-                  [""] * len(COLUMNS))
+                  [""] * (len(COLUMNS) + len(extra)))
       continue
     note = note or harness.get(rep, "dataset.note", "")
     m = rep.get("metrics", {})
+    if not eval_note and "eval_num_time_samples" in m:
+      eval_note = (f"Eval: K = {m['eval_num_time_samples']} draws per image, eval seed "
+                   f"{m.get('eval_seed')}, {m.get('num_images')} eval images. ")
+    base_note = base_note or harness.get(rep, "baselines.note", "")
     rows.append([run.labels.get(c, "") for c in row_cols] +
-                [f(m) for _, f in COLUMNS] + [f"{harness.wall_minutes(args.out, run):.1f}"])
+                [f(m) for _, f in COLUMNS] + extra +
+                [f"{harness.wall_minutes(args.out, run):.1f}"])
     points.append((run.name, m.get("kl_nats"), m.get("bpd")))
-  header = row_cols + [c for c, _ in COLUMNS] + ["wall min"]
+  header = row_cols + [c for c, _ in COLUMNS] + (
+      ["bpd - baseline, paired over images"] if baseline_of is not None else []) + ["wall min"]
   table = harness.markdown_table(header, rows)
   if len(seeds) > 1:
     table += ("\n\nOver training seeds " + ", ".join(map(str, seeds)) + " (mean ± sd; "
@@ -200,12 +248,19 @@ def write_results(args, runs, *, title, label_cols, filename, baseline_of=None,
       f"Command: `{cmd}`", "",
       f"Data: {args.dataset} ({note}). Hardware: {harness.hardware()}.", "",
       table, "",
-      "bpd: held-out negative ELBO with the encoder KL weighted by 1 (a bound, ± standard "
-      "error); trained objective: what the run optimised, marked when it is not a bound; "
-      "KL: encoder KL, nats/image; MI: I_q(x;w) (upper limit log N_eval); usefulness gap: "
-      "diffusion loss with another image's w minus with its own; probes: logistic-regression "
-      "accuracy on encoder means / a random encoder / raw pixels; FD: Frechet distance in "
-      "vdmrep's digit classifier's feature space.", ""])
+      eval_note + "bpd: held-out negative ELBO with the encoder KL weighted by 1 (a bound, ± "
+      "standard error over eval images for one eval seed; the spread between training seeds "
+      "is larger: compare rows paired over images, or over seeds); deterministic encoders: "
+      "the bound of q(w|x) = N(mean, s^2 I) with s fitted after training, or no bound; "
+      "histogram: per-pixel categorical fitted on the training split, same eval images ("
+      + (base_note or "see report.md") + "); trained objective: what the run optimised at "
+      "its last step, marked when it is not a bound; KL: encoder KL, nats/image; MI: "
+      "I_q(x;w) (upper limit log N_eval); usefulness gap: diffusion loss with another "
+      "image's w minus with its own; logistic probe: standardised features, C by "
+      "cross-validation on train; I(w; label): label entropy minus the logistic probe's "
+      "held-out cross-entropy, bits; FD: Frechet distance in vdmrep's classifier's feature "
+      "space, floor = eval split vs train split; bpd - baseline: paired over the same eval "
+      "images (± its standard error; eval noise of these two runs only).", ""])
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, filename), "w") as fh:
     fh.write(text)

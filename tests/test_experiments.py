@@ -5,6 +5,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -87,9 +88,34 @@ def test_finished_runs_are_skipped_and_tabulated_from_their_reports(tmp_path, ca
   assert text in capsys.readouterr().out  # the file is what the command prints
   rows = [l for l in text.splitlines() if l.startswith("| ")]
   assert rows[1].startswith("| unconditional VDM | not finished |")
-  assert rows[2] == ("| ELBO (beta = 1), additive | 4.830 ± 0.055 | 4.830 | 0.06 | 0/128 | "
-                     "0.01 | 0.0045 | 0.670 / 0.956 / 0.963 | - (-) | - | 1.5 |")
+  assert rows[2] == ("| ELBO (beta = 1), additive | 4.830 ± 0.055 | - | 4.830 | 0.06 | 0/128 | "
+                     "0.01 | 0.0045 | 0.670 / 0.956 / 0.963 | - / - / - | - / - / - | - (-) | - "
+                     "| 1.5 |")
   assert "Data: digits (a note)." in text
+
+
+def test_table_pairs_each_row_with_its_baseline_over_images(tmp_path):
+  out = str(tmp_path)
+  runs = mitigation.runs_for(_args(out=out, only="unconditional,elbo"))
+  key = {"source": "digits", "num_images": 4}
+  per = {"unconditional": [4.0, 5.0, 6.0, 7.0], "elbo": [4.1, 5.3, 6.2, 7.2]}
+  for run in runs:
+    os.makedirs(harness.run_dir(out, run))
+    m = dict(bpd=float(sum(per[run.name])) / 4, bpd_se=0.5, histogram_bpd=2.5,
+             eval_num_time_samples=4, eval_seed=0, num_images=4)
+    with open(os.path.join(harness.run_dir(out, run), "report.json"), "w") as fh:
+      json.dump({"metrics": m, "eval_key": key, "per_image": {"bpd": per[run.name]},
+                 "baselines": {"note": "uses 17 of 256 levels"}}, fh)
+  study_common.write_results(_args(out=out), runs, title="t", label_cols=["remedy"],
+                             filename="t.md", baseline_of=lambda k: ("unconditional VDM",))
+  with open(os.path.join(out, "t.md")) as fh:
+    text = fh.read()
+  rows = [l for l in text.splitlines() if l.startswith("| ")]
+  assert rows[0].endswith("| bpd - baseline, paired over images | wall min |")
+  d = np.array([0.1, 0.3, 0.2, 0.2])
+  assert f"| +{d.mean():.3f} ± {d.std(ddof=1) / 2:.3f} |" in rows[2]
+  assert rows[1].split(" | ")[2] == "2.500"  # the histogram baseline of the same images
+  assert "K = 4 draws per image, eval seed 0" in text and "17 of 256 levels" in text
 
 
 def test_seeds_expand_runs_and_keep_seed_zero_as_the_plain_run():
@@ -123,11 +149,11 @@ def test_seed_summary_is_mean_and_sample_sd_over_finished_seeds(tmp_path):
   rows = [l for l in text.splitlines() if l.startswith("| ")][1:]
   assert rows[0].startswith("| unconditional VDM | 2/3 | 4.825 ± 0.177 | - | - |")
   assert rows[0].endswith("| - |")  # the baseline has no difference with itself
-  assert rows[1].startswith("| ELBO (beta = 1), additive | 3/3 | 4.900 ± 0.100 | "
+  assert rows[1].startswith("| ELBO (beta = 1), additive | 3/3 | 4.900 ± 0.100 | - | "
                             "0.20 ± 0.10 | 2.0 ± 2.0 | 0.10 ± 0.10 |")
   # paired by seed: seed 0 4.8 - 4.7, seed 1 5.0 - 4.95; seed 2 has no baseline run
   assert rows[1].endswith("| 0.075 ± 0.035 (n=2) |")
   study_common.write_results(args, runs, title="t", label_cols=["remedy"], filename="t.md")
   with open(os.path.join(out, "t_seeds.md")) as fh:
     table = fh.read()
-  assert "| remedy | seed | bpd (ELBO) |" in table and "Over training seeds 0, 1, 2" in table
+  assert "| remedy | seed | bpd (bound) |" in table and "Over training seeds 0, 1, 2" in table

@@ -17,6 +17,15 @@ with beta(step) a schedule (constant / linear warm-up / cyclical), R the KL stat
 lambda the InfoVAE weights and w(gamma_t) a weighting over noise levels. The defaults
 (beta = 1, plain KL, alpha = 0, lambda = 1, w = 1) give the negative ELBO.
 `model.encoder = 'ue'` drops both encoder terms; `'none'` has no encoder at all.
+
+The 'sigmoid' weighting re-weights only the diffusion term (to ~1e-6 at gamma_min with
+bias 0), leaving recon, prior and the KL at weight 1: relative to the diffusion term it
+raises the KL's weight, which pushes towards collapse. 'sigmoid_consistent' weights the
+whole objective by the same w: recon by w(gamma_0), prior by w(gamma_1), diffusion by
+w(gamma_t), and the encoder KL term by w(gamma_1). This is Kingma & Gao's (2023) view: a
+monotone weighting equals an expectation over noise levels of ELBOs of noise-perturbed
+data, each containing the encoder KL in full, so the KL's weight is the total weight
+of that mixture, w at the highest noise level (~0.99 for bias 0).
 """
 from __future__ import annotations
 
@@ -30,7 +39,7 @@ from vdmrep import losses
 
 SCHEDULES = ("constant", "linear", "cyclical")
 FREE_BITS_MODES = ("batch", "example")
-WEIGHTINGS = ("elbo", "sigmoid")
+WEIGHTINGS = ("elbo", "sigmoid", "sigmoid_consistent")
 NO_LATENT_PENALTY = ("ue", "none")  # encoders whose objective has no KL and no MMD
 
 # Settings that only act on the encoder terms, with their neutral values; setting one for an
@@ -86,6 +95,8 @@ def validate(config) -> None:
   if c.mmd_kernel not in losses.KERNELS:
     fail("mmd_kernel", f"is not valid; choose one of {sorted(losses.KERNELS)}")
   number("mmd_bandwidth", lo=0.0, lo_open=True)
+  if c.mmd_estimator not in losses.MMD_ESTIMATORS:
+    fail("mmd_estimator", f"is not valid; choose one of {list(losses.MMD_ESTIMATORS)}")
   if not isinstance(c.deterministic_encoder, bool):
     fail("deterministic_encoder", "must be True or False")
   if c.deterministic_encoder and c.mmd_alpha != 1.0:
@@ -205,13 +216,16 @@ def infovae_weights(collapse_cfg):
   return 1.0 - a, a + lam - 1.0
 
 
-def mmd_to_prior(w, rng, kernel="rbf", bandwidth=1.0):
+def mmd_to_prior(w, rng, kernel="rbf", bandwidth=1.0, estimator="unbiased"):
   """MMD^2 between the batch of latents w [B, D] and B fresh samples of N(0, I).
 
-  `losses.mmd` (unbiased estimate, RBF or inverse multiquadric kernel); a scalar per batch,
-  unitless. The prior samples come from `rng`, so the same key gives the same value.
+  `losses.mmd` (kernel "rbf", "infovae" or "imq"; unbiased or biased estimator); a
+  scalar per batch, unitless. The prior samples come from `rng`, so the same key gives
+  the same value. InfoVAE's own MMD is kernel "infovae" with the biased estimator; the
+  default ("rbf", unbiased) is a Gaussian kernel with squared length scale 2 D.
   """
-  return losses.mmd(w, jax.random.normal(rng, w.shape, w.dtype), kernel, bandwidth)
+  return losses.mmd(w, jax.random.normal(rng, w.shape, w.dtype), kernel, bandwidth,
+                    estimator)
 
 
 # -- weighting over noise levels ----------------------------------------------------
@@ -223,8 +237,9 @@ def diffusion_weight(gamma_t, weighting="elbo", bias=0.0):
   lambda = -gamma the log-SNR. It is monotone, near 1 at high noise (large gamma) and
   near 0 at low noise, so it emphasises the noise levels where only global information,
   which a latent can carry, is left in z_t. Any weighting but 'elbo' is not a bound.
+  'sigmoid_consistent' uses the same w (see `objective` for how it treats the other terms).
   """
-  if weighting == "sigmoid":
+  if weighting in ("sigmoid", "sigmoid_consistent"):
     return jax.nn.sigmoid(jnp.asarray(gamma_t, jnp.float32) + bias)
   return jnp.ones_like(jnp.asarray(gamma_t, jnp.float32))
 
@@ -247,11 +262,15 @@ def objective(terms, step, config, rng=None):
     added to the loss), mmd (MMD^2, unitless), mmd_term_nats, diffusion_weighted_nats.
   """
   c = config.collapse
-  diffusion = terms["diffusion"]
+  diffusion, recon, prior = terms["diffusion"], terms["recon"], terms["prior"]
+  kl_scale_w = 1.0
   if c.diffusion_weighting != "elbo":
-    diffusion = diffusion_weight(terms["gamma_t"], c.diffusion_weighting,
-                                 c.diffusion_weight_bias) * diffusion
-  loss = jnp.mean(terms["recon"] + terms["prior"] + diffusion)
+    wfn = lambda g: diffusion_weight(g, c.diffusion_weighting, c.diffusion_weight_bias)
+    diffusion = wfn(terms["gamma_t"]) * diffusion
+    if c.diffusion_weighting == "sigmoid_consistent":
+      recon, prior = wfn(terms["gamma_0"]) * recon, wfn(terms["gamma_1"]) * prior
+      kl_scale_w = jnp.mean(wfn(terms["gamma_1"]))
+  loss = jnp.mean(recon + prior + diffusion)
   zero = jnp.zeros((), jnp.float32)
   logs = dict(beta=zero, kl_weight=zero, capacity=zero, kl_unweighted_nats=jnp.mean(terms["kl"]),
               kl_term_nats=zero, mmd=zero, mmd_term_nats=zero,
@@ -263,13 +282,14 @@ def objective(terms, step, config, rng=None):
   stat, cap = kl_statistic(terms, step, c)
   logs.update(beta=beta, kl_weight=beta * kl_scale, capacity=cap)
   if kl_scale != 0:  # static: deterministic encoders have no finite KL to add
-    logs["kl_term_nats"] = beta * kl_scale * stat
+    logs["kl_term_nats"] = kl_scale_w * beta * kl_scale * stat
     loss = loss + logs["kl_term_nats"]
   if mmd_scale != 0:
     if rng is None:
       raise ValueError("collapse.objective: the MMD term (config.collapse.mmd_alpha + "
                        "mmd_lambda - 1 != 0) needs an rng for its prior samples")
-    logs["mmd"] = mmd_to_prior(terms["w"], rng, c.mmd_kernel, c.mmd_bandwidth)
+    logs["mmd"] = mmd_to_prior(terms["w"], rng, c.mmd_kernel, c.mmd_bandwidth,
+                               c.get("mmd_estimator", "unbiased"))
     logs["mmd_term_nats"] = mmd_scale * logs["mmd"]
     loss = loss + logs["mmd_term_nats"]
   return loss, logs

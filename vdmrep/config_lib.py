@@ -76,10 +76,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.collapse.capacity_steps = 10000  # steps over which C ramps from 0 to C_max
   c.collapse.mmd_alpha = 0.0        # InfoVAE alpha: KL weight (1 - alpha)
   c.collapse.mmd_lambda = 1.0       # InfoVAE lambda: MMD weight (alpha + lambda - 1)
-  c.collapse.mmd_kernel = "rbf"     # rbf | imq
-  c.collapse.mmd_bandwidth = 1.0
+  c.collapse.mmd_kernel = "rbf"     # rbf: exp(-|d|^2/(2 D s^2)) | infovae: InfoVAE's
+                                    # exp(-|d|^2/(D^2 s^2)) | imq (vdmrep/losses.py)
+  c.collapse.mmd_bandwidth = 1.0    # s
+  c.collapse.mmd_estimator = "unbiased"  # unbiased (U-statistic) | biased (InfoVAE's code)
   c.collapse.deterministic_encoder = False  # w = encoder mean (InfoDiffusion; mmd_alpha = 1)
-  c.collapse.diffusion_weighting = "elbo"  # elbo | sigmoid (emphasises high noise)
+  c.collapse.diffusion_weighting = "elbo"  # elbo | sigmoid (the diffusion term only) |
+                                    # sigmoid_consistent (every term, vdmrep/collapse.py)
   c.collapse.diffusion_weight_bias = 0.0   # sigmoid: w = sigmoid(gamma_t + bias)
 
   c.optim = ml_collections.ConfigDict()
@@ -91,6 +94,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.weight_decay = 0.01
   c.optim.grad_clip = 1.0
   c.optim.ema_decay = 0.9999
+  c.optim.ema_schedule = "warmup"   # warmup: min(ema_decay, (1+s)/(10+s)) | constant
+                                    # (ema_decay from step 0, as the official VDM code)
 
   c.training = ml_collections.ConfigDict()
   c.training.batch_size = 64        # global, over all devices and hosts
@@ -252,6 +257,7 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   _positive("optim.lr", o.lr)
   _positive("optim.warmup_steps", o.warmup_steps, allow_zero=True)
   _positive("optim.grad_clip", o.grad_clip)
+  _choice(config, "optim.ema_schedule", o.ema_schedule, ("warmup", "constant"))
   if not 0.0 <= o.ema_decay < 1.0:
     raise ConfigError(f"config.optim.ema_decay={o.ema_decay} must be in [0, 1)")
   for key in ("b1", "b2"):

@@ -200,9 +200,25 @@ def _pairwise_sq_dists(a: Array, b: Array) -> Array:
 
 
 def rbf_kernel(a: Array, b: Array, bandwidth=None) -> Array:
-  """k(a, b) = exp(-||a - b||^2 / (2 D s^2)); s = bandwidth (default 1). [N, M]."""
+  """Gaussian k(a, b) = exp(-||a - b||^2 / (2 D s^2)); s = bandwidth (default 1). [N, M].
+
+  The squared length scale grows with D (2 D s^2), the Wasserstein-autoencoder choice
+  of Tolstikhin et al. (2018); it is *not* InfoVAE's (see `infovae_kernel`: D^2).
+  """
   s = 1.0 if bandwidth is None else bandwidth
   return jnp.exp(-_pairwise_sq_dists(a, b) / (2.0 * a.shape[-1] * s * s))
+
+
+def infovae_kernel(a: Array, b: Array, bandwidth=None) -> Array:
+  """InfoVAE's Gaussian kernel k(a, b) = exp(-||a - b||^2 / (D^2 s^2)). [N, M].
+
+  Zhao et al.'s MMD-VAE code divides the *mean* squared difference over the D
+  dimensions by D, i.e. ||a - b||^2 / D^2 (s = 1): for D = 128 a length scale D / 2 = 64
+  times wider (in squared distance) than `rbf_kernel`'s 2 D.
+  """
+  s = 1.0 if bandwidth is None else bandwidth
+  d = a.shape[-1]
+  return jnp.exp(-_pairwise_sq_dists(a, b) / (d * d * s * s))
 
 
 def imq_kernel(a: Array, b: Array, bandwidth=None) -> Array:
@@ -215,24 +231,28 @@ def imq_kernel(a: Array, b: Array, bandwidth=None) -> Array:
   return c / (c + _pairwise_sq_dists(a, b))
 
 
-KERNELS = {"rbf": rbf_kernel, "imq": imq_kernel}
+KERNELS = {"rbf": rbf_kernel, "imq": imq_kernel, "infovae": infovae_kernel}
+MMD_ESTIMATORS = ("unbiased", "biased")
 
 
-def mmd(z: Array, z_prior: Array, kernel: str = "rbf", bandwidth=None) -> Array:
-  """Squared maximum mean discrepancy between two samples (unbiased U-statistic).
+def mmd(z: Array, z_prior: Array, kernel: str = "rbf", bandwidth=None,
+        estimator: str = "unbiased") -> Array:
+  """Squared maximum mean discrepancy between two samples.
 
-  MMD^2 = E k(z, z') + E k(p, p') - 2 E k(z, p), estimated with the unbiased
-  estimator of Gretton et al. (2012): the two within-sample means exclude the
-  diagonal (i != j), the cross term averages all N*M pairs. Because it is unbiased
-  it can be slightly negative when the two distributions are equal.
+  MMD^2 = E k(z, z') + E k(p, p') - 2 E k(z, p). 'unbiased': the U-statistic of
+  Gretton et al. (2012), the two within-sample means exclude the diagonal (i != j), the
+  cross term averages all N*M pairs; it can be slightly negative when the two
+  distributions are equal. 'biased': the V-statistic, every mean over all pairs with
+  the diagonal, as in InfoVAE's code (kernel "infovae", estimator "biased" is its MMD).
 
   Args:
     z: [N, D] samples, e.g. encoder latents w ~ q(w|x) of a batch.
     z_prior: [M, D] samples of the prior N(0, I).
-    kernel: "rbf" (Gaussian, exp(-||a-b||^2 / (2 D s^2))) or "imq" (inverse
-      multiquadric, C / (C + ||a-b||^2) with C = 2 D s^2). Scaling by D keeps the
-      kernel informative as the latent size grows (the InfoVAE convention).
+    kernel: "rbf" (Gaussian, exp(-||a-b||^2 / (2 D s^2))), "infovae" (Gaussian,
+      exp(-||a-b||^2 / (D^2 s^2))) or "imq" (inverse multiquadric, C / (C + ||a-b||^2)
+      with C = 2 D s^2).
     bandwidth: s, default 1.
+    estimator: "unbiased" or "biased".
   Returns:
     scalar, one value for the whole batch (not per example); unitless.
   """
@@ -243,6 +263,10 @@ def mmd(z: Array, z_prior: Array, kernel: str = "rbf", bandwidth=None) -> Array:
   kzz = k(z, z, bandwidth)
   kpp = k(z_prior, z_prior, bandwidth)
   kzp = k(z, z_prior, bandwidth)
+  if estimator == "biased":
+    return jnp.mean(kzz) + jnp.mean(kpp) - 2.0 * jnp.mean(kzp)
+  if estimator != "unbiased":
+    raise ValueError(f"mmd: unknown estimator {estimator!r}; choose one of {MMD_ESTIMATORS}")
   within_z = (jnp.sum(kzz) - jnp.trace(kzz)) / (n * (n - 1))
   within_p = (jnp.sum(kpp) - jnp.trace(kpp)) / (m * (m - 1))
   return within_z + within_p - 2.0 * jnp.mean(kzp)

@@ -66,9 +66,12 @@ class LearnedMonotone(nn.Module):
     x = t.reshape(-1, 1)
     h = _MonotoneDense(1, kernel_init=nn.initializers.constant(self.gamma_max - self.gamma_min),
                        bias_init=nn.initializers.constant(self.gamma_min), name="l1")(x)
-    r = _MonotoneDense(self.n_features, name="l2")(2.0 * (x - 0.5))
+    # l2 and l3 start small (normal, std 0.01) as in the official VDM code, so gamma
+    # starts at the linear schedule plus a near-zero residual.
+    small = nn.initializers.normal(stddev=0.01)
+    r = _MonotoneDense(self.n_features, kernel_init=small, name="l2")(2.0 * (x - 0.5))
     r = 2.0 * (nn.sigmoid(r) - 0.5)
-    r = _MonotoneDense(1, use_bias=False, name="l3")(r) / self.n_features
+    r = _MonotoneDense(1, use_bias=False, kernel_init=small, name="l3")(r) / self.n_features
     return (h + r).reshape(t.shape)
 
 

@@ -116,8 +116,8 @@ class VAEVDM:
         models without labels draw exactly what they drew before).
     Returns:
       dict with "recon", "prior", "diffusion", "kl" ([B] nats; kl is 0 when
-      unconditional), the sampled "t" and "gamma_t" [B] (for weightings over noise
-      levels) and, when conditional, "kl_per_dim" [B, D], "w" [B, D], "mean" and
+      unconditional), the sampled "t" and "gamma_t" [B], and "gamma_0", "gamma_1" [B]
+      (the endpoints; for weightings over noise levels) and, when conditional, "kl_per_dim" [B, D], "w" [B, D], "mean" and
       "logvar" [B, D].
     """
     k_w, k_0, k_t, k_eps, k_drop = jax.random.split(rng, 5)
@@ -156,5 +156,6 @@ class VAEVDM:
     z_t = losses.alpha(g) * f + jnp.sqrt(losses.sigma2(g)) * eps
     eps_hat = self.eps_hat(params, z_t, g_t, w, y, dropout_rng=k_drop if train else None)
     out["diffusion"] = losses.diffusion_loss(eps, eps_hat, dg_dt)
-    out.update(t=t, gamma_t=g_t)
+    out.update(t=t, gamma_t=g_t, gamma_0=jnp.broadcast_to(g_0, (b,)),
+               gamma_1=jnp.broadcast_to(g_1, (b,)))
     return out
