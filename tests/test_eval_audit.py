@@ -275,3 +275,28 @@ def test_eval_seed_and_k_are_reported(tiny, tmp_path):
   assert "K = 1 Monte Carlo draws per image, eval seed 5" in report.markdown(b)
   d = report.paired_difference(a, b)  # same images: pairs; only eval noise differs
   assert abs(d["diff"]) < 5 * d["se"] + 1e-9
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="Debian's dataset-fashion-mnist not installed")
+def test_histogram_bpd_of_fashion_mnist_test_split():
+  c = config_lib.base_config()
+  c.data.source = "fashion_mnist"
+  ds = data.load(c.data)
+  got = baselines.histogram_bpd(ds.train_images, ds.eval_images, 256, k=0.5)
+  assert got["num_train"] == 60000 and got["num_eval"] == 10000
+  assert got["bpd"] == pytest.approx(4.5875, abs=2e-3)
+
+
+# 6. RESULTS.md readings: read against the histogram baseline, no withdrawn claims standing
+def test_results_readings_state_the_baseline_and_the_regime():
+  with open(os.path.join(ROOT, "experiments", "RESULTS.md")) as fh:
+    text = fh.read()
+  readings = text.split("### Reading")[1:]
+  assert len(readings) >= 5
+  for block in readings:
+    block = block.split("\n## ")[0]
+    assert "histogram" in block, block[:60]
+  assert "undertrained regime" in text and "17 grey" in text
+  assert "2.4-4.2 standard-error" not in text and "~2.7 s.e." not in text
+  assert "The ELBO-optimal decoder here is the one that ignores w" not in text

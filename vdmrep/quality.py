@@ -1,5 +1,5 @@
 """Sample quality: Frechet distance and Inception-style score in a trained classifier's
-feature space, the real-vs-real floor, guided class agreement, and the sample pictures.
+feature space, the eval-vs-train floor, guided class agreement, and the sample pictures.
 
 The Frechet distance between Gaussians fitted to two feature sets is
   FD = ||mu_1 - mu_2||^2 + tr(S_1) + tr(S_2) - 2 tr((S_1 S_2)^{1/2}),
