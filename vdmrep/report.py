@@ -210,9 +210,13 @@ def one_line(rep: dict) -> str:
   if "bpd" not in m:
     return f"eval step {rep['step']}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in m.items()
                                                     if _num(v))
-  line = (f"eval step {rep['step']}: bpd {_fmt(m['bpd'])} +- {_fmt(m['bpd_se'])} "
-          f"(recon {_fmt(m['recon_bpd'])}, prior {_fmt(m['prior_bpd'])}, "
-          f"diffusion {_fmt(m['diffusion_bpd'])}, kl {_fmt(m['kl_bpd'])})")
+  if "recon_bpd" in m:
+    line = (f"eval step {rep['step']}: bpd {_fmt(m['bpd'])} +- {_fmt(m['bpd_se'])} "
+            f"(recon {_fmt(m['recon_bpd'])}, prior {_fmt(m['prior_bpd'])}, "
+            f"diffusion {_fmt(m['diffusion_bpd'])}, kl {_fmt(m['kl_bpd'])})")
+  else:  # a point-mass posterior: no bound, the decoder at w = mean
+    line = (f"eval step {rep['step']}: no bound (point-mass posterior); decoder at w = mean "
+            f"{_fmt(m.get('at_mean_bpd'))} +- {_fmt(m.get('at_mean_bpd_se'))} bpd (not a bound)")
   if m.get("bound_kind") not in (None, "elbo"):
     line += f" [{m['bound_kind']}]"
   if "histogram_bpd" in m:

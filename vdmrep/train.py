@@ -240,7 +240,7 @@ def _train_and_evaluate(config, workdir, ds, model, tx, mesh) -> dict:
       if evaluate_now:
         summary = _eval_and_write(model, state, ds, config, mesh, writer, done, workdir,
                                   full=last or config.eval.periodic_full)
-        if math.isfinite(summary["bpd"]):  # NaN: a deterministic encoder without a bound
+        if math.isfinite(summary.get("bpd", math.nan)):  # NaN: no bound (point mass)
           best = {checkpoints.BEST_METRIC: summary["bpd"]}
       writer.flush()
       ckpt.save(done, state, dict(meta_base, step=done, data_position=done,

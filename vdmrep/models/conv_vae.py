@@ -99,7 +99,8 @@ class ConvVAE:
                  deterministic_encoder: bool = False):
     """Per-example terms of the negative ELBO, each [B] nats (VAEVDM.elbo_terms' keys):
     "recon" = -log p(x|w), "kl", "prior" = "diffusion" = 0, plus "kl_per_dim", "w",
-    "mean", "logvar" [B, D] and "t", "gamma_t" [B] (zeros: there is no diffusion time).
+    "mean", "logvar" [B, D] and "t", "gamma_t", "gamma_0", "gamma_1" [B] (zeros: there is
+    no diffusion time).
     `train` and `t` are accepted for the shared interface and change nothing."""
     del train, t
     b = x_int.shape[0]
@@ -112,4 +113,4 @@ class ConvVAE:
     return {"recon": categorical_nll(self.logits(params, w, x_int.shape[1:]), x_int),
             "prior": zeros, "diffusion": zeros, "kl": jnp.sum(kl_per_dim, axis=-1),
             "kl_per_dim": kl_per_dim, "w": w, "mean": mean, "logvar": logvar,
-            "t": zeros, "gamma_t": zeros}
+            "t": zeros, "gamma_t": zeros, "gamma_0": zeros, "gamma_1": zeros}
