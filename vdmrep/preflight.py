@@ -20,6 +20,7 @@ from vdmrep.data import DataError
 INT_SENTINELS = {
     "model.attention_chunk": {-1: "auto"},
     "eval.ood_holdout_class": {-1: "off"},
+    "eval.seed": {-1: "config.seed"},
     "distributed.process_id": {-1: "from the environment"},
     "sample.label": {-1: "every class in turn"},
 }
