@@ -127,19 +127,20 @@ def elbo_bpd(model, params, images, labels, key, *, num_samples: int = 4,
 
   With labels [N] it is the conditional VAE's bound on -log p(x | y); with labels None a
   class-conditional model runs its unconditional path (the "no label" token), a bound on
-  -log p(x). Each image gets `num_samples` stratified times, as in `evaluate`.
+  -log p(x). Each image gets `num_samples` stratified times, as in `evaluators.elbo`.
   """
-  from vdmrep import evaluate  # evaluate imports much; only this needs it
+  from vdmrep.evaluators import elbo as elbo_eval  # imports much; only this needs it
+  from vdmrep.models.vae_vdm import ELBO_TERMS
 
   @jax.jit
   def per_image(p, x, y, k):
     k_t, k_rest = jax.random.split(k)
-    times = evaluate.eval_times(k_t, x.shape[0], num_samples)
+    times = elbo_eval.eval_times(k_t, x.shape[0], num_samples)
 
     def one(args):
       t, kk = args
       terms = model.elbo_terms(p, x, kk, t=t, y=y)
-      return sum(terms[name] for name in evaluate.TERMS)
+      return sum(terms[name] for name in ELBO_TERMS)
     return jnp.mean(jax.lax.map(one, (times, jax.random.split(k_rest, num_samples))), 0)
 
   images = np.asarray(images)
