@@ -26,8 +26,8 @@ class ShiftedLogvar(VAEVDM):
   head of a deterministic encoder can output anything)."""
   shift: float = 0.0
 
-  def encode(self, params, x_int):
-    mean, logvar = super().encode(params, x_int)
+  def encode(self, params, x_int, *labels):
+    mean, logvar = super().encode(params, x_int, *labels)
     return mean, logvar + self.shift
 
 
