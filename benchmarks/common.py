@@ -21,11 +21,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A benchmark run as a script gets glibc's malloc settings for XLA's per-step buffers
-# (huge pages, memory kept between steps), as `python -m vdmrep.main` does
-# (vdmrep/hostmem.py, measured). Not when imported by anything else (pytest):
-# re-executing would replace that process.
+# (huge pages, memory kept between steps; vdmrep/backends/cpu/hostmem.py). Not when
+# imported by anything else (pytest): re-executing would replace that process.
 if os.path.dirname(os.path.abspath(sys.argv[0])) == os.path.dirname(os.path.abspath(__file__)):
-  from vdmrep import hostmem  # noqa: E402
+  from vdmrep.backends.cpu import hostmem  # noqa: E402
   hostmem.reexec_with_malloc_tunables()
 
 import jax  # noqa: E402

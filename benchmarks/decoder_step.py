@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 import train_step as ts
 from vdmrep import config_lib, sampling
-from vdmrep.models import build_model
+from vdmrep.backends import build_model
 
 
 def sample_seconds(name, image, batch, num_steps, repeats):
@@ -49,7 +49,7 @@ def main():
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--image", type=int, default=28)
   p.add_argument("--repeats", type=int, default=5)
-  p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "onednn"))
+  p.add_argument("--backend", default="auto", choices=("auto", "xla", "cpu"))
   p.add_argument("--sample-steps", default="",
                  help="comma-separated sampler step counts: also time generation")
   p.add_argument("--sample-batch", type=int, default=64)
@@ -63,7 +63,7 @@ def main():
       params = sum(v.size for v in jax.tree.leaves(state.params["decoder"]))
     else:
       _, compiled, state, x, key = ts.build(name, args.encoder, args.batch, args.image,
-                                            conv_impl=args.conv_impl)
+                                            backend=args.backend)
       params = sum(v.size for v in jax.tree.leaves(state.params["score"]))
     holder = [state]
 
@@ -89,7 +89,7 @@ def _build_vae(args):
   import numpy as np
   from vdmrep import parallel
   from vdmrep import train as train_lib
-  c = ts.make_config("mvdm", "te", args.batch, conv_impl=args.conv_impl)
+  c = ts.make_config("mvdm", "te", args.batch, backend=args.backend)
   c.model.decoder = "conv_vae"
   model = build_model(c.model)
   tx = train_lib.make_optimizer(c.optim)

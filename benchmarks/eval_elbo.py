@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdmrep import config_lib, parallel
+from vdmrep import backends, config_lib, parallel
+from vdmrep.backends import build_model
 from vdmrep.evaluators import elbo as elbo_eval
-from vdmrep.models import build_model
 
 
 def main():
@@ -31,14 +31,14 @@ def main():
   p.add_argument("--samples", type=int, default=4, help="K draws of (w, z_0, t, eps) per image")
   p.add_argument("--image", type=int, default=28)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "onednn"))
+  p.add_argument("--backend", default="auto", choices=config_lib.BACKENDS)
   p.add_argument("--repeats", type=int, default=3)
   args = p.parse_args()
   peak = common.matmul_peak()
   config = config_lib.base_config()
   config.model.vdm, config.model.encoder = args.vdm, args.encoder
   config.model.compute_dtype = args.dtype
-  config.model.conv_impl = args.conv_impl
+  config.model.backend = args.backend
   config.eval.batch_size = args.batch
   config_lib.validate(config, jax.device_count())
   model = build_model(config.model)
@@ -51,8 +51,7 @@ def main():
   compiled = elbo_eval.make_eval_fn(model, mesh, args.samples).lower(
       params, x, key, jnp.float32(1.0)).compile()
   # Model FLOPs: one draw, attention unchunked, times K (common.lowered_flops).
-  config.model.attention_chunk = 0
-  config.model.conv_impl = "xla"  # XLA cannot count a custom call's FLOPs
+  config.model.backend = "xla"  # XLA cannot count a custom call's FLOPs
   plain = elbo_eval.make_eval_fn(build_model(config.model), mesh, 1)
   flops = args.samples * common.lowered_flops(plain.lower(params, x, key, jnp.float32(1.0)))
   temp = common.memory_of(compiled).get("temp", float("nan")) / 2 ** 20
@@ -63,7 +62,7 @@ def main():
         "| GFLOP/batch | GFLOP/s | % matmul peak | XLA temp MiB | peak RSS MiB |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|")
   print(f"| {args.vdm} | {args.encoder} | {args.batch} x {args.samples} | {args.image}x{args.image}x1 "
-        f"| {args.dtype} {model.score_net.conv_impl} | {fmt_s(med)} ({fmt_s(lo)}..{fmt_s(hi)}) | {args.batch / med:.1f} | "
+        f"| {args.dtype} {backends.name(model)} | {fmt_s(med)} ({fmt_s(lo)}..{fmt_s(hi)}) | {args.batch / med:.1f} | "
         f"{flops / 1e9:.1f} | {flops / med / 1e9:.1f} | {100 * flops / med / peak:.0f}% | "
         f"{temp:.0f} | {common.peak_rss_mib():.0f} |")
 

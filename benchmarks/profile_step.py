@@ -19,8 +19,8 @@ import numpy as np
 
 from vdmrep import collapse, config_lib, losses
 from vdmrep import train as train_lib
-from vdmrep.models import build_model
-from vdmrep.models.layers import AttnBlock, ResnetBlock
+from vdmrep import backends
+from vdmrep.backends import build_model
 
 
 def timed(name, fn, args, repeats):
@@ -36,12 +36,12 @@ def main():
   p.add_argument("--dtype", default="float32")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--parts", default="all")
-  p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "onednn"))
+  p.add_argument("--backend", default="auto", choices=config_lib.BACKENDS)
   args = p.parse_args()
   config = config_lib.base_config()
   config.model.vdm, config.model.encoder = args.vdm, args.encoder
   config.model.compute_dtype = args.dtype
-  config.model.conv_impl = args.conv_impl
+  config.model.backend = args.backend
   model = build_model(config.model)
   shape = (args.image, args.image, 1)
   params = model.init(jax.random.key(0), shape)
@@ -75,17 +75,16 @@ def main():
     f = lambda z: jnp.sum(losses.reconstruction_loss(x, z, -13.3))
     rows.append(timed("reconstruction loss fwd+bwd", jax.grad(f), (z0,), args.repeats))
   if want("block"):
-    blk = ResnetBlock(out_ch=ch, zero_init_out=False, conv_impl=model.score_net.conv_impl)
+    blk = model.score_net.resnet_block(out_ch=ch, zero_init_out=False)  # the step's block
     bp = blk.init(rng, h, cond)
     f = lambda p, h: jnp.sum(jnp.square(blk.apply(p, h, cond)))
     rows.append(timed(f"one ResNet block ({ch} ch) fwd+bwd", jax.grad(f, argnums=(0, 1)),
                       (bp, h), args.repeats))
   if want("attn"):
-    att = AttnBlock(batch_chunk=model.score_net.attention_chunk)  # as in the step
+    att = model.score_net.attn_block()  # as in the step
     ap = att.init(rng, h)
     f = lambda p, h: jnp.sum(jnp.square(att.apply(p, h)))
-    rows.append(timed(f"attention block ({ch} ch, {args.image ** 2} positions, chunk "
-                      f"{att.batch_chunk}) fwd+bwd",
+    rows.append(timed(f"attention block ({ch} ch, {args.image ** 2} positions) fwd+bwd",
                       jax.grad(f, argnums=(0, 1)), (ap, h), args.repeats))
   if want("optim"):
     tx = train_lib.make_optimizer(config.optim)
@@ -95,7 +94,7 @@ def main():
       return jax.tree.map(lambda a, b: 0.99 * a + 0.01 * b, params, u), opt
     rows.append(timed("optimiser update + EMA", upd, (params, opt), args.repeats))
   print(f"hardware: {common.hardware()}; {common.load_note()}; "
-        f"convolutions: {model.score_net.conv_impl} (GFLOP counts no custom call)\n")
+        f"backend: {backends.name(model)} (GFLOP counts no custom call)\n")
   print("| part | ms median (min..max) | GFLOP | GFLOP/s |\n|---|---|---|---|")
   print("\n".join(rows))
 

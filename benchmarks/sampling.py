@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vdmrep import config_lib, sampling
-from vdmrep.models import build_model
+from vdmrep import backends
+from vdmrep.backends import build_model
 
 
 def main():
@@ -34,7 +35,7 @@ def main():
   p.add_argument("--ref-steps", type=int, default=20)
   p.add_argument("--image", type=int, default=28)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "onednn"))
+  p.add_argument("--backend", default="auto", choices=config_lib.BACKENDS)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--count-flops", action="store_true",
                  help="print flops=N of the N forwards and exit (timing skipped)")
@@ -42,15 +43,14 @@ def main():
   config = config_lib.base_config()
   config.model.vdm, config.model.encoder = args.vdm, args.encoder
   config.model.compute_dtype = args.dtype
-  config.model.conv_impl = args.conv_impl
+  config.model.backend = args.backend
   model = build_model(config.model)
   shape = (args.num, args.image, args.image, 1)
   params = model.init(jax.random.key(0), shape[1:])
   w = jnp.zeros((args.num, model.encoder.latent)) if model.conditional else None
   z, g = jnp.zeros(shape), jnp.full((args.num,), -1.0)
   plain_config = config.copy_and_resolve_references()
-  plain_config.model.attention_chunk = 0
-  plain_config.model.conv_impl = "xla"  # XLA cannot count a custom call's FLOPs
+  plain_config.model.backend = "xla"  # XLA cannot count a custom call's FLOPs
   plain = build_model(plain_config.model)
   flops = args.steps * common.lowered_flops(
       jax.jit(lambda p, z, g: plain.eps_hat(p, z, g, w)).lower(params, z, g))
@@ -84,7 +84,7 @@ def main():
   print("| vdm | encoder | images | steps | dtype, conv | s median (min..max) | images/s | GFLOP "
         "| GFLOP/s | % matmul peak | N separate forwards, s | ratio |")
   print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-  print(f"| {args.vdm} | {args.encoder} | {args.num} | {args.steps} | {args.dtype} {model.score_net.conv_impl} | "
+  print(f"| {args.vdm} | {args.encoder} | {args.num} | {args.steps} | {args.dtype} {backends.name(model)} | "
         f"{fmt_s(med)} ({fmt_s(lo)}..{fmt_s(hi)}) | {args.num / med:.2f} | {flops / 1e9:.0f} | "
         f"{flops / med / 1e9:.1f} | {100 * flops / med / peak:.0f}% | {fmt_s(ref)} | "
         f"{med / ref:.2f} |")

@@ -39,6 +39,8 @@ import train_step
 
 import jax
 
+from vdmrep import backends, config_lib
+
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) .*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -154,7 +156,7 @@ def op_times(trace_file: str, instructions, lock_waits: bool = False):
   (`jax.profiler.trace(..., create_perfetto_trace=True)`): complete events whose name
   is one of `instructions`, control-flow ops excluded.
 
-  vdmrep's kernel calls hold one lock (vdmrep/kernels/onednn_conv.cc): when XLA starts
+  vdmrep's kernel calls hold one lock (vdmrep/backends/cpu/csrc/onednn_conv.cc): when XLA starts
   two at once on its two threads, the second's event includes its wait for the first.
   Unless `lock_waits`, that wait is taken out: a kernel call counts from the later of
   its start and the end of the kernel call running before it. The third value returned
@@ -241,7 +243,7 @@ def trace(compiled, state, x, key, steps, logdir):
 
 def main():
   p = common.step_parser(__doc__)
-  p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "onednn"))
+  p.add_argument("--backend", default="auto", choices=config_lib.BACKENDS)
   p.add_argument("--steps", type=int, default=3, help="traced steps (after one untraced)")
   p.add_argument("--top", type=int, default=0, help="also list the K slowest single ops")
   p.add_argument("--logdir", default=None, help="keep the trace here (default: temporary)")
@@ -259,7 +261,7 @@ def main():
         f"(bytes read + written): {cache_bw / 1e9:.1f} GB/s over 12 MiB (fits the cache), "
         f"{memory_bw / 1e9:.1f} GB/s over 512 MiB (memory)")
   model, compiled, state, x, key = train_step.build(
-      args.vdm, args.encoder, args.batch, args.image, conv_impl=args.conv_impl)
+      args.vdm, args.encoder, args.batch, args.image, backend=args.backend)
   text = compiled.as_text()
   names, nbytes = op_names(text), op_bytes(text)
   with tempfile.TemporaryDirectory() as tmp:
@@ -269,7 +271,7 @@ def main():
   total = sum(r[3] for r in rows)
   med, lo, hi = common.summary(walls)
   print(f"\n{args.vdm} + {args.encoder}, batch {args.batch}, {args.image}x{args.image}, "
-        f"convolutions {model.score_net.conv_impl}: step {med:.3f} s ({lo:.3f}..{hi:.3f}) "
+        f"backend {backends.name(model)}: step {med:.3f} s ({lo:.3f}..{hi:.3f}) "
         f"over {args.steps} traced steps; ops sum to {total:.3f} s per step, after "
         f"taking out {1e3 * waited / args.steps:.1f} ms of kernel calls waiting for the "
         f"kernels' lock\n")

@@ -3,9 +3,8 @@
   python benchmarks/train_step.py --vdm tvdm --encoder te --batch 64 --image 28
   python benchmarks/train_step.py --sweep batch   # step time vs batch size (mvdm+te)
   python benchmarks/train_step.py --sweep image   # step time vs image size (mvdm+te)
-  python benchmarks/train_step.py --sweep variants  # XLA conv + one-shot attention, default,
-                                                    # XLA conv, bf16, remat
-  python benchmarks/train_step.py --conv-impl xla  # XLA's convolution instead of oneDNN's
+  python benchmarks/train_step.py --sweep variants  # backend xla, default, bf16, remat
+  python benchmarks/train_step.py --backend xla  # the plain flax blocks on XLA
   python benchmarks/train_step.py --sweep accelerator  # SVDM+OE, f32 and bf16 (for a GPU)
 
 Times the full jitted step (forward + backward + clip + AdamW + EMA, buffers donated)
@@ -28,46 +27,42 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdmrep import config_lib, parallel
+from vdmrep import backends, config_lib, parallel
 from vdmrep import train as train_lib
-from vdmrep.models import build_model
 
-HEADER = ("| vdm | encoder | batch | image | dtype | remat | attention | conv | s/step median (min..max) "
+HEADER = ("| vdm | encoder | batch | image | dtype | remat | backend | s/step median (min..max) "
           "| images/s | GFLOP/step | GFLOP/s | % matmul peak | XLA temp MiB | peak RSS MiB "
           "| page faults/step |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def make_config(vdm, encoder, batch, dtype="float32", remat=False, attention_chunk=-1,
-                conv_impl="auto"):
+def make_config(vdm, encoder, batch, dtype="float32", remat=False, backend="auto"):
   c = config_lib.base_config()
   c.model.vdm, c.model.encoder = vdm, encoder
   c.model.compute_dtype = dtype
   c.model.remat = remat
-  c.model.attention_chunk = attention_chunk
-  c.model.conv_impl = conv_impl
+  c.model.backend = backend
   c.training.batch_size = batch
   return c
 
 
 def _model_flops(vdm, encoder, batch, dtype, state, x, key):
   """FLOPs of one step of the loop-free form (see common.lowered_flops), with XLA's
-  convolutions (XLA cannot count a custom call's FLOPs; the mathematics is the same)."""
-  config = make_config(vdm, encoder, batch, dtype, remat=False, attention_chunk=0,
-                       conv_impl="xla")
-  model = build_model(config.model)
+  plain flax blocks (XLA cannot count a custom call's FLOPs; the mathematics is the same)."""
+  config = make_config(vdm, encoder, batch, dtype, remat=False, backend="xla")
+  model = backends.build_model(config.model)
   tx = train_lib.make_optimizer(config.optim)
   step = train_lib.make_train_step(model, tx, config, parallel.make_mesh())
   return common.lowered_flops(step.lower(state, x, key))
 
 
 def build(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
-          attention_chunk=-1, conv_impl="auto"):
+          backend="auto"):
   """(model, compiled step, state, batch, key) for one setting: a uint8 batch drawn
   from seed 0, the state initialised and placed as the training loop places it."""
-  config = make_config(vdm, encoder, batch, dtype, remat, attention_chunk, conv_impl)
+  config = make_config(vdm, encoder, batch, dtype, remat, backend)
   config_lib.validate(config, jax.device_count())
-  model = build_model(config.model)
+  model = backends.build_model(config.model)
   tx = train_lib.make_optimizer(config.optim)
   mesh = parallel.make_mesh()
   shape = (image, image, channels)
@@ -80,7 +75,7 @@ def build(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
 
 
 def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
-          attention_chunk=-1, conv_impl="auto", repeats=5, peak=None, pipeline=1):
+          backend="auto", repeats=5, peak=None, pipeline=1):
   """Returns a dict of the figures for one setting.
 
   `pipeline` = K > 1 times K steps dispatched back to back with one wait at the end
@@ -88,7 +83,7 @@ def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
   step; 1 waits after every step (latency, the CPU figures' convention).
   """
   model, compiled, state, x, key = build(vdm, encoder, batch, image, channels, dtype, remat,
-                                         attention_chunk, conv_impl)
+                                         backend)
   flops = _model_flops(vdm, encoder, batch, dtype, state, x, key)
   if np.isnan(flops) and jax.default_backend() != "cpu":
     flops = common.flops_on_cpu(__file__, [
@@ -103,15 +98,14 @@ def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
       holder[0], metrics = compiled(holder[0], x, key)
     return metrics
   run()
-  # Minor page faults: fresh 4 KiB pages first touched (vdmrep/hostmem.py says why).
+  # Minor page faults: fresh 4 KiB pages first touched (vdmrep/backends/cpu/hostmem.py).
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   times = [t / pipeline for t in common.time_fn(run, repeats=repeats, warmup=1)]
   faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (
       (repeats + 1) * pipeline)
   med, lo, hi = common.summary(times)
   return dict(vdm=vdm, encoder=encoder, batch=batch, image=f"{image}x{image}x{channels}",
-              dtype=dtype, remat=remat, chunk=model.score_net.attention_chunk,
-              conv=model.score_net.conv_impl, med=med, lo=lo, hi=hi, ips=batch / med,
+              dtype=dtype, remat=remat, backend=backends.name(model), med=med, lo=lo, hi=hi, ips=batch / med,
               gflop=flops / 1e9, gflops=flops / med / 1e9,
               frac=(flops / med / peak) if peak else float("nan"),
               temp=mem.get("temp", float("nan")) / 2 ** 20, rss=common.peak_rss_mib(),
@@ -119,10 +113,8 @@ def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
 
 
 def row(r):
-  # conv_impl='onednn' runs the fused attention kernel; otherwise examples per chunk.
-  attention = "kernel" if r["conv"] == "onednn" else f"chunk {r['chunk'] or 'all'}"
   return (f"| {r['vdm']} | {r['encoder']} | {r['batch']} | {r['image']} | {r['dtype']} | "
-          f"{'yes' if r['remat'] else 'no'} | {attention} | {r['conv']} | {fmt_s(r['med'])} ({fmt_s(r['lo'])}..{fmt_s(r['hi'])}) | "
+          f"{'yes' if r['remat'] else 'no'} | {r['backend']} | {fmt_s(r['med'])} ({fmt_s(r['lo'])}..{fmt_s(r['hi'])}) | "
           f"{r['ips']:.1f} | {r['gflop']:.1f} | {r['gflops']:.1f} | {100 * r['frac']:.0f}% | "
           f"{r['temp']:.0f} | {r['rss']:.0f} | {r['faults']:.0f} |")
 
@@ -132,8 +124,7 @@ def main():
   p.add_argument("--channels", type=int, default=1)
   p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--remat", action="store_true")
-  p.add_argument("--attention-chunk", type=int, default=-1, help="-1 auto, 0 whole batch")
-  p.add_argument("--conv-impl", default="auto", choices=("auto", "xla", "onednn"))
+  p.add_argument("--backend", default="auto", choices=config_lib.BACKENDS)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--sweep", choices=("none", "batch", "image", "sizes", "variants",
                                       "accelerator"), default="none")
@@ -147,7 +138,7 @@ def main():
 
   if args.count_flops:
     config = make_config(args.vdm, args.encoder, args.batch, args.dtype)
-    model = build_model(config.model)
+    model = backends.build_model(config.model)
     tx = train_lib.make_optimizer(config.optim)
     shape = (args.image, args.image, args.channels)
     # Shapes suffice to lower: nothing is initialised or compiled.
@@ -166,16 +157,15 @@ def main():
   elif args.sweep == "sizes":
     settings = [dict(vdm=v, encoder=e) for v, e in
                 (("mvdm", "te"), ("tvdm", "te"), ("tvdm", "none"), ("mvdm", "none"))]
-  elif args.sweep == "accelerator":  # issue 8's accelerator figures: SVDM+OE, f32 and bf16
+  elif args.sweep == "accelerator":  # SVDM+OE, f32 and bf16
     settings = [dict(vdm="svdm", encoder="oe", dtype=d) for d in ("float32", "bfloat16")]
   elif args.sweep == "variants":
-    settings = [dict(conv_impl="xla", attention_chunk=0), {}, dict(conv_impl="xla"), dict(dtype="bfloat16"),
-                dict(remat=True)]
+    settings = [dict(backend="xla"), {}, dict(dtype="bfloat16"), dict(remat=True)]
   else:
     settings = [{}]
   base = dict(vdm=args.vdm, encoder=args.encoder, batch=args.batch, image=args.image,
               channels=args.channels, dtype=args.dtype, remat=args.remat,
-              attention_chunk=args.attention_chunk, conv_impl=args.conv_impl)
+              backend=args.backend)
   settings = [{**base, **s} for s in settings]
 
   print(f"hardware: {common.hardware()}; {common.load_note()}")

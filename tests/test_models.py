@@ -1,4 +1,9 @@
 """Networks: parameter counts, shapes, initialisation and the gamma schedules."""
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,3 +84,32 @@ def test_antithetic_times_are_evenly_spaced_and_uniform():
   t = np.sort(np.asarray(model.sample_t(jax.random.key(0), 8)))
   np.testing.assert_allclose(np.diff(t), 1.0 / 8, atol=1e-6)
   assert 0.0 <= t[0] < 1.0 / 8
+
+
+def _tree(model, shape):
+  shapes = jax.eval_shape(lambda k: model.init(k, shape), jax.random.key(0))
+  return sorted([jax.tree_util.keystr(p), list(l.shape)]
+                for p, l in jax.tree_util.tree_leaves_with_path(shapes))
+
+
+def test_parameter_trees_are_the_recorded_ones():
+  """Parameter names and shapes of TVDM + TE (28x28) and a tiny FiLM model equal the ones
+  recorded in param_trees.json: checkpoints written by earlier versions keep loading."""
+  with open(os.path.join(os.path.dirname(__file__), "param_trees.json")) as f:
+    recorded = json.load(f)
+  c = tiny_config()
+  c.model.vdm, c.model.n_blocks, c.model.channels = "tvdm", 0, 0
+  assert _tree(build_model(c.model), (28, 28, 1)) == recorded["tvdm_te_28x28x1"]
+  c = tiny_config(**{"model.conditioning": "film"})
+  assert _tree(build_model(c.model), (8, 8, 1)) == recorded["tiny_film_8x8x1"]
+
+
+def test_importing_the_models_loads_no_kernel():
+  """The model is plain flax: importing it (and building one) loads no backend module."""
+  code = ("import sys; import vdmrep.models as m; from vdmrep import config_lib; "
+          "m.build_model(config_lib.base_config().model); "
+          "print(sorted(n for n in sys.modules if n.startswith('vdmrep.backends')))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == "[]"

@@ -95,11 +95,11 @@ def test_group_of(op_name, group):
   assert trace_step.group_of(op_name) == group
 
 
-@pytest.mark.parametrize("conv_impl", ["auto", "xla"])
-def test_traced_step_is_named_and_sums_to_the_step(tmp_path, conv_impl):
+@pytest.mark.parametrize("backend", ["auto", "xla"])
+def test_traced_step_is_named_and_sums_to_the_step(tmp_path, backend):
   """Both convolution paths: oneDNN custom calls, and XLA's op (which its runtime may
   run as a `convolution` thunk or an XNNPACK/YNN fusion)."""
-  model, compiled, state, x, key = train_step.build("mvdm", "te", 2, 8, conv_impl=conv_impl)
+  model, compiled, state, x, key = train_step.build("mvdm", "te", 2, 8, backend=backend)
   names = trace_step.op_names(compiled.as_text())
   walls, trace_file = trace_step.trace(compiled, state, x, key, 2, str(tmp_path))
   seconds, count, waited = trace_step.op_times(trace_file, names)

@@ -13,7 +13,8 @@ evaluation, samples and report):
                   pictures), one interface, chosen by config.eval.evaluators
   sampling.py     the ancestral sampler (any step count), guided and trajectory modes
   main.py         `python -m vdmrep.main --config configs/X.py --workdir DIR`
-  hostmem.py      malloc settings for XLA's per-step CPU buffers (entry points re-exec once)
+  backends/       who computes the blocks: XLA (the plain flax model) or the optional
+                  CPU kernels (backends/cpu: drop-ins with the same parameters)
   and around them: parallel.py (mesh, sharding), checkpoints.py, probes.py,
   diagnostics.py, quality.py (Frechet distances), plots.py, report.py
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 import ml_collections
 
 from vdmrep.models.encoder import ENCODER_SIZES
-from vdmrep.models.layers import CONV_IMPLS, resolve_conv_impl
 from vdmrep.models.schedules import SCHEDULES
 from vdmrep.models.score_net import CONDITIONINGS, VDM_SIZES
 from vdmrep.models.conv_vae import VAE_DECODERS
 from vdmrep.models.unet import UNET_SIZES
 
 DATA_SOURCES = ("digits", "fashion_mnist", "tfds:", "idx:", "npz:")
+BACKENDS = ("auto", "xla", "cpu")  # config.model.backend (vdmrep/backends)
 
 
 class ConfigError(ValueError):
@@ -53,9 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.vocab_size = 256
   c.model.compute_dtype = "float32"  # float32 | bfloat16 (params and loss stay f32)
   c.model.remat = False             # recompute score-net block activations (less memory)
-  c.model.attention_chunk = -1      # examples per attention chunk; -1 auto (1 on CPU), 0 all
-  c.model.conv_impl = "auto"        # auto | xla | onednn (CPU kernels for the convolutions
-                                    # and attention; auto: where they run)
+  c.model.backend = "auto"          # auto | xla | cpu: who computes the blocks (same
+                                    # parameters; vdmrep/backends)
   c.model.num_classes = 0           # > 0: class-conditional p(x | w, y) on the data's labels
   c.model.label_dropout = 0.1       # P(label -> "no label") in training (classifier-free)
   c.model.label_encoder = False     # the encoder sees the label too: q(w | x, y)
@@ -198,12 +197,7 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   _choice(config, "model.conditioning", m.conditioning, CONDITIONINGS)
   _choice(config, "model.gamma_type", m.gamma_type, SCHEDULES)
   _choice(config, "model.compute_dtype", m.compute_dtype, ("float32", "bfloat16"))
-  _choice(config, "model.conv_impl", m.get("conv_impl", "auto"), CONV_IMPLS)
-  if m.get("conv_impl") == "onednn":
-    try:
-      resolve_conv_impl("onednn", m.compute_dtype)
-    except ValueError as e:
-      raise ConfigError(f"config.model.conv_impl: {e}") from None
+  _choice(config, "model.backend", m.get("backend", "auto"), BACKENDS)
   if not m.gamma_min < m.gamma_max:
     raise ConfigError(f"config.model.gamma_min={m.gamma_min} must be < "
                       f"config.model.gamma_max={m.gamma_max}")
@@ -229,9 +223,6 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   if m.label_encoder and not (m.num_classes and m.encoder != "none"):
     raise ConfigError("config.model.label_encoder=True needs config.model.num_classes > 0 "
                       "and an encoder")
-  if m.attention_chunk < -1:
-    raise ConfigError(f"config.model.attention_chunk={m.attention_chunk} must be -1 (auto), "
-                      "0 (whole batch) or a positive number of examples")
   src = config.data.source
   if not (src in DATA_SOURCES[:2] or any(src.startswith(p) and len(src) > len(p)
                                          for p in ("fashion_mnist:",) + DATA_SOURCES[2:])):

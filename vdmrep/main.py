@@ -6,14 +6,10 @@ import os
 import signal
 import sys
 
-if __name__ == "__main__":  # before anything heavy: it may re-execute this process
-  from vdmrep import hostmem
-  hostmem.reexec_with_malloc_tunables()
+from absl import app, flags
+from ml_collections import config_flags
 
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from vdmrep import config_lib  # noqa: E402
+from vdmrep import config_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)

@@ -20,10 +20,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from vdmrep import checkpoints, collapse, config_lib, diagnostics, parallel
+from vdmrep import backends, checkpoints, collapse, config_lib, diagnostics, parallel
 from vdmrep import data as data_lib
 from vdmrep import evaluators, preflight, reliability
-from vdmrep.models import build_model
 from vdmrep.models.vae_vdm import ELBO_TERMS
 
 
@@ -129,7 +128,7 @@ def setup(config):
   data_lib.check_labels(ds, config.model.num_classes, "config.model.num_classes")
   parallel.main_print(f"data: {len(ds.train_images):,} training and {len(ds.eval_images):,} "
                       f"evaluation images of shape {ds.image_shape}")
-  model = build_model(config.model)
+  model = backends.build_model(config.model)
   return ds, model, make_optimizer(config.optim), parallel.make_mesh()
 
 
@@ -138,7 +137,7 @@ def log_param_counts(model, params):
   counts["total"] = sum(counts.values())
   logging.info("parameter counts: %s", counts)
   parallel.main_print("parameters: " + ", ".join(f"{k}={v:,}" for k, v in counts.items())
-                      + f" (convolutions: {getattr(model.score_net, 'conv_impl', 'xla')})")
+                      + f" (backend: {backends.name(model)})")
   return counts
 
 

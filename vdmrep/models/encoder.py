@@ -17,7 +17,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vdmrep.models.layers import AttnBlock, GroupNorm, ResnetBlock, conv
+from vdmrep.models.layers import AttnBlock, ModuleDef, ResnetBlock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,31 +39,30 @@ ENCODER_SIZES = {
 
 
 class Encoder(nn.Module):
-  """x in model scale [B, H, W, C] -> (mean, logvar), each [B, latent]."""
+  """x in model scale [B, H, W, C] -> (mean, logvar), each [B, latent]. The blocks are
+  fields, as in ScoreNet."""
   channels: int
   layers: int
   groups: int
   latent: int
-  attention_chunk: int = 0  # examples per attention chunk (layers.attention)
-  conv_impl: str = "xla"  # "xla" | "onednn" (layers.resolve_conv_impl)
   num_classes: int = 0  # > 0: q(w | x, y)
   dtype: jnp.dtype = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.GroupNorm
+  resnet_block: ModuleDef = ResnetBlock
+  attn_block: ModuleDef = AttnBlock
 
   @nn.compact
   def __call__(self, x, y=None, *, deterministic: bool = True):
-    h = conv(self.channels, (3, 3), self.conv_impl, dtype=self.dtype, name="conv_in")(x)
-    block = functools.partial(ResnetBlock, groups=self.groups, conv_impl=self.conv_impl,
-                              dtype=self.dtype)
+    h = self.conv(self.channels, (3, 3), dtype=self.dtype, name="conv_in")(x)
+    block = functools.partial(self.resnet_block, groups=self.groups, dtype=self.dtype)
     for i in range(self.layers):
       h = block(name=f"down_{i}")(h, deterministic=deterministic)
     h = block(name="mid_block_1")(h)
-    fold = self.conv_impl == "onednn"  # see layers.GroupNorm
-    h = AttnBlock(groups=self.groups, batch_chunk=self.attention_chunk, fold_norm=fold,
-                  conv_impl=self.conv_impl, dtype=self.dtype, name="mid_attn")(h)
+    h = self.attn_block(groups=self.groups, dtype=self.dtype, name="mid_attn")(h)
     h = block(name="mid_block_2")(h)
-    h = GroupNorm(self.groups, epsilon=1e-6, dtype=self.dtype, fold=fold,
-                  name="norm_out")(h, swish=True)
-    h = conv(1, (3, 3), self.conv_impl, dtype=self.dtype, name="conv_out")(h)
+    h = nn.swish(self.norm(self.groups, epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
+    h = self.conv(1, (3, 3), dtype=self.dtype, name="conv_out")(h)
     h = h.reshape(h.shape[0], -1)
     if self.num_classes:
       y = jnp.full((h.shape[0],), self.num_classes, jnp.int32) if y is None else y
@@ -74,12 +73,11 @@ class Encoder(nn.Module):
     return mean, logvar
 
 
-def make_encoder(name: str, dtype=jnp.float32, attention_chunk=0,
-                 conv_impl="xla", num_classes=0) -> Encoder | None:
-  """The named encoder, or None for `none` (an unconditional VDM)."""
+def make_encoder(name: str, dtype=jnp.float32, num_classes=0, **modules) -> Encoder | None:
+  """The named encoder, or None for `none` (an unconditional VDM); `modules` are
+  Encoder's block fields (conv, norm, resnet_block, attn_block)."""
   if name == "none":
     return None
   s = ENCODER_SIZES[name]
   return Encoder(channels=s.channels, layers=s.layers, groups=s.groups, latent=s.latent,
-                 attention_chunk=attention_chunk, conv_impl=conv_impl,
-                 num_classes=num_classes, dtype=dtype)
+                 num_classes=num_classes, dtype=dtype, **modules)

@@ -26,7 +26,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vdmrep.models.layers import AttnBlock, GroupNorm, ResnetBlock, conv, num_groups
+from vdmrep.models.layers import AttnBlock, ModuleDef, ResnetBlock, num_groups
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,8 @@ def join_label(w, y, num_classes: int, features: int, batch: int):
 
 
 class ScoreNet(nn.Module):
+  """eps_hat(z_t; gamma_t, w). The blocks are fields (flax-examples style): a backend
+  passes drop-in classes with the same parameters (vdmrep/backends)."""
   n_blocks: int
   channels: int
   gamma_min: float = -13.3
@@ -84,11 +86,13 @@ class ScoreNet(nn.Module):
   conditioning: str = "additive"
   dropout: float = 0.0
   use_fourier_features: bool = True
-  attention_chunk: int = 0  # examples per attention chunk (layers.attention)
   remat: bool = False  # recompute each ResNet block's activations in the backward pass
-  conv_impl: str = "xla"  # "xla" | "onednn" (layers.resolve_conv_impl)
   num_classes: int = 0  # > 0: class-conditional (label embedding, null token num_classes)
   dtype: jnp.dtype = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.GroupNorm
+  resnet_block: ModuleDef = ResnetBlock
+  attn_block: ModuleDef = AttnBlock
 
   @nn.compact
   def __call__(self, z, gamma_t, w=None, y=None, *, deterministic: bool = True):
@@ -110,15 +114,16 @@ class ScoreNet(nn.Module):
     h = z
     if self.use_fourier_features:
       h = jnp.concatenate([z, fourier_features(z)], axis=-1)
-    h = conv(c, (3, 3), self.conv_impl, dtype=self.dtype, name="conv_in")(h.astype(self.dtype))
+    h = self.conv(c, (3, 3), dtype=self.dtype, name="conv_in")(h.astype(self.dtype))
 
     # Remat trades memory for a second forward pass; `deterministic` (argument 4,
     # counting self) must stay a Python bool, hence static.
-    block_cls = nn.remat(ResnetBlock, static_argnums=(4,)) if self.remat else ResnetBlock
+    block_cls = (nn.remat(self.resnet_block, static_argnums=(4,)) if self.remat
+                 else self.resnet_block)
 
     def block(name, h):
-      out = block_cls(out_ch=c, dropout=self.dropout, zero_init_out=True,
-                      conv_impl=self.conv_impl, dtype=self.dtype, name=name)
+      out = block_cls(out_ch=c, dropout=self.dropout, zero_init_out=True, dtype=self.dtype,
+                      name=name)
       return out(h, cond, film, deterministic)
 
     hs = [h]
@@ -126,25 +131,23 @@ class ScoreNet(nn.Module):
       h = block(f"down_{i}", h)
       hs.append(h)
     h = block("mid_block_1", h)
-    fold = self.conv_impl == "onednn"  # see layers.GroupNorm
-    h = AttnBlock(batch_chunk=self.attention_chunk, fold_norm=fold, dtype=self.dtype,
-                  conv_impl=self.conv_impl, name="mid_attn")(h)
+    h = self.attn_block(dtype=self.dtype, name="mid_attn")(h)
     h = block("mid_block_2", h)
     for i in range(self.n_blocks + 1):
       h = block(f"up_{i}", (h, hs.pop()))  # [h, skip] on channels (see ResnetBlock)
-    h = GroupNorm(num_groups(c), epsilon=1e-6, dtype=self.dtype, fold=fold,
-                  name="norm_out")(h, swish=True)
-    eps_hat = conv(z.shape[-1], (3, 3), self.conv_impl, kernel_init=nn.initializers.zeros,
-                   dtype=self.dtype, name="conv_out")(h)
+    h = nn.swish(self.norm(num_groups(c), epsilon=1e-6, dtype=self.dtype, name="norm_out")(h))
+    eps_hat = self.conv(z.shape[-1], (3, 3), kernel_init=nn.initializers.zeros,
+                        dtype=self.dtype, name="conv_out")(h)
     return z + eps_hat.astype(jnp.float32)
 
 
 def make_score_net(name: str, *, gamma_min, gamma_max, conditioning, dropout,
                    use_fourier_features, n_blocks=None, channels=None, dtype=jnp.float32,
-                   attention_chunk=0, remat=False, conv_impl="xla", num_classes=0):
+                   remat=False, num_classes=0, **modules):
+  """The named size (n_blocks / channels override it when given); `modules` are
+  ScoreNet's block fields (conv, norm, resnet_block, attn_block)."""
   size = VDM_SIZES[name]
   return ScoreNet(n_blocks=n_blocks or size.n_blocks, channels=channels or size.channels,
                   gamma_min=gamma_min, gamma_max=gamma_max, conditioning=conditioning,
-                  dropout=dropout, use_fourier_features=use_fourier_features,
-                  attention_chunk=attention_chunk, remat=remat, conv_impl=conv_impl,
-                  num_classes=num_classes, dtype=dtype)
+                  dropout=dropout, use_fourier_features=use_fourier_features, remat=remat,
+                  num_classes=num_classes, dtype=dtype, **modules)

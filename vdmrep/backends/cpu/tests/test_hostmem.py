@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from vdmrep import hostmem
+from vdmrep.backends.cpu import hostmem
 
 
 def test_tunable_env_composition():
@@ -44,7 +44,7 @@ def test_thp_mode_parses_the_kernel_file(tmp_path):
 # page faults each time took.
 _PROBE = textwrap.dedent("""
     import ctypes, os, resource, sys, threading
-    from vdmrep import hostmem
+    from vdmrep.backends.cpu import hostmem
     hostmem.reexec_with_malloc_tunables()
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype = ctypes.c_void_p

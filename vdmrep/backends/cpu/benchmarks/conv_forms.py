@@ -4,7 +4,7 @@
 (4/9), im2col + one matmul, 9 shifted matmuls, and Winograd F(2x2, 3x3) written in XLA. Forward, input
 gradient and filter gradient timed alone; GFLOP/s counts the direct form's FLOPs.
 
-  python benchmarks/conv_forms.py --batch 64 --image 28 --channels 16:16,32:32,64:32
+  python vdmrep/backends/cpu/benchmarks/conv_forms.py --batch 64 --image 28 --channels 16:16,32:32,64:32
 
 Why it exists: the score network is almost only such convolutions, and this is the
 evidence for which form the model uses (the Winograd kernel or oneDNN's on CPU, else
@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import argparse
 
-import common
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[".."] * 4,
+                                "benchmarks"))
+import common  # noqa: E402  (the repository's benchmarks/)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from vdmrep.kernels import onednn
+from vdmrep.backends.cpu import kernels
 
 
 def conv_xla(x, k):
@@ -46,11 +51,11 @@ def conv_shifted(x, k):
 
 
 def conv_onednn(x, k):
-  return onednn.conv2d(x, k, (1, 1), ((1, 1), (1, 1)), winograd=False)
+  return kernels.conv2d(x, k, (1, 1), ((1, 1), (1, 1)), winograd=False)
 
 
 def conv_winograd_kernel(x, k, tile=4):
-  return onednn.conv2d(x, k, (1, 1), ((1, 1), (1, 1)), winograd=tile)
+  return kernels.conv2d(x, k, (1, 1), ((1, 1), (1, 1)), winograd=tile)
 
 
 # Winograd F(2x2, 3x3) (Lavin & Gray 2016): out = A^T [(G k G^T) * (B^T d B)] A per
@@ -103,11 +108,11 @@ def main():
   print(f"hardware: {common.hardware()}; {common.load_note()}")
   print(f"measured f32 matmul peak: {peak / 1e9:.1f} GFLOP/s\n")
   forms = dict(FORMS)
-  if (reason := onednn.unavailable_reason()) is not None:
+  if (reason := kernels.unavailable_reason()) is not None:
     print(f"(no oneDNN row: {reason.splitlines()[0]})\n")
     for name in ("onednn",) + WINOGRAD_KERNELS:
       del forms[name]
-  elif not onednn.winograd_available():
+  elif not kernels.winograd_available():
     print("(no Winograd kernel rows: they need AVX-512)\n")
     for name in WINOGRAD_KERNELS:
       del forms[name]

@@ -1,10 +1,10 @@
 """The attention core softmax(q k^T / sqrt(C)) v alone: one-shot (plain autodiff),
-example-chunked (`layers.attention`'s custom VJP) and the fused CPU kernel
-(`onednn.attention`, what conv_impl='onednn' runs), forward and forward + backward.
+example-chunked (`reference.attention`'s custom VJP) and the fused CPU kernel
+(`kernels.attention`, what the CPU backend runs), forward and forward + backward.
 
-  python benchmarks/attention_forms.py --batch 64 --positions 784 --channels 16,32 --chunks 0,1,2,4,kernel
+  python vdmrep/backends/cpu/benchmarks/attention_forms.py --batch 64 --positions 784 --channels 16,32 --chunks 0,1,2,4,kernel
   git show REV:vdmrep/models/layers.py > /tmp/old_layers.py
-  python benchmarks/attention_forms.py --chunks 1 --against /tmp/old_layers.py
+  python vdmrep/backends/cpu/benchmarks/attention_forms.py --chunks 1 --against /tmp/old_layers.py
 
 `--against FILE` times another version of vdmrep/models/layers.py beside the current
 one, alternating call by call in one process: on a noisy VM, differences of ~10% are
@@ -23,14 +23,19 @@ import argparse
 import importlib.util
 import sys
 
-import common
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[".."] * 4,
+                                "benchmarks"))
+import common  # noqa: E402  (the repository's benchmarks/)
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdmrep.kernels import onednn
-from vdmrep.models import layers
+from vdmrep.backends.cpu import kernels
+from vdmrep.backends.cpu import reference as layers
 
 
 def load_layers(path: str):
@@ -68,9 +73,9 @@ def main():
   layer_versions = {"current": layers.attention}
   if args.against:
     layer_versions["--against"] = load_layers(args.against).attention
-  kernel = {"onednn kernel": lambda q, k, v, g: onednn.attention(q, k, v)}
-  if "kernel" in args.chunks.split(",") and onednn.unavailable_reason():
-    p.error(f"--chunks kernel: {onednn.unavailable_reason()}")
+  kernel = {"onednn kernel": lambda q, k, v, g: kernels.attention(q, k, v)}
+  if "kernel" in args.chunks.split(",") and kernels.unavailable_reason():
+    p.error(f"--chunks kernel: {kernels.unavailable_reason()}")
   print(f"hardware: {common.hardware()}; {common.load_note()}\n")
   print("| channels | chunk | version | fwd ms | fwd+bwd ms | GFLOP/s fwd+bwd (matmuls) |")
   print("|---|---|---|---|---|---|")

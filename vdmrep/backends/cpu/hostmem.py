@@ -7,18 +7,21 @@ out and zeroes new pages, and on this VM the host must back them again. Two chan
 as GLIBC_TUNABLES (read when the process starts):
   * glibc.malloc.hugetlb=1: malloc asks for transparent huge pages (madvise), so the
     first touch takes 2 MiB per fault instead of 4 KiB: 322,000 minor page faults per
-    TVDM+TE step fell to ~1,000-2,500 (benchmarks/README.md, "Huge pages").
+    TVDM+TE step fell to ~1,000-2,500 (README.md here, "Huge pages").
   * glibc.malloc.arena_max=1, mmap_max=0, trim_threshold=64 GiB: every thread allocates
     from the main heap (a thread's own arena maps any block over 64 MiB afresh whatever
     mmap_max says), large blocks come from it rather than from mmap, and freed memory
     is never given back, so the next step reuses the same pages: no page faults and no
     zeroing at all after the first step. TVDM+TE, processes alternating: 0.94-1.53 s
-    against 0.99-2.02 s with huge pages alone (benchmarks/README.md, "Memory kept").
+    against 0.99-2.02 s with huge pages alone (README.md here, "Memory kept").
     The price: the process keeps its peak heap until it exits.
-Entry points (`vdmrep.main`, the benchmark scripts) call `reexec_with_malloc_tunables()`
-first: it re-executes the same command line with the tunables added, once. Code that
-imports vdmrep as a library gets the same by starting Python with GLIBC_TUNABLES set to
-`TUNABLES`. VDMREP_MALLOC_TUNABLES=0 turns it off.
+Use them by starting the process with them (the library never re-executes anything):
+
+  python -m vdmrep.backends.cpu.hostmem python -m vdmrep.main --config ... --workdir ...
+  GLIBC_TUNABLES=$(python -m vdmrep.backends.cpu.hostmem --print) python ...
+
+The benchmark scripts call `reexec_with_malloc_tunables()` first (it re-executes the same
+command line with the tunables added, once). VDMREP_MALLOC_TUNABLES=0 turns both off.
 No jax import here: this runs before anything heavy is loaded.
 """
 from __future__ import annotations
@@ -72,3 +75,23 @@ def reexec_with_malloc_tunables() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def main(argv: list[str]) -> int:
+  """`--print`: the tunables for this machine; else runs argv with them (exec)."""
+  if argv == ["--print"]:
+    env = tunable_env({}, thp_mode())
+    print((env or {}).get("GLIBC_TUNABLES", ""))
+    return 0
+  if not argv or argv[0].startswith("-"):
+    print(__doc__, file=sys.stderr)
+    return 2
+  env = dict(os.environ)
+  if sys.platform == "linux" and platform.libc_ver()[0] == "glibc":
+    env = tunable_env(env, thp_mode()) or env
+  sys.stdout.flush()
+  os.execvpe(argv[0], argv, env)
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

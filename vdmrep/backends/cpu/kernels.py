@@ -1,39 +1,23 @@
-"""oneDNN kernels for JAX on CPU: convolutions (a drop-in for `lax.conv_general_dilated`)
-and a fused single-head attention.
+"""The CPU kernels as JAX functions: XLA FFI custom calls with custom VJPs.
 
-XLA's CPU backend runs the score net's 3x3 convolutions at ~40% of the machine's
-matmul rate; oneDNN (what PyTorch uses on CPU) runs them at ~95%
-(`benchmarks/conv_forms.py`). This module builds `onednn_conv.cc` (three XLA FFI
-handlers: forward, input gradient, filter gradient) against the oneDNN of the
-`onednn-cpu-gomp` / `onednn-devel-cpu-gomp` wheels (the `cpu` extra), registers them
-with XLA, and exposes `conv_general_dilated` with a `custom_vjp`, so `jax.grad`,
-`jax.jit` and `jax.vmap` (one call per mapped element) work as with XLA's op.
+* `conv_general_dilated`: `lax.conv_general_dilated`'s signature on oneDNN's
+  convolutions (csrc/onednn_conv.cc) for the 2-D NHWC float32 case, XLA's op otherwise;
+  3x3 'SAME' convolutions at 16-128 channels run Winograd's F(4x4, 3x3) where the CPU
+  has AVX-512 (csrc/winograd.cc, `conv2d`), which also adds a bias and residuals.
+* `attention` (csrc/attention.cc): softmax(q k^T / sqrt(C)) v in row tiles that stay in
+  cache, the [N, N] weights recomputed in the backward pass.
+* `group_norm` (csrc/group_norm.cc): `reference.group_norm` with each example's
+  statistics, affine map and output computed while the example is in cache.
+* `materialize`: an identity XLA must compute into memory.
 
-Same mathematics as `lax.conv_general_dilated` (tests/test_onednn_conv.py checks values
-and gradients against it to f32 round-off). Only what the model needs is routed to
-oneDNN: 2-D, NHWC/HWIO, float32, no dilation, one feature group, non-negative padding;
-anything else falls through to XLA's op. Use it through `model.conv_impl` (see
-`resolve_conv_impl` in vdmrep/models/layers.py), not directly: a custom call has no
-SPMD partitioning rule, so it is only chosen for single-device CPU programs.
+Each computes the same function as its pure-JAX form to float32 round-off (the tests in
+this package). A custom call has no SPMD partitioning rule: `vdmrep.backends` uses them
+for single-device CPU programs only.
 
-`attention` (attention.cc) computes softmax(q k^T / sqrt(C)) v forward and backward
-in [64, N] row tiles that stay in cache, with register-blocked products: XLA's
-form writes and re-reads [N, N] matrices per example (layers.attention).
-
-`conv2d` runs 3x3 'SAME' convolutions at 16-128 channels by Winograd's F(4x4, 3x3)
-(winograd.cc; 1/4 of the direct form's multiply-adds, transforms done in cache; F(2x2,
-3x3) on request) where the CPU has AVX-512: forward, input gradient (the forward of dy
-with the rotated filter) and filter gradient; equal to the direct form up to f32
-round-off (tests/test_onednn_winograd.py). oneDNN's direct convolution takes every
-other case.
-
-`group_norm` (group_norm.cc) is `layers.group_norm` (GroupNorm with the ResNet block's
-conditioning shift, FiLM and swish) with each example's statistics, affine map and
-output, or its backward reductions and input gradient, computed while the example is
-in cache: one read of the activation from memory where XLA's form streams it 2-4 times.
-
-The shared library is compiled once per (sources, oneDNN, jaxlib, CPU) into
-$VDMREP_KERNEL_CACHE (default ~/.cache/vdmrep/kernels) with $CXX (default g++).
+The shared library is compiled by `build()` (`python -m vdmrep.backends.cpu.build`),
+once per (sources, oneDNN, jaxlib, CPU) into $VDMREP_KERNEL_CACHE (default
+~/.cache/vdmrep/kernels) with $CXX (default g++), against the oneDNN of the `cpu` extra.
+Nothing here compiles as a side effect: `load()` only loads a library already built.
 """
 from __future__ import annotations
 
@@ -53,9 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-_SOURCES = tuple(Path(__file__).with_name(f)
-                 for f in ("onednn_conv.cc", "attention.cc", "group_norm.cc", "winograd.cc"))
-_HEADERS = (Path(__file__).with_name("vec_math.h"),)
+_CSRC = Path(__file__).with_name("csrc")
+_SOURCES = tuple(_CSRC / f for f in ("onednn_conv.cc", "attention.cc", "group_norm.cc",
+                                     "winograd.cc"))
+_HEADERS = (_CSRC / "vec_math.h",)
 _TARGETS = {"vdmrep_conv_forward": "VdmrepConvForward",
             "vdmrep_conv_input_grad": "VdmrepConvInputGrad",
             "vdmrep_conv_filter_grad": "VdmrepConvFilterGrad",
@@ -92,49 +77,69 @@ def _onednn_prefix() -> Path:
       return Path(c)
   raise OSError("oneDNN headers/library not found (looked in "
                 f"{[c for c in candidates if c]}); install the `cpu` extra "
-                "(pip install -e '.[cpu]': onednn-cpu-gomp, onednn-devel-cpu-gomp) or set "
+                "(pip install -e '.[cpu]') or set "
                 "VDMREP_ONEDNN_PREFIX")
 
 
-@functools.cache
-def _load() -> ctypes.CDLL:
-  """Builds (once, cached on disk) and registers the FFI handlers; raises OSError."""
+def library_path() -> Path:
+  """Where the library for these sources, this oneDNN, jaxlib and CPU is (or will be)."""
   prefix = _onednn_prefix()
   src = b"".join(f.read_bytes() for f in _SOURCES + _HEADERS)
   tag = hashlib.sha256(src + str(prefix).encode() + jax.__version__.encode()
                        + _cpu_flags()).hexdigest()[:16]
   cache = Path(os.environ.get("VDMREP_KERNEL_CACHE",
                               Path.home() / ".cache" / "vdmrep" / "kernels")) / tag
-  lib_path = cache / "vdmrep_kernels.so"
+  return cache / "vdmrep_kernels.so"
+
+
+def build() -> Path:
+  """Compiles the library (if not yet built) and returns its path; raises OSError."""
+  prefix = _onednn_prefix()
+  lib_path = library_path()
+  if lib_path.exists():
+    return lib_path
+  lib_path.parent.mkdir(parents=True, exist_ok=True)
+  # Build to a private name, then rename: concurrent processes never load a half file.
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
+  os.close(fd)
+  # -fopenmp: the kernels' threads and `omp simd` loops (the same libgomp oneDNN uses);
+  # -march=native: their vectorised loops (the cache tag includes the CPU).
+  cmd = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-fopenmp", "-std=c++17",
+         "-shared", "-fPIC", *map(str, _SOURCES), "-I", jax.ffi.include_dir(),
+         "-I", str(prefix / "include"), "-L", str(prefix / "lib"), "-ldnnl",
+         f"-Wl,-rpath,{prefix / 'lib'}", "-o", tmp]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+  except FileNotFoundError as e:
+    os.unlink(tmp)
+    raise OSError(f"no C++ compiler to build the CPU kernels ({e})") from e
+  if proc.returncode != 0:
+    os.unlink(tmp)
+    raise OSError("building the CPU kernels failed:\n" + " ".join(cmd) + "\n"
+                  + proc.stderr[:3000])
+  os.replace(tmp, lib_path)
+  return lib_path
+
+
+@functools.cache
+def _load() -> ctypes.CDLL:
+  """Loads the built library and registers its FFI handlers; raises OSError (never builds)."""
+  lib_path = library_path()
   if not lib_path.exists():
-    cache.mkdir(parents=True, exist_ok=True)
-    # Build to a private name, then rename: concurrent processes never load a half file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    # -fopenmp: attention.cc's threads and `omp simd` loops (the same libgomp oneDNN
-    # uses); -march=native: its vectorised softmax (the cache tag includes the CPU).
-    cmd = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-fopenmp", "-std=c++17",
-           "-shared", "-fPIC", *map(str, _SOURCES), "-I", jax.ffi.include_dir(),
-           "-I", str(prefix / "include"), "-L", str(prefix / "lib"), "-ldnnl",
-           f"-Wl,-rpath,{prefix / 'lib'}", "-o", tmp]
-    try:
-      proc = subprocess.run(cmd, capture_output=True, text=True)
-    except FileNotFoundError as e:
-      os.unlink(tmp)
-      raise OSError(f"no C++ compiler to build the oneDNN kernels ({e})") from e
-    if proc.returncode != 0:
-      os.unlink(tmp)
-      raise OSError("building the oneDNN kernels failed:\n" + " ".join(cmd) + "\n"
-                    + proc.stderr[:3000])
-    os.replace(tmp, lib_path)
+    raise OSError("CPU kernels not built (python -m vdmrep.backends.cpu.build)")
   lib = ctypes.CDLL(str(lib_path))
   for name, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   return lib
 
 
+def load() -> None:
+  """Loads the built library (registering its handlers); raises OSError if not built."""
+  _load()
+
+
 def unavailable_reason() -> str | None:
-  """None when the oneDNN convolution can run here, else why not (one line or more)."""
+  """None when the kernels are built and can run here, else why not (one line)."""
   if jax.default_backend() != "cpu":
     return f"the default JAX backend is {jax.default_backend()}, not cpu"
   try:
@@ -168,7 +173,7 @@ def _out_shape(x_shape, w_shape, strides, pads):
 # convolution. The filter transforms U = G w G^T and dw = G^T dU G are done here.
 WINOGRAD_CHANNELS = (16, 32, 64, 128)
 WINOGRAD_TILES = (2, 4)
-WINOGRAD_DEFAULT_TILE = 4  # measured faster than 2 at every channel count (benchmarks/README.md)
+WINOGRAD_DEFAULT_TILE = 4  # measured faster than 2 at every channel count (README.md here)
 
 # G [M + 2, 3] of F(M x M, 3x3): F(2x2) from points 0, +-1, infinity; F(4x4) from 0,
 # +-1, +-2, infinity (Lavin & Gray 2016), as in winograd.cc's B^T and A^T.
@@ -251,7 +256,7 @@ def conv2d(x, w, strides, pads, winograd=None, *, bias=None, residual=None):
   winograd: None takes Winograd's F(4x4, 3x3) where `_winograd_ok` holds, False never
   (oneDNN's direct convolution); True, 4 or 2 insist on F(4x4) or F(2x2) (ValueError
   where it cannot apply). F(4x4) does 1/4 of the direct form's multiply-adds, F(2x2)
-  4/9 with about 1/10 of F(4x4)'s round-off (tests/test_onednn_winograd.py).
+  4/9 with about 1/10 of F(4x4)'s round-off (tests/test_winograd.py).
   """
   strides, pads = tuple(strides), tuple(tuple(p) for p in pads)
   ok = _winograd_ok(x.shape, w.shape, strides, pads)
@@ -326,7 +331,7 @@ def materialize(x):
 
   Why: XLA's CPU compiler drops `lax.optimization_barrier` before fusion, and a
   ResNet stack whose blocks read their input only through fusible elementwise ops
-  and reductions (layers.group_norm) let it recompute the residual sums
+  and reductions (reference.group_norm) let it recompute the residual sums
   x_k = x_0 + h_0 + ... + h_(k-1), and their gradients, inside every later block's
   fusions: quadratic in depth. A custom call's operand is always materialised.
   """
@@ -349,8 +354,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          batch_group_count=1, precision=None, preferred_element_type=None):
   """`lax.conv_general_dilated`'s signature; oneDNN for the supported case, else XLA.
 
-  Call `unavailable_reason()` (or build the model with conv_impl='onednn') first: this
-  function assumes the handlers are registered.
+  Raises OSError where the kernels are not built.
   """
   def xla():
     return lax.conv_general_dilated(
@@ -409,7 +413,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 def attention(q, k, v):
   """softmax(q k^T / sqrt(C)) v, one head, f32: q, k, v [B, N, C] -> [B, N, C].
 
-  Same mathematics as `vdmrep.models.layers.attention` (tests/test_onednn_attention.py
+  Same mathematics as `reference.attention` (tests/test_attention.py
   checks values and gradients against it to f32 round-off; the softmax's exponential
   is a polynomial with relative error <= 2.3e-7). Differentiable (custom_vjp); `jax.vmap`
   maps it one call per element. Raises OSError where the kernels cannot be built.
@@ -465,14 +469,14 @@ _group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 def group_norm(x, scale, bias, groups: int, eps: float = 1e-6, *, shift=None, film=None,
                swish: bool = False):
-  """`vdmrep.models.layers.group_norm` (float32) as one fused kernel per direction.
+  """`reference.group_norm` (float32) as one fused kernel per direction.
 
   x f32 [B, H, W, C], or a pair (x1 [B, H, W, C1], x2 [B, H, W, C2]) normalised as
   their concatenation on channels (C = C1 + C2) without writing it; scale, bias [C];
   shift [B, C] added to x before normalising; film = (s, b), each [B, C]:
   y * (1 + s) + b; swish last. Returns f32 [B, H, W, C].
-  Same mathematics (tests/test_onednn_group_norm.py: values and gradients for every
-  argument against layers.group_norm to f32 round-off); statistics are two-pass in
+  Same mathematics (tests/test_group_norm.py: values and gradients for every
+  argument against reference.group_norm to f32 round-off); statistics are two-pass in
   double. Differentiable (custom_vjp); `jax.vmap` maps it one call per element.
   Raises OSError where the kernels cannot be built.
   """

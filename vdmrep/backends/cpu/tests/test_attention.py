@@ -1,9 +1,9 @@
-"""The fused attention kernel (vdmrep/kernels/attention.cc) computes what
-`layers.attention` computes: values and gradients to f32 round-off, over row-tile
+"""The fused attention kernel (csrc/attention.cc) computes what
+`reference.attention` computes: values and gradients to f32 round-off, over row-tile
 remainders, extreme logits, jit and vmap, bit-identical between calls; and the model
-routes its attention blocks to it with conv_impl='onednn'.
+routes its attention blocks to it with backend='cpu'.
 
-Skipped where the kernels cannot be built, except when VDMREP_REQUIRE_ONEDNN=1 (CI).
+Skipped where the kernels cannot be built, except when VDMREP_REQUIRE_CPU_KERNELS=1 (CI).
 """
 import os
 
@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from vdmrep import config_lib
-from vdmrep.kernels import onednn
-from vdmrep.models import build_model, layers
+from vdmrep.backends.cpu import kernels
+from vdmrep.backends import build_model
+from vdmrep.backends.cpu import layers as cpu_layers, reference
 
-_REASON = onednn.unavailable_reason()
-if _REASON is not None and os.environ.get("VDMREP_REQUIRE_ONEDNN") == "1":
-  raise RuntimeError(f"VDMREP_REQUIRE_ONEDNN=1 but the oneDNN kernels cannot run: {_REASON}")
+_REASON = kernels.unavailable_reason()
+if _REASON is not None and os.environ.get("VDMREP_REQUIRE_CPU_KERNELS") == "1":
+  raise RuntimeError(f"VDMREP_REQUIRE_CPU_KERNELS=1 but the oneDNN kernels cannot run: {_REASON}")
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"oneDNN kernels: {_REASON}")
 
 
@@ -28,8 +29,8 @@ def _qkv(shape, scale=1.0, seed=0):
 
 
 def _check(q, k, v, rtol=2e-5):
-  ref, vjp_ref = jax.vjp(lambda *a: layers.attention(*a), q, k, v)
-  out, vjp = jax.jit(lambda *a: jax.vjp(onednn.attention, *a))(q, k, v)
+  ref, vjp_ref = jax.vjp(lambda *a: reference.attention(*a), q, k, v)
+  out, vjp = jax.jit(lambda *a: jax.vjp(kernels.attention, *a))(q, k, v)
   assert out.shape == ref.shape and out.dtype == jnp.float32
   np.testing.assert_allclose(out, ref, rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(ref))))
   d_out = jax.random.normal(jax.random.key(9), ref.shape)
@@ -59,10 +60,10 @@ def test_extreme_logits():
 
 def test_vmap_and_determinism():
   q, k, v = _qkv((3, 2, 70, 8), seed=2)
-  mapped = jax.jit(jax.vmap(onednn.attention))(q, k, v)
+  mapped = jax.jit(jax.vmap(kernels.attention))(q, k, v)
   for i in range(3):
-    np.testing.assert_array_equal(mapped[i], jax.jit(onednn.attention)(q[i], k[i], v[i]))
-  g = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(onednn.attention(*a))), (0, 1, 2)))
+    np.testing.assert_array_equal(mapped[i], jax.jit(kernels.attention)(q[i], k[i], v[i]))
+  g = jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(kernels.attention(*a))), (0, 1, 2)))
   first = g(q[0], k[0], v[0])
   for _ in range(3):
     for a, b in zip(g(q[0], k[0], v[0]), first):
@@ -72,23 +73,23 @@ def test_vmap_and_determinism():
 def test_rejects_bad_inputs():
   q, k, v = _qkv((2, 10, 4))
   with pytest.raises(ValueError, match="equal"):
-    onednn.attention(q, k[:, :5], v)
+    kernels.attention(q, k[:, :5], v)
   with pytest.raises(ValueError, match="float32 only"):
-    onednn.attention(q.astype(jnp.bfloat16), k, v)
+    kernels.attention(q.astype(jnp.bfloat16), k, v)
 
 
 def test_model_attention_blocks_use_the_kernel():
-  """conv_impl='onednn': both attention blocks (encoder, score net) call the kernel,
+  """backend='cpu': both attention blocks (encoder, score net) call the kernel,
   forward and backward; 'xla': neither does."""
   c = config_lib.base_config()
   c.model.vdm, c.model.encoder = "mvdm", "te"
   x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1)), jnp.uint8)
-  for impl in ("onednn", "xla"):
-    c.model.conv_impl = impl
+  for impl in ("cpu", "xla"):
+    c.model.backend = impl
     model = build_model(c.model)
     params = model.init(jax.random.key(0), (8, 8, 1))
     loss = lambda p: jnp.mean(model.elbo_terms(p, x, jax.random.key(1))["diffusion"])
     hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
-    expected = 2 if impl == "onednn" else 0
+    expected = 2 if impl == "cpu" else 0
     assert hlo.count("vdmrep_attention_forward") == expected, impl
     assert hlo.count("vdmrep_attention_backward") == expected, impl

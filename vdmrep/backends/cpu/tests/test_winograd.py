@@ -1,11 +1,11 @@
-"""The Winograd F(4x4, 3x3) and F(2x2, 3x3) convolution kernels (vdmrep/kernels/winograd.cc)
+"""The Winograd F(4x4, 3x3) and F(2x2, 3x3) convolution kernels (csrc/winograd.cc)
 compute the 3x3 'SAME' convolution: values, input and filter gradients against XLA's
 convolution at every channel count they are compiled for and odd image sizes; error
 against a float64 reference within a stated factor of oneDNN's direct convolution's;
 bit-identical between calls and for any OpenMP thread count; the model's block
 convolutions run on it; what it does not cover falls back to the direct convolution.
 
-Skipped where the kernels cannot be built, or (except when VDMREP_REQUIRE_ONEDNN=1,
+Skipped where the kernels cannot be built, or (except when VDMREP_REQUIRE_CPU_KERNELS=1,
 CI) where the CPU lacks AVX-512.
 """
 import os
@@ -19,15 +19,15 @@ import pytest
 from jax import lax
 
 from vdmrep import config_lib
-from vdmrep.kernels import onednn
-from vdmrep.models import build_model
+from vdmrep.backends.cpu import kernels
+from vdmrep.backends import build_model
 
-_REASON = onednn.unavailable_reason()
-if _REASON is None and not onednn.winograd_available():
+_REASON = kernels.unavailable_reason()
+if _REASON is None and not kernels.winograd_available():
   _REASON = "the Winograd kernel needs AVX-512"
-if _REASON is not None and os.environ.get("VDMREP_REQUIRE_ONEDNN") == "1" and (
-    onednn.unavailable_reason() is not None):
-  raise RuntimeError(f"VDMREP_REQUIRE_ONEDNN=1 but the oneDNN kernels cannot run: {_REASON}")
+if _REASON is not None and os.environ.get("VDMREP_REQUIRE_CPU_KERNELS") == "1" and (
+    kernels.unavailable_reason() is not None):
+  raise RuntimeError(f"VDMREP_REQUIRE_CPU_KERNELS=1 but the oneDNN kernels cannot run: {_REASON}")
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"Winograd kernel: {_REASON}")
 
 SAME = ((1, 1), (1, 1))
@@ -39,7 +39,7 @@ def _ref(x, w):
 
 
 def _conv(x, w, tile=None):
-  return onednn.conv2d(x, w, (1, 1), SAME, winograd=tile)
+  return kernels.conv2d(x, w, (1, 1), SAME, winograd=tile)
 
 
 def _case(x_shape, o, seed=0):
@@ -91,7 +91,7 @@ def test_bias_and_residual_inside_the_kernel(tile):
   x, w, dy = _case((3, 9, 10, 32), 64)
   kb, kr = jax.random.split(jax.random.key(7))
   b, r = jax.random.normal(kb, (64,)), 3.0 + jax.random.normal(kr, dy.shape)
-  conv = lambda x, w, b, r: onednn.conv2d(x, w, (1, 1), SAME, winograd=tile, bias=b, residual=r)
+  conv = lambda x, w, b, r: kernels.conv2d(x, w, (1, 1), SAME, winograd=tile, bias=b, residual=r)
   ref = lambda x, w, b, r: _ref(x, w) + b + r
   (out, pullback), (want, ref_pullback) = jax.vjp(conv, x, w, b, r), jax.vjp(ref, x, w, b, r)
   tol = _TOLERANCE[tile or 4] if tile is not False else 2e-6
@@ -106,18 +106,18 @@ def test_bias_and_residual_inside_the_kernel(tile):
     assert not [line for line in hlo.splitlines()
                 if big in line and ("stablehlo.add" in line or "stablehlo.reduce" in line)]
   # Either operand alone.
-  np.testing.assert_allclose(onednn.conv2d(x, w, (1, 1), SAME, winograd=tile, bias=b),
+  np.testing.assert_allclose(kernels.conv2d(x, w, (1, 1), SAME, winograd=tile, bias=b),
                              _ref(x, w) + b, rtol=0, atol=tol * scale(want))
-  np.testing.assert_allclose(onednn.conv2d(x, w, (1, 1), SAME, winograd=tile, residual=r),
+  np.testing.assert_allclose(kernels.conv2d(x, w, (1, 1), SAME, winograd=tile, residual=r),
                              _ref(x, w) + r, rtol=0, atol=tol * scale(want))
 
 
 def test_bias_and_residual_of_the_wrong_shape_are_named():
   x, w = jnp.ones((2, 8, 8, 32)), jnp.ones((3, 3, 32, 16))
   with pytest.raises(ValueError, match=r"bias must be \[16\]"):
-    onednn.conv2d(x, w, (1, 1), SAME, bias=jnp.ones((32,)))
+    kernels.conv2d(x, w, (1, 1), SAME, bias=jnp.ones((32,)))
   with pytest.raises(ValueError, match="residual must be the output's shape"):
-    onednn.conv2d(x, w, (1, 1), SAME, residual=jnp.ones((2, 8, 8, 32)))
+    kernels.conv2d(x, w, (1, 1), SAME, residual=jnp.ones((2, 8, 8, 32)))
 
 
 def _float64_conv(x, w):
@@ -138,7 +138,7 @@ def test_error_against_float64_is_bounded_by_that_of_a_direct_convolution():
   x = 3.0 + 2.0 * x  # post-residual activations are not centred
   exact = _float64_conv(x, w)
   form = lambda winograd: np.asarray(jax.jit(
-      lambda x, w: onednn.conv2d(x, w, (1, 1), SAME, winograd=winograd))(x, w), np.float64)
+      lambda x, w: kernels.conv2d(x, w, (1, 1), SAME, winograd=winograd))(x, w), np.float64)
   err = {tile: np.max(np.abs(form(tile) - exact)) for tile in (False, 2, 4)}
   largest = np.max(np.abs(exact))
   assert err[2] <= 4.0 * err[False] + 1e-7 and err[2] <= 2e-6 * largest, err
@@ -148,11 +148,11 @@ def test_error_against_float64_is_bounded_by_that_of_a_direct_convolution():
 
 _THREADS_SCRIPT = """
 import sys, numpy as np, jax, jax.numpy as jnp
-from vdmrep.kernels import onednn
+from vdmrep.backends.cpu import kernels
 x = jax.random.normal(jax.random.key(0), (12, 9, 10, 32))
 w = jax.random.normal(jax.random.key(1), (3, 3, 32, 64)) / 17.0
 b = jnp.linspace(-1.0, 1.0, 64)
-conv = lambda x, w, b, tile: onednn.conv2d(x, w, (1, 1), ((1, 1), (1, 1)), winograd=tile, bias=b)
+conv = lambda x, w, b, tile: kernels.conv2d(x, w, (1, 1), ((1, 1), (1, 1)), winograd=tile, bias=b)
 f = jax.jit(jax.value_and_grad(  # both tile sizes
     lambda x, w, b: jnp.sum(jnp.sin(conv(x, w, b, 4))) + jnp.sum(jnp.cos(conv(x, w, b, 2))),
     (0, 1, 2)))
@@ -193,26 +193,26 @@ def test_vmap_maps_each_element():
 def test_other_convolutions_stay_direct(x_shape, w_shape, strides, pads):
   x = jax.random.normal(jax.random.key(0), x_shape)
   w = jax.random.normal(jax.random.key(1), w_shape) / 10.0
-  f = jax.jit(jax.grad(lambda x, w: jnp.sum(onednn.conv2d(x, w, strides, pads) ** 2), (0, 1)))
+  f = jax.jit(jax.grad(lambda x, w: jnp.sum(kernels.conv2d(x, w, strides, pads) ** 2), (0, 1)))
   hlo = f.lower(x, w).as_text()
   assert "vdmrep_winograd" not in hlo and "vdmrep_conv_forward" in hlo
 
 
 def test_insisting_on_it_where_it_does_not_apply_is_an_error():
   with pytest.raises(ValueError, match="no Winograd kernel"):
-    onednn.conv2d(jnp.ones((1, 8, 8, 5)), jnp.ones((3, 3, 5, 32)), (1, 1), SAME, winograd=True)
+    kernels.conv2d(jnp.ones((1, 8, 8, 5)), jnp.ones((3, 3, 5, 32)), (1, 1), SAME, winograd=True)
   with pytest.raises(ValueError, match="tile size in"):
-    onednn.conv2d(jnp.ones((1, 8, 8, 16)), jnp.ones((3, 3, 16, 16)), (1, 1), SAME, winograd=3)
+    kernels.conv2d(jnp.ones((1, 8, 8, 16)), jnp.ones((3, 3, 16, 16)), (1, 1), SAME, winograd=3)
 
 
 def test_bad_shapes_are_named():
   x = jnp.ones((2, 8, 8, 32))
   with pytest.raises(Exception, match="vdmrep winograd"):
-    jax.block_until_ready(onednn._winograd(x, jnp.ones((16, 16, 32))))  # C mismatch
+    jax.block_until_ready(kernels._winograd(x, jnp.ones((16, 16, 32))))  # C mismatch
   with pytest.raises(Exception, match="vdmrep winograd: channels"):
-    jax.block_until_ready(onednn._winograd(jnp.ones((2, 8, 8, 48)), jnp.ones((16, 48, 32))))
+    jax.block_until_ready(kernels._winograd(jnp.ones((2, 8, 8, 48)), jnp.ones((16, 48, 32))))
   with pytest.raises(Exception, match=r"u \[16 or 36, C, O\]"):  # 25 points: no tile
-    jax.block_until_ready(onednn._winograd(x, jnp.ones((25, 32, 32))))
+    jax.block_until_ready(kernels._winograd(x, jnp.ones((25, 32, 32))))
 
 
 def test_model_block_convolutions_run_on_it():
@@ -221,7 +221,7 @@ def test_model_block_convolutions_run_on_it():
   filter gradient; conv_in and conv_out (5 and 1 channels) and the 1x1 maps stay direct."""
   c = config_lib.base_config()
   c.model.vdm, c.model.encoder, c.model.n_blocks, c.model.channels = "mvdm", "te", 1, 16
-  c.model.conv_impl = "onednn"
+  c.model.backend = "cpu"
   config_lib.validate(c)
   model = build_model(c.model)
   params = model.init(jax.random.key(0), (8, 8, 1))

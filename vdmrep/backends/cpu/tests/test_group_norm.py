@@ -1,10 +1,10 @@
-"""The fused GroupNorm kernel (vdmrep/kernels/group_norm.cc) computes what
-`layers.group_norm` computes (GroupNorm with the conditioning shift, FiLM and swish):
+"""The fused GroupNorm kernel (csrc/group_norm.cc) computes what
+`reference.group_norm` computes (GroupNorm with the conditioning shift, FiLM and swish):
 values and every argument's gradient to f32 round-off, at the specialised channel
 counts and others; accurately where the one-pass variance loses digits; under vmap;
-bit-identical between calls; and the model's norms run on it with conv_impl='onednn'.
+bit-identical between calls; and the model's norms run on it with backend='cpu'.
 
-Skipped where the kernels cannot be built, except when VDMREP_REQUIRE_ONEDNN=1 (CI).
+Skipped where the kernels cannot be built, except when VDMREP_REQUIRE_CPU_KERNELS=1 (CI).
 """
 import os
 
@@ -16,12 +16,13 @@ import pytest
 import flax.linen as nn
 
 from vdmrep import config_lib
-from vdmrep.kernels import onednn
-from vdmrep.models import build_model, layers
+from vdmrep.backends.cpu import kernels
+from vdmrep.backends import build_model
+from vdmrep.backends.cpu import layers as cpu_layers, reference
 
-_REASON = onednn.unavailable_reason()
-if _REASON is not None and os.environ.get("VDMREP_REQUIRE_ONEDNN") == "1":
-  raise RuntimeError(f"VDMREP_REQUIRE_ONEDNN=1 but the oneDNN kernels cannot run: {_REASON}")
+_REASON = kernels.unavailable_reason()
+if _REASON is not None and os.environ.get("VDMREP_REQUIRE_CPU_KERNELS") == "1":
+  raise RuntimeError(f"VDMREP_REQUIRE_CPU_KERNELS=1 but the oneDNN kernels cannot run: {_REASON}")
 pytestmark = pytest.mark.skipif(_REASON is not None, reason=f"oneDNN kernels: {_REASON}")
 
 
@@ -59,8 +60,8 @@ def test_matches_layers_group_norm(shape, groups, use_shift, use_film, swish):
   mk = lambda fn: jax.jit(jax.value_and_grad(
       _loss(fn, groups, use_shift, use_film, swish, a["probe"]), argnums=range(6),
       has_aux=True))
-  (_, y), grads = mk(onednn.group_norm)(*args)
-  (_, y_ref), grads_ref = mk(layers.group_norm)(*args)
+  (_, y), grads = mk(kernels.group_norm)(*args)
+  (_, y_ref), grads_ref = mk(reference.group_norm)(*args)
   assert y.shape == shape and y.dtype == jnp.float32
   np.testing.assert_allclose(y, y_ref, rtol=0, atol=2e-5 * float(jnp.max(jnp.abs(y_ref))))
   names = ("x", "scale", "bias", "shift", "film scale", "film bias")
@@ -83,7 +84,7 @@ def test_two_parts_match_their_concatenation(split, groups):
   def loss(joined):
     def f(x1, x2, scale, bias, shift, fs, fb):
       x = jnp.concatenate([x1, x2], -1) if joined else (x1, x2)
-      fn = layers.group_norm if joined else onednn.group_norm
+      fn = reference.group_norm if joined else kernels.group_norm
       return jnp.sum(fn(x, scale, bias, groups, shift=shift, film=(fs, fb), swish=True)
                      * a["probe"])
     return jax.jit(jax.value_and_grad(f, argnums=range(7)))
@@ -102,7 +103,7 @@ def test_resnet_block_on_parts_equals_block_on_concatenation():
   k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
   h, skip = jax.random.normal(k1, (2, 6, 6, 16)), jax.random.normal(k2, (2, 6, 6, 16))
   cond = jax.random.normal(k3, (2, 8))
-  block = layers.ResnetBlock(out_ch=16, conv_impl="onednn")
+  block = cpu_layers.ResnetBlock(out_ch=16)
   params = block.init(jax.random.key(0), (h, skip), cond)
   params_joined = block.init(jax.random.key(0), jnp.concatenate([h, skip], -1), cond)
   assert jax.tree.structure(params) == jax.tree.structure(params_joined)
@@ -133,21 +134,21 @@ def test_parts_dense_is_dense_on_the_concatenation():
   parts = (jax.random.normal(jax.random.key(0), (3, 5)),
            jax.random.normal(jax.random.key(1), (3, 7)))
   joined = jnp.concatenate(parts, -1)
-  p = layers.PartsDense(4).init(jax.random.key(2), parts)
+  p = cpu_layers.Dense(4).init(jax.random.key(2), parts)
   p_dense = nn.Dense(4).init(jax.random.key(2), joined)
   for u, v in zip(jax.tree.leaves(p), jax.tree.leaves(p_dense)):
     np.testing.assert_array_equal(u, v)
-  np.testing.assert_allclose(layers.PartsDense(4).apply(p, parts),
+  np.testing.assert_allclose(cpu_layers.Dense(4).apply(p, parts),
                              nn.Dense(4).apply(p_dense, joined), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("n_parts", [1, 2])
 def test_parts_dense_on_onednn_is_dense(n_parts):
-  """conv_impl='onednn' (each part a oneDNN 1x1 convolution, the up blocks' shortcuts
+  """backend='cpu' (each part a oneDNN 1x1 convolution, the up blocks' shortcuts
   and the attention projections): nn.Dense's values and gradients on the concatenation."""
   parts = tuple(jax.random.normal(jax.random.key(i), (2, 5, 6, 16)) for i in range(n_parts))
   joined = jnp.concatenate(parts, -1)
-  module = layers.PartsDense(8, conv_impl="onednn")
+  module = cpu_layers.Dense(8)
   p = module.init(jax.random.key(2), parts)
   p = jax.tree.map(lambda t: t + 0.1 * jax.random.normal(jax.random.key(3), t.shape), p)
   probe = jax.random.normal(jax.random.key(4), (2, 5, 6, 8))
@@ -166,17 +167,17 @@ def test_statistics_are_accurate_where_one_pass_variance_is_not():
   (1e-4 against 1e4); the kernel's two-pass double statistics match a float64 GroupNorm."""
   x = 100.0 + 0.01 * jax.random.normal(jax.random.key(0), (2, 6, 6, 8))
   scale, bias = jnp.ones(8), jnp.zeros(8)
-  y = onednn.group_norm(x, scale, bias, 2, 1e-6)
+  y = kernels.group_norm(x, scale, bias, 2, 1e-6)
   xd = np.asarray(x, np.float64).reshape(2, 36, 2, 4)
   ref = (xd - xd.mean(axis=(1, 3), keepdims=True)) / np.sqrt(
       xd.var(axis=(1, 3), keepdims=True) + 1e-6)
   np.testing.assert_allclose(y, ref.reshape(x.shape), rtol=0, atol=2e-3)
-  assert float(jnp.max(jnp.abs(layers.group_norm(x, scale, bias, 2) - ref.reshape(x.shape)))) > 0.1
+  assert float(jnp.max(jnp.abs(reference.group_norm(x, scale, bias, 2) - ref.reshape(x.shape)))) > 0.1
 
 
 def test_vmap_and_determinism():
   a = _inputs((3, 4, 4, 16))
-  f = jax.jit(lambda x, sh: onednn.group_norm(x, a["scale"], a["bias"], 4, shift=sh,
+  f = jax.jit(lambda x, sh: kernels.group_norm(x, a["scale"], a["bias"], 4, shift=sh,
                                               swish=True))
   xs = jnp.stack([a["x"], 2.0 * a["x"]])
   shifts = jnp.stack([a["shift"], -a["shift"]])
@@ -192,18 +193,18 @@ def test_vmap_and_determinism():
 def test_rejects_bad_inputs():
   x = jnp.ones((2, 4, 4, 8))
   with pytest.raises(ValueError, match="do not split into 3 groups"):
-    onednn.group_norm(x, jnp.ones(8), jnp.zeros(8), 3)
+    kernels.group_norm(x, jnp.ones(8), jnp.zeros(8), 3)
   with pytest.raises(ValueError, match="float32 only"):
-    onednn.group_norm(x.astype(jnp.bfloat16), jnp.ones(8), jnp.zeros(8), 2)
+    kernels.group_norm(x.astype(jnp.bfloat16), jnp.ones(8), jnp.zeros(8), 2)
   with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
-    onednn.group_norm(jnp.ones((4, 8)), jnp.ones(8), jnp.zeros(8), 2)
+    kernels.group_norm(jnp.ones((4, 8)), jnp.ones(8), jnp.zeros(8), 2)
   with pytest.raises(ValueError, match="differ only in C"):
-    onednn.group_norm((x, jnp.ones((2, 4, 5, 8))), jnp.ones(16), jnp.zeros(16), 2)
+    kernels.group_norm((x, jnp.ones((2, 4, 5, 8))), jnp.ones(16), jnp.zeros(16), 2)
 
 
 def _hlo(conv_impl):
   c = config_lib.base_config()
-  c.model.vdm, c.model.encoder, c.model.conv_impl = "mvdm", "te", conv_impl
+  c.model.vdm, c.model.encoder, c.model.backend = "mvdm", "te", conv_impl
   model = build_model(c.model)
   params = model.init(jax.random.key(0), (8, 8, 1))
   x = jnp.zeros((2, 8, 8, 1), jnp.uint8)
@@ -212,10 +213,10 @@ def _hlo(conv_impl):
 
 
 def test_model_norms_use_the_kernel():
-  """With conv_impl='onednn' every GroupNorm of both networks is a kernel call, forward
+  """With backend='cpu' every GroupNorm of both networks is a kernel call, forward
   and backward (ResNet blocks' two, the attention blocks' and the output norms; the
   score net's 5 up blocks read [h, skip] as parts); with 'xla' none is."""
-  hlo, hlo_xla = _hlo("onednn"), _hlo("xla")
+  hlo, hlo_xla = _hlo("cpu"), _hlo("xla")
   fwd, bwd = hlo.count("vdmrep_group_norm_forward"), hlo.count("vdmrep_group_norm_backward")
   assert fwd >= 20 and bwd == fwd
   assert hlo.count("vdmrep_group_norm_parts_forward") == 5  # MVDM: n_blocks + 1 up blocks

@@ -1,17 +1,17 @@
 """Whole train step with one fused CPU kernel vs the XLA form it replaced, A/B.
 
-  python benchmarks/kernel_ab.py --kernel attention --vdm mvdm --encoder te --repeats 11
-  python benchmarks/kernel_ab.py --kernel group_norm --vdm tvdm --encoder te
-  python benchmarks/kernel_ab.py --kernel parts --vdm tvdm --encoder te
-  python benchmarks/kernel_ab.py --kernel winograd --vdm tvdm --encoder te
-  python benchmarks/kernel_ab.py --kernel dense --vdm tvdm --encoder te
-  python benchmarks/kernel_ab.py --kernel winograd4 --vdm tvdm --encoder te
-  python benchmarks/kernel_ab.py --kernel conv_adds --vdm tvdm --encoder te
+  python vdmrep/backends/cpu/benchmarks/kernel_ab.py --kernel attention --vdm mvdm --encoder te --repeats 11
+  python vdmrep/backends/cpu/benchmarks/kernel_ab.py --kernel group_norm --vdm tvdm --encoder te
+  python vdmrep/backends/cpu/benchmarks/kernel_ab.py --kernel parts --vdm tvdm --encoder te
+  python vdmrep/backends/cpu/benchmarks/kernel_ab.py --kernel winograd --vdm tvdm --encoder te
+  python vdmrep/backends/cpu/benchmarks/kernel_ab.py --kernel dense --vdm tvdm --encoder te
+  python vdmrep/backends/cpu/benchmarks/kernel_ab.py --kernel winograd4 --vdm tvdm --encoder te
+  python vdmrep/backends/cpu/benchmarks/kernel_ab.py --kernel conv_adds --vdm tvdm --encoder te
 
-Both programs use oneDNN convolutions (conv_impl='onednn'); the second is built with
-the kernel replaced while it is traced: `onednn.attention` by `layers.attention(q, k,
-v, 1)` (one example per chunk, what the attention blocks ran before the kernel), or
-`onednn.group_norm` by `layers.group_norm` (the folded norm in XLA); with `parts`,
+Both programs use the CPU backend (model.backend='cpu'); the second is built with
+the kernel replaced while it is traced: `kernels.attention` by `reference.attention(q,
+k, v, 1)` (one example per chunk, what the attention blocks ran before the kernel), or
+`kernels.group_norm` by `reference.group_norm` (the folded norm in XLA); with `parts`,
 the up blocks normalise and project a concatenated [h, skip] instead of the two parts;
 with `winograd`, the 3x3 convolutions run oneDNN's direct convolution throughout; with
 `winograd4`, Winograd's F(2x2, 3x3) instead of the default F(4x4, 3x3); with
@@ -29,27 +29,33 @@ from __future__ import annotations
 import functools
 import time
 
-import common
-import train_step
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[".."] * 4,
+                                "benchmarks"))
+import common  # noqa: E402  (the repository's benchmarks/)
+import train_step  # noqa: E402
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdmrep.kernels import onednn
-from vdmrep.models import layers
+from vdmrep.backends.cpu import kernels, reference
+from vdmrep.backends.cpu import layers as cpu_layers
+
 
 def _joined(x):
   """A tuple of channel parts as one tensor (the U-Net's [h, skip] concatenation)."""
   return jnp.concatenate(x, axis=-1) if isinstance(x, (tuple, list)) else x
 
 
-class _DenseOnConcatenation(layers.PartsDense):
-  """PartsDense (same parameters) as the nn.Dense on the concatenation it replaced."""
+class _DenseOnConcatenation(cpu_layers.Dense):
+  """Dense (same parameters) as the nn.Dense on the concatenation it replaced."""
 
   @nn.compact
-  def __call__(self, parts):
+  def __call__(self, parts, unsummed=False):
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (sum(p.shape[-1] for p in parts), self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
@@ -57,7 +63,25 @@ class _DenseOnConcatenation(layers.PartsDense):
         {"params": {"kernel": kernel, "bias": bias}}, _joined(parts))
 
 
-class _ConvAddsInXla(layers.Conv3x3):
+class _DenseInXla(cpu_layers.Dense):
+  """Dense (same parameters) as XLA's dot on each part."""
+
+  @nn.compact
+  def __call__(self, parts, unsummed=False):
+    parts = tuple(parts) if isinstance(parts, (tuple, list)) else (parts,)
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (sum(p.shape[-1] for p in parts), self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    products, start = [], 0
+    for p in parts:
+      products.append(p @ kernel[start:start + p.shape[-1]])
+      start += p.shape[-1]
+    if unsummed:
+      return tuple(products), bias
+    return functools.reduce(jnp.add, products) + bias
+
+
+class _ConvAddsInXla(cpu_layers.Conv3x3):
   """Conv3x3 (same parameters) with its bias and residual added by XLA after the kernel,
   as the ResNet blocks did before the kernel took them in."""
 
@@ -66,7 +90,7 @@ class _ConvAddsInXla(layers.Conv3x3):
     kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features),
                         jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    y = onednn.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1))) + bias
+    y = kernels.conv2d(x, kernel, (1, 1), ((1, 1), (1, 1))) + bias
     if residual is None:
       return y
     parts = tuple(residual) if isinstance(residual, (tuple, list)) else (residual,)
@@ -77,19 +101,18 @@ class _ConvAddsInXla(layers.Conv3x3):
 # --kernel -> (the baseline's name, {(owner, attribute): the form it replaced}).
 BASELINES = {
     "attention": ("xla chunked",
-                  {(onednn, "attention"): lambda q, k, v: layers.attention(q, k, v, 1)}),
-    "group_norm": ("xla folded", {(onednn, "group_norm"):
-                                  lambda x, *a, **k: layers.group_norm(_joined(x), *a, **k)}),
+                  {(kernels, "attention"): lambda q, k, v: reference.attention(q, k, v, 1)}),
+    "group_norm": ("xla folded", {(kernels, "group_norm"):
+                                  lambda x, *a, **k: reference.group_norm(_joined(x), *a, **k)}),
     # The up blocks' [h, skip] as parts (norm kernel and 1x1 shortcut read them) vs one
     # concatenated tensor (XLA merges the two identical concatenations into one).
     "parts": ("concatenated", {
-        (onednn, "group_norm"): lambda x, *a, _f=onednn.group_norm, **k: _f(_joined(x), *a, **k),
-        (layers, "PartsDense"): _DenseOnConcatenation}),
-    "winograd": ("onednn direct", {(onednn, "_winograd_ok"): lambda *a: False}),
-    "winograd4": ("winograd F(2x2)", {(onednn, "WINOGRAD_DEFAULT_TILE"): 2}),
-    "conv_adds": ("adds in xla", {(layers, "Conv3x3"): _ConvAddsInXla}),
-    "dense": ("xla dot", {(layers, "PartsDense"): lambda *a, _cls=layers.PartsDense, **k:
-                             _cls(*a, **{**k, "conv_impl": "xla"})}),
+        (kernels, "group_norm"): lambda x, *a, _f=kernels.group_norm, **k: _f(_joined(x), *a, **k),
+        (cpu_layers, "Dense"): _DenseOnConcatenation}),
+    "winograd": ("onednn direct", {(kernels, "_winograd_ok"): lambda *a: False}),
+    "winograd4": ("winograd F(2x2)", {(kernels, "WINOGRAD_DEFAULT_TILE"): 2}),
+    "conv_adds": ("adds in xla", {(cpu_layers, "Conv3x3"): _ConvAddsInXla}),
+    "dense": ("xla dot", {(cpu_layers, "Dense"): _DenseInXla}),
 }
 
 
@@ -98,8 +121,8 @@ def main():
   p.add_argument("--kernel", choices=sorted(BASELINES), default="attention")
   p.add_argument("--repeats", type=int, default=9)
   args = p.parse_args()
-  if onednn.unavailable_reason():
-    p.error(f"the kernels cannot run here: {onednn.unavailable_reason()}")
+  if kernels.unavailable_reason():
+    p.error(f"the kernels cannot run here: {kernels.unavailable_reason()}")
   baseline_name, patches = BASELINES[args.kernel]
   built = {}
   for name in ("kernel", baseline_name):
@@ -109,7 +132,7 @@ def main():
         setattr(owner, attr, fn)
     try:
       _, compiled, state, x, key = train_step.build(args.vdm, args.encoder, args.batch,
-                                                    args.image, conv_impl="onednn")
+                                                    args.image, backend="cpu")
     finally:
       for (owner, attr), fn in saved.items():
         setattr(owner, attr, fn)
@@ -126,7 +149,7 @@ def main():
       else:
         first[name] = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
   print(f"\n{args.vdm} + {args.encoder}, batch {args.batch}, {args.image}x{args.image}, "
-        f"float32, oneDNN convolutions, {args.repeats} steps each, alternating:")
+        f"float32, CPU backend, {args.repeats} steps each, alternating:")
   for name, ts in times.items():
     med, lo, hi = common.summary(ts)
     fmt = common.fmt_s

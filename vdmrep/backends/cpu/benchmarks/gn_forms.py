@@ -1,29 +1,35 @@
 """GroupNorm + swish (and the conditioning add before it), three exact forms: flax's
-nn.GroupNorm with separate ops, vdmrep's GroupNorm(fold=False) (flax's op sequence, the
-XLA-convolution path) and the folded `layers.group_norm` (the oneDNN path). Forward and
+nn.GroupNorm with separate ops (the plain model), the folded `reference.group_norm` in
+XLA and the fused kernel (the CPU backend's GroupNorm). Forward and
 forward + backward (gradients for x, scale, bias, shift) timed alone.
 
-  python benchmarks/gn_forms.py --batch 64 --image 28 --channels 32,64
+  python vdmrep/backends/cpu/benchmarks/gn_forms.py --batch 64 --image 28 --channels 32,64
 
 Why it exists: after the oneDNN convolutions, a ResNet block spent ~30 of its ~70 ms
 in GroupNorm / swish / add fusions (benchmarks/README.md); this is the evidence for the
 folded form. Alone it is what to expect inside a model only where each block's output
-is materialised (`onednn.materialize`; benchmarks/README.md has the whole-step figures).
+is materialised (`kernels.materialize`; benchmarks/README.md has the whole-step figures).
 Each form's output is checked against flax's before it is timed.
 """
 from __future__ import annotations
 
 import argparse
 
-import common
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[".."] * 4,
+                                "benchmarks"))
+import common  # noqa: E402  (the repository's benchmarks/)
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdmrep.kernels import onednn
-from vdmrep.models.layers import GroupNorm, group_norm, num_groups
+from vdmrep.backends.cpu import kernels
+from vdmrep.backends.cpu.reference import group_norm
+from vdmrep.models.layers import num_groups
 
 
 def flax_form(x, scale, bias, shift):
@@ -33,22 +39,17 @@ def flax_form(x, scale, bias, shift):
   return nn.swish(y)
 
 
-def module_form(x, scale, bias, shift):
-  return GroupNorm(num_groups(x.shape[-1]), fold=False).apply(
-      {"params": {"scale": scale, "bias": bias}}, x, shift=shift, swish=True)
-
-
 def folded_form(x, scale, bias, shift):
   return group_norm(x, scale, bias, num_groups(x.shape[-1]), 1e-6, shift=shift, swish=True)
 
 
 def kernel_form(x, scale, bias, shift):
-  return onednn.group_norm(x, scale, bias, num_groups(x.shape[-1]), 1e-6, shift=shift,
+  return kernels.group_norm(x, scale, bias, num_groups(x.shape[-1]), 1e-6, shift=shift,
                            swish=True)
 
 
-FORMS = {"flax GroupNorm + add + swish": flax_form, "GroupNorm(fold=False)": module_form,
-         "folded (layers.group_norm)": folded_form, "fused kernel (onednn.group_norm)": kernel_form}
+FORMS = {"flax GroupNorm + add + swish": flax_form,
+         "folded (reference.group_norm)": folded_form, "fused kernel (kernels.group_norm)": kernel_form}
 
 
 def main():

@@ -1,0 +1,71 @@
+"""Backends: who computes the model's blocks. `config.model.backend` picks one.
+
+  xla   the plain flax blocks of vdmrep.models (any device; the reference).
+  cpu   fused C++ kernels for a single-device float32 CPU program (vdmrep.backends.cpu),
+        same parameters and mathematics; needs its kernels built beforehand.
+  auto  cpu where it can run, else xla.
+
+Where "cpu" (or "auto" on a CPU host) cannot run, one line on stderr says why and the
+model runs on XLA: the choice changes speed, never the parameters.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import jax
+
+from vdmrep import models
+from vdmrep.models import layers
+from vdmrep.config_lib import BACKENDS
+
+
+def cpu_unavailable_reason(compute_dtype: str = "float32") -> str | None:
+  """None when the CPU backend can run this program, else why not (one line)."""
+  if jax.default_backend() != "cpu":
+    return f"the JAX backend is {jax.default_backend()}, not cpu"
+  if compute_dtype != "float32":
+    return f"compute_dtype={compute_dtype!r} (the kernels are float32)"
+  if jax.device_count() > 1:
+    return f"{jax.device_count()} devices (a custom call is not partitioned across devices)"
+  from vdmrep.backends.cpu import kernels  # noqa: the optional backend, loaded on demand
+  return kernels.unavailable_reason()
+
+
+@functools.cache
+def _note(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
+
+
+def resolve(model_cfg) -> str:
+  """config.model -> "xla" or "cpu" (printing the one-line note when it falls back)."""
+  setting = model_cfg.get("backend", "auto")
+  if setting not in BACKENDS:
+    raise ValueError(f"model.backend={setting!r}: expected one of {BACKENDS}")
+  if setting == "xla":
+    return "xla"
+  reason = cpu_unavailable_reason(model_cfg.get("compute_dtype", "float32"))
+  if reason is None:
+    return "cpu"
+  if setting == "cpu" or jax.default_backend() == "cpu":
+    _note(f"model.backend={setting}: using XLA ({reason})")
+  return "xla"
+
+
+def modules(backend: str) -> dict:
+  """The block fields (conv, norm, resnet_block, attn_block) for a resolved backend."""
+  if backend == "xla":
+    return {}
+  from vdmrep.backends.cpu import layers  # noqa: the optional backend, loaded on demand
+  return layers.modules()
+
+
+def build_model(model_cfg):
+  """`vdmrep.models.build_model` with the blocks of the backend `config.model` selects."""
+  return models.build_model(model_cfg, **modules(resolve(model_cfg)))
+
+
+def name(model) -> str:
+  """"cpu" or "xla": which backend's blocks `model` was built with."""
+  net = model.score_net if model.score_net is not None else model.encoder
+  return "xla" if net is None or net.resnet_block is layers.ResnetBlock else "cpu"

@@ -1,1 +1,0 @@
-"""Hand-written kernels that XLA does not provide fast enough (optional, CPU only)."""
