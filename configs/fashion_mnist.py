@@ -10,7 +10,7 @@ Keys:
   decoder  a model.vdm size: mvdm (default) | tvdm | unet | unet_s | ...
   steps    training steps (default 60000)
 
-The recipe: AdamW lr 1e-3 (200 warm-up steps), batch 64, EMA 0.999, no dropout, a fixed
+The recipe: AdamW lr 1e-3 (100 warm-up steps), batch 64, EMA 0.999, no dropout, a fixed
 linear gamma from -13.3 to 5. The held-out ELBO on the whole 10,000-image test split every
 5,000 steps (workdir/reports/step<N>.json: the learning curves) and at the end.
 """
@@ -48,7 +48,7 @@ def get_config(arg=None):
   c.training.checkpoint_every = 2_500
   c.training.eval_every = 5_000
   c.optim.lr = 1e-3
-  c.optim.warmup_steps = 200
+  c.optim.warmup_steps = 100
   c.optim.ema_decay = 0.999
   c.eval.num_time_samples = 4
   c.eval.probe_max_train = 10_000
