@@ -211,7 +211,6 @@ def test_older_state_tree_is_a_version_mismatch_not_corruption(tmp_path):
     ("data.max_train_examples", -5, "config.data.max_train_examples=-5 must be >= 0"),
     ("eval.max_examples", -1, "config.eval.max_examples=-1 must be >= 0"),
     ("seed", -1, "config.seed=-1 must be >= 0"),
-    ("model.attention_chunk", -2, "config.model.attention_chunk=-2 must be -1 (auto)"),
 ])
 def test_every_number_finite_and_in_its_domain(key, value, expected):
   c = config_lib.base_config()

@@ -18,7 +18,6 @@ from vdmrep.data import DataError
 
 # Integer keys that may be negative, with their documented sentinel values.
 INT_SENTINELS = {
-    "model.attention_chunk": {-1: "auto"},
     "eval.ood_holdout_class": {-1: "off"},
     "eval.seed": {-1: "config.seed"},
     "distributed.process_id": {-1: "from the environment"},
