@@ -4,7 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from vdmrep import backends, checkpoints, config_lib, data, evaluate, parallel
+from vdmrep import backends, checkpoints, config_lib, data, parallel
+from vdmrep.evaluators import elbo as elbo_evaluator
 from vdmrep.backends.cpu import kernels
 
 _REASON = kernels.unavailable_reason()
@@ -23,7 +24,7 @@ def _model(backend):
 def test_checkpoint_moves_between_backends_with_the_same_eval_loss(tmp_path):
   images = data.load(config_lib.base_config().data).eval_images[:64]
   mesh = parallel.make_mesh()
-  elbo = lambda model, params: evaluate.evaluate_elbo(
+  elbo = lambda model, params: elbo_evaluator.evaluate_elbo(
       model, params, images, seed=0, num_samples=1, batch_size=64, mesh=mesh)["bpd"]
   for write, read in (("cpu", "xla"), ("xla", "cpu")):
     c, writer = _model(write)
