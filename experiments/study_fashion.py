@@ -140,7 +140,13 @@ def parse_rows(specs) -> list:
 
 def run_of(row: Row, seed: int, budget) -> harness.Run:
   name = row.name if seed == 0 else f"{row.name}_seed{seed}"
-  return harness.Run(name, f"{CONFIG}:{row.variant}",
+  variant = row.variant
+  # The config derives schedules from its step count (the capacity ramp lasts half the
+  # run), so the budget's steps go into the variant as well as the override.
+  steps = [o.partition("=")[2] for o in budget if o.startswith("--config.training.num_steps=")]
+  if steps:
+    variant += f",steps={steps[-1]}"
+  return harness.Run(name, f"{CONFIG}:{variant}",
                      list(row.overrides) + budget + [f"--config.seed={seed}"],
                      labels={"row": row.name, "seed": seed})
 
