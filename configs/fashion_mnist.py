@@ -14,36 +14,26 @@ The recipe: AdamW lr 1e-3 (100 warm-up steps), batch 64, EMA 0.999, no dropout, 
 linear gamma from -13.3 to 5. The held-out ELBO on the whole 10,000-image test split every
 5,000 steps (workdir/reports/step<N>.json: the learning curves) and at the end.
 """
-from vdmrep.config_lib import base_config
+from configs import common
 
 REMEDIES = ("unconditional", "elbo", "film", "free_bits", "capacity", "vae")
 
 
-def _parse(arg):
-  out = {"remedy": "unconditional", "decoder": "mvdm", "steps": "60000"}
-  for item in filter(None, (arg or "").split(",")):
-    key, sep, value = item.partition("=")
-    if not sep or key not in out:
-      raise ValueError(f"configs/fashion_mnist.py:{arg}: expected key=value pairs with keys "
-                       f"{sorted(out)}; got {item!r}")
-    out[key] = value
-  if out["remedy"] not in REMEDIES:
-    raise ValueError(f"configs/fashion_mnist.py: remedy={out['remedy']!r}; choose one of "
-                     f"{list(REMEDIES)}")
-  return out
-
-
 def get_config(arg=None):
-  a = _parse(arg)
-  c = base_config()
+  a = common.parse_arg("configs/fashion_mnist.py", arg, remedy="unconditional",
+                       decoder="mvdm", steps=60_000)
+  if a.remedy not in REMEDIES:
+    raise ValueError(f"configs/fashion_mnist.py: remedy={a.remedy!r}; choose one of "
+                     f"{list(REMEDIES)}")
+  c = common.base_config()
   c.data.source = "fashion_mnist"
-  c.model.vdm = a["decoder"]
+  c.model.vdm = a.decoder
   c.model.encoder = "te"
   c.model.gamma_type = "fixed"
   c.model.gamma_min, c.model.gamma_max = -13.3, 5.0
   c.model.dropout = 0.0
   c.training.batch_size = 64
-  c.training.num_steps = int(a["steps"])
+  c.training.num_steps = a.steps
   c.training.log_every = 500
   c.training.checkpoint_every = 2_500
   c.training.eval_every = 5_000
@@ -56,19 +46,5 @@ def get_config(arg=None):
   c.sample.num_samples = 1000
   c.sample.num_steps = 200
   c.sample.batch_size = 500
-
-  remedy = a["remedy"]
-  if remedy == "unconditional":
-    c.model.encoder = "none"
-  elif remedy == "film":
-    c.model.conditioning = "film"
-  elif remedy == "free_bits":
-    c.collapse.free_bits = 0.1
-    c.collapse.free_bits_mode = "batch"
-  elif remedy == "capacity":
-    c.collapse.capacity_gamma = 1.0
-    c.collapse.capacity_max = 10.0
-    c.collapse.capacity_steps = c.training.num_steps // 2
-  elif remedy == "vae":
-    c.model.decoder = "conv_vae"
-  return c
+  # The capacity ramp lasts half the run.
+  return common.apply_remedy(c, a.remedy, capacity=(1.0, 10.0, a.steps // 2))

@@ -17,6 +17,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # configs/*.py, loaded in-process by the studies, import configs.common
+  sys.path.insert(0, ROOT)
 
 
 @dataclasses.dataclass

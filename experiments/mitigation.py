@@ -5,8 +5,8 @@
   python experiments/mitigation.py --dataset mnist --only unconditional,elbo,free_bits ...
   python experiments/mitigation.py --full-budget --dataset mnist --out ...         # accelerators
 
-Each remedy is a config file under configs/ (`<dataset>_<remedy>.py`), so the table's rows
-are exactly the configs a user would run by hand. Re-running skips finished runs.
+Each remedy is a config variant (`configs/<dataset>.py:remedy=<remedy>`), so the table's
+rows are exactly the configs a user would run by hand. Re-running skips finished runs.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import study_common as sc  # noqa: E402
 
-# (row label, config-file suffix, extra overrides)
+# (row label, remedy (configs/common.py), extra overrides)
 REMEDIES = [
     ("unconditional VDM", "unconditional", []),
     ("ELBO (beta = 1), additive", "elbo", []),
@@ -39,8 +39,8 @@ def runs_for(args) -> list:
   runs = []
   for label, suffix, extra in REMEDIES:
     name = suffix + ("_film" if "--config.model.conditioning=film" in extra else "")
-    cfg = f"configs/{args.dataset}_{suffix}.py"
-    overrides = sc.budget_overrides(args, include_source=False) + \
+    cfg = f"configs/{args.dataset}.py:remedy={suffix}"
+    overrides = sc.budget_overrides(args) + \
         [f"--config.model.vdm={args.vdm}", f"--config.model.encoder={args.encoder}"] + extra
     if suffix in ("unconditional", "ue"):
       overrides = [o for o in overrides if not o.startswith("--config.model.encoder=")]

@@ -1,8 +1,8 @@
 """Steering a trained class-conditional VAE-VDM: the tables and pictures of docs/sampling.md.
 
-Given a workdir trained with a class-conditional config (e.g. configs/digits_classes.py):
+Given a workdir trained with a class-conditional config (e.g. configs/digits.py:classes=true):
 
-  python experiments/sampling.py --config configs/digits_classes.py --workdir runs/cls \
+  python experiments/sampling.py --config configs/digits.py:classes=true --workdir runs/cls \
       --out experiments/out/sampling
 
 writes OUT/results.md (+ results.json) and OUT/*.png:
@@ -40,10 +40,12 @@ from vdmrep import plots, quality, steering  # noqa: E402
 
 
 def load_config(path, overrides):
+  """configs/NAME.py[:ARG] (as --config of vdmrep.main) plus `a.b=json` overrides."""
+  path, _, arg = path.partition(":")
   spec = importlib.util.spec_from_file_location("cfg", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = mod.get_config(arg or None)
   for item in overrides:
     key, value = item.split("=", 1)
     section, name = key.split(".")

@@ -72,7 +72,7 @@ def base_config_file(args) -> str:
   return f"configs/{args.dataset}.py"
 
 
-def budget_overrides(args, include_source: bool = True) -> list:
+def budget_overrides(args) -> list:
   """Command-line overrides that set the compute budget (empty with --full-budget)."""
   if args.full_budget:
     return ["--config.data.source=tfds:mnist"] if args.dataset == "mnist" else []
@@ -85,9 +85,7 @@ def budget_overrides(args, include_source: bool = True) -> list:
   if args.dataset == "mnist":
     o += ["--config.training.log_every=250", "--config.optim.lr=1e-3",
           "--config.optim.warmup_steps=200", "--config.optim.ema_decay=0.999",
-          "--config.model.dropout=0.0"]
-    if include_source:
-      o.append(f"--config.data.source={MNIST_IDX}")
+          "--config.model.dropout=0.0", f"--config.data.source={MNIST_IDX}"]
   return o
 
 

@@ -197,12 +197,8 @@ def test_infovae_kernel_and_biased_estimator_match_its_formula():
   want = k(z, z).mean() + k(p, p).mean() - 2 * k(z, p).mean()
   got = losses.mmd(jnp.asarray(z), jnp.asarray(p), "infovae", estimator="biased")
   assert float(got) == pytest.approx(want, rel=1e-5)
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs",
-                                                                    "digits_infovae.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  from configs import digits
+  c = digits.get_config("remedy=infovae")
   assert (c.collapse.mmd_alpha, c.collapse.mmd_kernel, c.collapse.mmd_estimator) == (
       1.0, "infovae", "biased")
 

@@ -48,7 +48,7 @@ def test_dry_run_prints_exact_commands_and_marks_finished_runs(tmp_path, capsys)
   text = capsys.readouterr().out
   assert "# unconditional (finished)" in text and "# unconditional_seed2 (to run)" in text
   cmd = [l for l in text.splitlines() if "unconditional_seed2" in l and l.startswith("python")]
-  assert cmd == [f"python -m vdmrep.main --config configs/fashion_mnist.py:remedy=unconditional "
+  assert cmd == [f"python -m vdmrep.main --config configs/fashion_mnist.py:remedy=unconditional,steps=50 "
                  f"--workdir {out}/runs/unconditional_seed2 --config.model.vdm=mvdm "
                  "--config.eval.max_examples=0 --config.training.num_steps=50 "
                  "--config.training.checkpoint_every=12 --config.seed=2"]

@@ -7,12 +7,6 @@ from __future__ import annotations
 
 import ml_collections
 
-from vdmrep.models.encoder import ENCODER_SIZES
-from vdmrep.models.schedules import SCHEDULES
-from vdmrep.models.score_net import CONDITIONINGS, VDM_SIZES
-from vdmrep.models.conv_vae import VAE_DECODERS
-from vdmrep.models.unet import UNET_SIZES
-
 DATA_SOURCES = ("digits", "fashion_mnist", "tfds:", "idx:", "npz:")
 BACKENDS = ("auto", "xla", "cpu")  # config.model.backend (vdmrep/backends)
 
@@ -187,6 +181,11 @@ def _positive(key, value, allow_zero=False):
 
 def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   """Raises ConfigError naming the first bad key; returns None if the config can run."""
+  from vdmrep.models.conv_vae import VAE_DECODERS
+  from vdmrep.models.encoder import ENCODER_SIZES
+  from vdmrep.models.schedules import SCHEDULES
+  from vdmrep.models.score_net import CONDITIONINGS, VDM_SIZES
+  from vdmrep.models.unet import UNET_SIZES
   m, t, o, e = config.model, config.training, config.optim, config.eval
   _choice(config, "model.decoder", m.get("decoder", "vdm"), ("vdm",) + VAE_DECODERS)
   if m.get("decoder", "vdm") != "vdm" and m.encoder == "none":
@@ -269,6 +268,7 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
 
 def check_image_shape(config, image_shape) -> None:
   """Raises ConfigError if the model cannot take images of `image_shape` (H, W, C)."""
+  from vdmrep.models.unet import UNET_SIZES
   m = config.model
   if m.get("decoder", "vdm") != "vdm" and (image_shape[0] % 4 or image_shape[1] % 4):
     raise ConfigError(f"config.model.decoder={m.decoder!r} needs image sides divisible by "

@@ -30,12 +30,17 @@ def _fail(msg: str, code: int = BAD_INPUT):
   sys.exit(code)
 
 
-def _config_file_error(err: BaseException, argv) -> str:
-  """One line for a config file that failed to load (ml_collections defers the error)."""
+def _config_path(argv) -> str | None:
+  """The file of --config FILE[:ARG], or None."""
   path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if path is None and "--config" in argv[:-1]:
     path = argv[argv.index("--config") + 1]
-  path = (path or "?").split(":")[0]
+  return path.split(":")[0] if path else None
+
+
+def _config_file_error(err: BaseException, argv) -> str:
+  """One line for a config file that failed to load (ml_collections defers the error)."""
+  path = _config_path(argv) or "?"
   if not os.path.isfile(path):
     return f"--config: config file {path!r} does not exist"
   for e in _chain(err):
@@ -58,6 +63,11 @@ def _chain(err):
 def parse_flags(argv):
   """absl's parser, with every error (flags, config file, config override) as one line
   and exit 2 (absl exits 1; bad input is 2 here)."""
+  path = _config_path(argv)
+  if path and os.path.isfile(os.path.join(os.path.dirname(path), "common.py")):
+    # configs/*.py import `configs.common`: the repository holding them must be importable
+    # from any working directory.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
   try:
     rest = FLAGS(argv)
   except flags.Error as err:
