@@ -24,4 +24,6 @@ def get_config(arg=None):
   if a.classes:
     c.model.num_classes = 10
     c.model.label_dropout = 0.1
+    # The label path needs several thousand steps: at 2,000 samples still ignore it.
+    c.training.num_steps, c.training.checkpoint_every = 8000, 1000
   return common.apply_remedy(c, a.remedy, **NUMBERS)
