@@ -6,30 +6,42 @@
   auto  cpu where it can run, else xla.
 
 Where "cpu" (or "auto" on a CPU host) cannot run, one line on stderr says why and the
-model runs on XLA: the choice changes speed, never the parameters.
+model runs on XLA: the choice changes speed, never the parameters. With
+VDMREP_REQUIRE_CPU_KERNELS=1 a program the kernels could serve stops instead (ConfigError)
+when they cannot be loaded (not built, failed build, unsafe or unverified library).
 """
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import jax
 
 from vdmrep import models
 from vdmrep.models import layers
-from vdmrep.config_lib import BACKENDS
+from vdmrep.config_lib import BACKENDS, ConfigError
 
 
-def cpu_unavailable_reason(compute_dtype: str = "float32") -> str | None:
-  """None when the CPU backend can run this program, else why not (one line)."""
+def _program_reason(compute_dtype: str) -> str | None:
+  """Why this program is not one the CPU kernels serve (one line), or None."""
   if jax.default_backend() != "cpu":
     return f"the JAX backend is {jax.default_backend()}, not cpu"
   if compute_dtype != "float32":
     return f"compute_dtype={compute_dtype!r} (the kernels are float32)"
   if jax.device_count() > 1:
     return f"{jax.device_count()} devices (a custom call is not partitioned across devices)"
+  return None
+
+
+def _kernels_reason() -> str | None:
   from vdmrep.backends.cpu import kernels  # noqa: the optional backend, loaded on demand
   return kernels.unavailable_reason()
+
+
+def cpu_unavailable_reason(compute_dtype: str = "float32") -> str | None:
+  """None when the CPU backend can run this program, else why not (one line)."""
+  return _program_reason(compute_dtype) or _kernels_reason()
 
 
 @functools.cache
@@ -44,9 +56,15 @@ def resolve(model_cfg) -> str:
     raise ValueError(f"model.backend={setting!r}: expected one of {BACKENDS}")
   if setting == "xla":
     return "xla"
-  reason = cpu_unavailable_reason(model_cfg.get("compute_dtype", "float32"))
+  reason = _program_reason(model_cfg.get("compute_dtype", "float32"))
   if reason is None:
-    return "cpu"
+    reason = _kernels_reason()
+    if reason is None:
+      return "cpu"
+    if os.environ.get("VDMREP_REQUIRE_CPU_KERNELS") == "1":
+      raise ConfigError(f"model.backend={setting}: the CPU kernels cannot be loaded "
+                        f"({reason}) and VDMREP_REQUIRE_CPU_KERNELS=1 forbids falling back "
+                        "to XLA")
   if setting == "cpu" or jax.default_backend() == "cpu":
     _note(f"model.backend={setting}: using XLA ({reason})")
   return "xla"

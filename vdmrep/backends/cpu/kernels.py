@@ -17,7 +17,9 @@ for single-device CPU programs only.
 The shared library is compiled by `build()` (`python -m vdmrep.backends.cpu.build`),
 once per (sources, oneDNN, jaxlib, CPU) into $VDMREP_KERNEL_CACHE (default
 ~/.cache/vdmrep/kernels) with $CXX (default g++), against the oneDNN of the `cpu` extra.
-Nothing here compiles as a side effect: `load()` only loads a library already built.
+Nothing here compiles as a side effect: `load()` only loads a library already built, and
+only after libcache.py's checks (owner and mode of the cache, the digest its build
+recorded).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -36,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from vdmrep.backends.cpu import libcache
 
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = tuple(_CSRC / f for f in ("onednn_conv.cc", "attention.cc", "group_norm.cc",
@@ -87,47 +92,79 @@ def library_path() -> Path:
   src = b"".join(f.read_bytes() for f in _SOURCES + _HEADERS)
   tag = hashlib.sha256(src + str(prefix).encode() + jax.__version__.encode()
                        + _cpu_flags()).hexdigest()[:16]
-  cache = Path(os.environ.get("VDMREP_KERNEL_CACHE",
-                              Path.home() / ".cache" / "vdmrep" / "kernels")) / tag
-  return cache / "vdmrep_kernels.so"
+  return libcache.root() / tag / libcache.LIBRARY
 
 
-def build() -> Path:
-  """Compiles the library (if not yet built) and returns its path; raises OSError."""
+def _compiler() -> list[str]:
+  """$CXX as a command line ("ccache g++" is two words), default g++."""
+  cxx = os.environ.get("CXX") or "g++"
+  try:
+    words = shlex.split(cxx)
+  except ValueError as e:
+    raise OSError(f"CXX={cxx!r} is not a valid command line ({e})") from None
+  if not words:
+    raise OSError(f"CXX={cxx!r} names no compiler")
+  return words
+
+
+def build(force: bool = False) -> Path:
+  """Compiles the library unless a verified one is there; returns its path.
+
+  A library that fails `libcache.verified_library` (empty, corrupt, no manifest) is
+  rebuilt; `force` rebuilds regardless. Raises OSError: the first line says why, the
+  compiler's output follows; the failure is also recorded in the cache (build-failed.log)
+  so that later runs report it in one line.
+  """
   prefix = _onednn_prefix()
   lib_path = library_path()
-  if lib_path.exists():
-    return lib_path
-  lib_path.parent.mkdir(parents=True, exist_ok=True)
-  # Build to a private name, then rename: concurrent processes never load a half file.
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
-  os.close(fd)
-  # -fopenmp: the kernels' threads and `omp simd` loops (the same libgomp oneDNN uses);
-  # -march=native: their vectorised loops (the cache tag includes the CPU).
-  cmd = [os.environ.get("CXX", "g++"), "-O3", "-march=native", "-fopenmp", "-std=c++17",
-         "-shared", "-fPIC", *map(str, _SOURCES), "-I", jax.ffi.include_dir(),
-         "-I", str(prefix / "include"), "-L", str(prefix / "lib"), "-ldnnl",
-         f"-Wl,-rpath,{prefix / 'lib'}", "-o", tmp]
-  try:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-  except FileNotFoundError as e:
-    os.unlink(tmp)
-    raise OSError(f"no C++ compiler to build the CPU kernels ({e})") from e
-  if proc.returncode != 0:
-    os.unlink(tmp)
-    raise OSError("building the CPU kernels failed:\n" + " ".join(cmd) + "\n"
-                  + proc.stderr[:3000])
-  os.replace(tmp, lib_path)
+  with libcache.build_lock(lib_path.parent):
+    if not force and libcache.is_verified(lib_path):
+      return lib_path
+    # -fopenmp: the kernels' threads and `omp simd` loops (the same libgomp oneDNN uses);
+    # -march=native: their vectorised loops (the cache tag includes the CPU).
+    cmd = [*_compiler(), "-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared",
+           "-fPIC", *map(str, _SOURCES), "-I", jax.ffi.include_dir(),
+           "-I", str(prefix / "include"), "-L", str(prefix / "lib"), "-ldnnl",
+           f"-Wl,-rpath,{prefix / 'lib'}", "-o"]
+    # Build to a private name, then rename: no process ever loads a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
+    os.close(fd)
+    try:
+      try:
+        proc = subprocess.run(cmd + [tmp], capture_output=True, text=True)
+      except OSError as e:  # no such compiler, not executable
+        summary = f"cannot run the C++ compiler {cmd[0]!r} ({e.strerror})"
+        libcache.record_failure(lib_path, summary, cmd, "")
+        raise OSError(f"{summary}; install one or set CXX") from None
+      if proc.returncode != 0:
+        errors = [l for l in proc.stderr.splitlines() if "error" in l.lower()]
+        summary = (f"{cmd[0]} exited {proc.returncode}: "
+                   f"{(errors or proc.stderr.splitlines() or ['no output'])[0][:200]}")
+        libcache.record_failure(lib_path, summary, cmd, proc.stderr)
+        raise OSError(f"building the CPU kernels failed ({summary})\n" + " ".join(cmd)
+                      + f" {tmp}\n" + proc.stderr[-3000:])
+      libcache.install(tmp, lib_path, cmd)
+    finally:
+      if os.path.exists(tmp):
+        os.unlink(tmp)
   return lib_path
 
 
 @functools.cache
 def _load() -> ctypes.CDLL:
-  """Loads the built library and registers its FFI handlers; raises OSError (never builds)."""
+  """Loads the built library and registers its FFI handlers; raises OSError (never builds).
+
+  Only a library that passes `libcache.verified_library` (owner, mode, the digest its
+  build recorded) is opened: loading runs a library's code.
+  """
   lib_path = library_path()
-  if not lib_path.exists():
-    raise OSError("CPU kernels not built (python -m vdmrep.backends.cpu.build)")
-  lib = ctypes.CDLL(str(lib_path))
+  with libcache.verified_library(lib_path) as path:
+    lib = ctypes.CDLL(path)
+  missing = [s for s in list(_TARGETS.values()) + ["VdmrepWinogradAvailable"]
+             if not hasattr(lib, s)]
+  if missing:
+    raise OSError(f"the CPU kernels {lib_path} lack {missing[0]} (built from other "
+                  f"sources?); rebuild them with {libcache.BUILD} --force")
   for name, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   return lib
