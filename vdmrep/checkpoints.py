@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -108,19 +109,81 @@ def read_failure(err: BaseException) -> str | None:
   return None
 
 
+def _missing(err: BaseException) -> bool:
+  """True if `err` or anything it wraps says a file does not exist."""
+  return any(isinstance(e, FileNotFoundError) or getattr(e, "errno", None) == errno.ENOENT
+             or "No such file or directory" in str(e) or "NOT_FOUND" in str(e)
+             for e in _chain(err))
+
+
 def _is_disk_full(err: BaseException) -> bool:
   """True if `err` or anything it wraps is ENOSPC (tensorstore reports it as text)."""
   return any(getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
              for e in _chain(err))
 
 
+def _storage_error(err: BaseException) -> bool:
+  return any(isinstance(e, OSError) for e in _chain(err)) or _is_disk_full(err) or (
+      read_failure(err) is not None)
+
+
+def _closed_loop(err: BaseException) -> bool:
+  """The error of a write finishing after orbax closed the event loop of a failed save."""
+  return isinstance(err, RuntimeError) and str(err) == "Event loop is closed"
+
+
+class _QuietFailedSave(logging.Filter):
+  """Drops asyncio's reports about the remains of a failed save (the failure itself is
+  reported by `Checkpoints.save` in one line): futures holding its storage error that
+  nobody awaited, and orbax's tasks left pending when its event loop closed."""
+
+  def filter(self, record):
+    msg = record.getMessage()
+    if "exception was never retrieved" in msg:
+      exc = record.exc_info[1] if record.exc_info else None
+      return exc is None or not (_storage_error(exc) or _closed_loop(exc))
+    if "Task was destroyed but it is pending" in msg:
+      return "orbax" not in msg and "tensorstore" not in msg
+    return True
+
+
+def _quiet_unraisable(previous):
+  """sys.unraisablehook without the closed-loop errors: tensorstore reports the callback
+  of each write still in flight when a failed save's loop closed (from its own threads,
+  at any moment after the failure), burying the line that says what happened."""
+
+  def hook(unraisable):
+    if not _closed_loop(unraisable.exc_value):
+      previous(unraisable)
+
+  hook.vdmrep_quiet = True
+  return hook
+
+
+def install_quiet_hooks() -> None:
+  """Silences the remains of a failed save (see _QuietFailedSave, _quiet_unraisable).
+
+  Installed when this module is imported: the reports start in other threads as soon
+  as the save fails, before its exception reaches `Checkpoints.save`. Idempotent.
+  """
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _QuietFailedSave) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_QuietFailedSave())
+  if not getattr(sys.unraisablehook, "vdmrep_quiet", False):
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+
+
+install_quiet_hooks()
+
+
 def quiet_async_leftovers() -> None:
-  """Silences asyncio's "exception was never retrieved" reports of a failed save.
+  """Silences every asyncio report from here on (a save failed and the run is ending).
 
   A save that fails (disk full) leaves tensorstore's other write futures failed too;
   asyncio logs each as a traceback when it is garbage-collected, burying the one line
   that says what happened.
   """
+  install_quiet_hooks()
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
@@ -134,6 +197,7 @@ class Checkpoints:
     self.read_only = read_only
     self.quarantined = []  # where unreadable steps were moved, this session
     self.skipped = []  # unreadable steps a read-only reader passed over
+    self.vanished = []  # steps deleted (by the trainer's retention) while being read
     if "://" not in self.directory and os.path.lexists(self.directory) and \
         not os.path.isdir(self.directory):
       raise CheckpointError(f"{self.directory} exists but is not a directory; move it away or "
@@ -220,15 +284,38 @@ class Checkpoints:
     return dest
 
   def _steps(self):
-    """Steps newest first, without those a read-only reader already passed over."""
-    return [s for s in sorted(self.manager.all_steps(), reverse=True) if s not in self.skipped]
+    """Steps newest first, without those passed over (unreadable to a read-only reader,
+    or vanished)."""
+    return [s for s in sorted(self.manager.all_steps(), reverse=True)
+            if s not in self.skipped and s not in self.vanished]
 
-  def _vanished(self, step: int) -> bool:
-    if "://" in self.directory or os.path.isdir(self.step_path(step)):
+  def _reload(self) -> None:
+    """Re-lists the steps on disk: a trainer may have saved or deleted some since the
+    manager listed them (retried while a step vanishes during the listing)."""
+    for attempt in range(10):
+      try:
+        self.manager.reload()
+        return
+      except Exception as err:  # a step deleted while orbax read its metadata
+        if attempt == 9 or not _missing(err):
+          raise
+        time.sleep(0.2)
+
+  def _vanished(self, step: int, err: BaseException | None = None) -> bool:
+    """True (and the step list reloaded) if `step` is gone: the trainer's retention
+    deleted it, which is not an error. A read-only reader that met a missing file
+    waits a moment for a deletion in progress to finish."""
+    if "://" in self.directory:
       return False
-    self.skipped.append(step)  # the trainer's retention deleted it: not an error
-    if not self.read_only:
-      self.manager.reload()
+    waits = 20 if self.read_only and err is not None and _missing(err) else 0
+    for _ in range(waits):
+      if not os.path.isdir(self.step_path(step)):
+        break
+      time.sleep(0.1)
+    if os.path.isdir(self.step_path(step)):
+      return False
+    self.vanished.append(step)
+    self._reload()
     return True
 
   def _failed(self, step: int, what: str, err: BaseException) -> None:
@@ -236,7 +323,7 @@ class Checkpoints:
     line, passes over a vanished step, quarantines a corrupt one."""
     if isinstance(err, CheckpointError):
       raise err
-    if self._vanished(step):
+    if self._vanished(step, err):
       return
     io = read_failure(err)
     if io is not None:

@@ -23,6 +23,7 @@ import fcntl
 import os
 import signal
 import tempfile
+import time
 
 import jax
 import jax.numpy as jnp
@@ -272,7 +273,16 @@ def workdir_lock(workdir: str):
   path = os.path.join(workdir, LOCK_NAME)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    # An evaluator's probe (training_pid) holds a shared lock for an instant: retry
+    # briefly before calling the workdir taken.
+    for attempt in range(20):
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except OSError as err:
+        if attempt == 19 or err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+          raise
+        time.sleep(0.05)
   except OSError as err:
     holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
     os.close(fd)
@@ -288,3 +298,23 @@ def workdir_lock(workdir: str):
     yield
   finally:
     os.close(fd)  # releases the lock; the file stays (removing it would race a new owner)
+
+
+def training_pid(workdir: str) -> str | None:
+  """The PID of a trainer holding `workdir`'s lock now, or None (creates nothing)."""
+  if "://" in workdir:
+    return None
+  path = os.path.join(workdir, LOCK_NAME)
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return None  # closing the descriptor drops the probe's lock at once
+  except OSError as err:
+    if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+      return None
+    return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+  finally:
+    os.close(fd)

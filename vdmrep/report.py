@@ -21,9 +21,11 @@ Written to `workdir/reports/step<N>.{json,md}`; a full eval also to `workdir/rep
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import tempfile
 
 import numpy as np
 
@@ -265,6 +267,10 @@ def paired_difference(rep_a, rep_b, key: str = "bpd") -> dict:
           else float("nan"), "n": n, "key": key}
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def write(workdir: str, rep: dict) -> None:
   """Writes reports/step<N>.{json,md}; a full eval also report.{json,md} (the latest)."""
   text, md = json.dumps(_jsonable(rep), indent=1), markdown(rep)
@@ -274,6 +280,15 @@ def write(workdir: str, rep: dict) -> None:
   for base in targets:
     os.makedirs(os.path.dirname(base), exist_ok=True)
     for ext, content in ((".json", text), (".md", md)):
-      with open(base + ext + ".tmp", "w") as fh:
-        fh.write(content)
-      os.replace(base + ext + ".tmp", base + ext)
+      # A private temporary name: two writers of one report never share a half file.
+      fd, tmp = tempfile.mkstemp(prefix=os.path.basename(base) + ext + ".",
+                                 suffix=".tmp", dir=os.path.dirname(base))
+      try:
+        with os.fdopen(fd, "w") as fh:
+          fh.write(content)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would have made it
+        os.replace(tmp, base + ext)
+      except BaseException:
+        with contextlib.suppress(OSError):
+          os.unlink(tmp)
+        raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import time
 from typing import Any
 
@@ -298,8 +299,15 @@ def _flat(d, prefix=""):
 
 
 def evaluate_checkpoint(config, workdir: str) -> dict:
-  """Evaluates the latest checkpoint in `workdir` (EMA parameters)."""
+  """Evaluates the latest checkpoint in `workdir` (EMA parameters).
+
+  Reads checkpoints only (a trainer may own the workdir). If a trainer holds the workdir
+  when this starts, the evaluation of its latest complete checkpoint, step N, is written
+  to `<workdir>/evals/step<N>/` (report, pictures, TensorBoard events), so nothing the
+  trainer writes is overwritten or raced, even if it finishes first.
+  """
   ds, model, tx, mesh = setup(config)
+  trainer = reliability.training_pid(workdir)  # asked first: the answer holds to the end
   # Read-only: a trainer may own this workdir; nothing in checkpoints/ is changed.
   ckpt = checkpoints.Checkpoints(workdir, keep=config.training.keep_checkpoints,
                                  read_only=True)
@@ -311,10 +319,16 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   restored, _ = ckpt.restore_latest(checkpoints.abstract(state), fingerprint, ds.image_shape)
   if restored is None:
     raise checkpoints.CheckpointError(f"no checkpoint to evaluate in {ckpt.directory}")
+  step = int(restored.step)
+  out = workdir
+  if trainer is not None:
+    out = os.path.join(workdir, "evals", f"step{step}")
+    os.makedirs(out, exist_ok=True)
+    parallel.main_print(f"note: workdir {workdir} is being trained (PID {trainer}); "
+                        f"evaluating its latest complete checkpoint (step {step}) into {out}")
   from clu import metric_writers  # here: clu's writers import TensorFlow
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  summary = _eval_and_write(model, restored, ds, config, mesh, writer, int(restored.step),
-                            workdir)
+  writer = metric_writers.create_default_writer(out, just_logging=jax.process_index() > 0)
+  summary = _eval_and_write(model, restored, ds, config, mesh, writer, step, out)
   writer.flush()
   ckpt.close()
   return summary
