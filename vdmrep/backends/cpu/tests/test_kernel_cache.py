@@ -243,3 +243,18 @@ def test_an_empty_library_is_rebuilt_once_and_a_failed_build_is_remembered(tmp_p
 def test_bad_cxx_is_one_line(tmp_path, cxx, message):
   out = _python(BUILD, _env(tmp_path, CXX=cxx))
   assert f"error: {message}\n" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_every_kernel_source_is_package_data():
+  """A non-editable install ships every file the build compiles or hashes (a header left
+  out made the build fail there, and the backend fall back to XLA)."""
+  import fnmatch
+  tomllib = pytest.importorskip("tomllib")
+  pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+  globs = pyproject["tool"]["setuptools"]["package-data"]["vdmrep.backends.cpu"]
+  from vdmrep.backends.cpu import kernels
+  package = REPO / "vdmrep" / "backends" / "cpu"
+  used = [p.relative_to(package).as_posix() for p in kernels._SOURCES + kernels._HEADERS]
+  present = [p.relative_to(package).as_posix() for p in (package / "csrc").iterdir()]
+  assert set(used) <= set(present)
+  assert [f for f in present if not any(fnmatch.fnmatch(f, g) for g in globs)] == []
