@@ -569,8 +569,9 @@ print("end", file=sys.stderr)
 def test_the_remains_of_a_failed_save_print_nothing(quiet):
   """What orbax leaves when a save fails, reproduced: a gathered future holding the disk
   error that nobody awaits, a task waiting on a tensorstore write, the loop closed, then
-  the write completing in tensorstore's thread. Without vdmrep.checkpoints' hooks that
-  prints three tracebacks; with them, only a report unrelated to storage remains."""
+  the write completing in tensorstore's thread. Without vdmrep.storage's hooks (installed
+  when vdmrep.checkpoints is imported) that prints three tracebacks; with them, only a
+  report unrelated to storage remains."""
   proc = subprocess.run([sys.executable, "-c", LEFTOVERS.format(repo=REPO, quiet=quiet)],
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

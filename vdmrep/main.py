@@ -96,7 +96,7 @@ def _interrupted_during_start_up(signum, frame):
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]}")
-  from vdmrep import checkpoints, data, reliability, train  # heavy imports after flags
+  from vdmrep import checkpoints, data, reliability, storage, train  # heavy, after flags
   phase = {"train": "start-up", "eval": "evaluation", "sample": "sampling"}[FLAGS.mode]
   try:
     with reliability.raise_on_signals(phase):
@@ -108,7 +108,7 @@ def main(argv):
       else:
         train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
   except (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError) as err:
-    checkpoints.quiet_async_leftovers()
+    storage.quiet_async_leftovers()
     _fail(err)
   except reliability.NumericalError as err:
     _fail(err, 3)
@@ -120,9 +120,9 @@ def main(argv):
     sys.exit(128 + signal.SIGINT)
   except Exception as err:  # a disk that filled or turned read-only under a writer
     bad = next((e for e in _chain(err) if getattr(e, "errno", None) in _UNWRITABLE), None)
-    if bad is None and not checkpoints._is_disk_full(err):
+    if bad is None and not storage.is_disk_full(err):
       raise
-    checkpoints.quiet_async_leftovers()
+    storage.quiet_async_leftovers()
     why = os.strerror(bad.errno) if bad is not None else "No space left on device"
     where = getattr(bad, "filename", None) or FLAGS.workdir
     _fail(f"{where}: {why} (while writing results); checkpoints already saved are intact")
