@@ -14,7 +14,7 @@ Each computes the same function as its pure-JAX form to float32 round-off (the t
 this package). A custom call has no SPMD partitioning rule: `vdmrep.backends` uses them
 for single-device CPU programs only.
 
-The shared library is compiled by `build()` (`python -m vdmrep.backends.cpu.build`),
+The shared library is compiled by build.py (`python -m vdmrep.backends.cpu.build`),
 once per (sources, oneDNN, jaxlib, CPU) into $VDMREP_KERNEL_CACHE (default
 ~/.cache/vdmrep/kernels) with $CXX (default g++), against the oneDNN of the `cpu` extra.
 Nothing here compiles as a side effect: `load()` only loads a library already built, and
@@ -28,11 +28,8 @@ import functools
 import hashlib
 import os
 import platform
-import shlex
-import subprocess
 import sys
 import sysconfig
-import tempfile
 from pathlib import Path
 
 import jax
@@ -43,9 +40,9 @@ from jax import lax
 from vdmrep.backends.cpu import libcache
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = tuple(_CSRC / f for f in ("onednn_conv.cc", "attention.cc", "group_norm.cc",
-                                     "winograd.cc"))
-_HEADERS = (_CSRC / "vec_math.h",)
+SOURCES = tuple(_CSRC / f for f in ("onednn_conv.cc", "attention.cc", "group_norm.cc",
+                                    "winograd.cc"))
+HEADERS = (_CSRC / "vec_math.h",)
 _TARGETS = {"vdmrep_conv_forward": "VdmrepConvForward",
             "vdmrep_conv_input_grad": "VdmrepConvInputGrad",
             "vdmrep_conv_filter_grad": "VdmrepConvFilterGrad",
@@ -72,7 +69,7 @@ def _cpu_flags() -> bytes:
   return platform.processor().encode()
 
 
-def _onednn_prefix() -> Path:
+def onednn_prefix() -> Path:
   """The install prefix holding include/oneapi/dnnl/dnnl.hpp and lib/libdnnl.so."""
   candidates = [os.environ.get("VDMREP_ONEDNN_PREFIX"), sys.prefix,
                 sysconfig.get_paths().get("data")]
@@ -88,66 +85,11 @@ def _onednn_prefix() -> Path:
 
 def library_path() -> Path:
   """Where the library for these sources, this oneDNN, jaxlib and CPU is (or will be)."""
-  prefix = _onednn_prefix()
-  src = b"".join(f.read_bytes() for f in _SOURCES + _HEADERS)
+  prefix = onednn_prefix()
+  src = b"".join(f.read_bytes() for f in SOURCES + HEADERS)
   tag = hashlib.sha256(src + str(prefix).encode() + jax.__version__.encode()
                        + _cpu_flags()).hexdigest()[:16]
   return libcache.root() / tag / libcache.LIBRARY
-
-
-def _compiler() -> list[str]:
-  """$CXX as a command line ("ccache g++" is two words), default g++."""
-  cxx = os.environ.get("CXX") or "g++"
-  try:
-    words = shlex.split(cxx)
-  except ValueError as e:
-    raise OSError(f"CXX={cxx!r} is not a valid command line ({e})") from None
-  if not words:
-    raise OSError(f"CXX={cxx!r} names no compiler")
-  return words
-
-
-def build(force: bool = False) -> Path:
-  """Compiles the library unless a verified one is there; returns its path.
-
-  A library that fails `libcache.verified_library` (empty, corrupt, no manifest) is
-  rebuilt; `force` rebuilds regardless. Raises OSError: the first line says why, the
-  compiler's output follows; the failure is also recorded in the cache (build-failed.log)
-  so that later runs report it in one line.
-  """
-  prefix = _onednn_prefix()
-  lib_path = library_path()
-  with libcache.build_lock(lib_path.parent):
-    if not force and libcache.is_verified(lib_path):
-      return lib_path
-    # -fopenmp: the kernels' threads and `omp simd` loops (the same libgomp oneDNN uses);
-    # -march=native: their vectorised loops (the cache tag includes the CPU).
-    cmd = [*_compiler(), "-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared",
-           "-fPIC", *map(str, _SOURCES), "-I", jax.ffi.include_dir(),
-           "-I", str(prefix / "include"), "-L", str(prefix / "lib"), "-ldnnl",
-           f"-Wl,-rpath,{prefix / 'lib'}", "-o"]
-    # Build to a private name, then rename: no process ever loads a half-written file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib_path.parent)
-    os.close(fd)
-    try:
-      try:
-        proc = subprocess.run(cmd + [tmp], capture_output=True, text=True)
-      except OSError as e:  # no such compiler, not executable
-        summary = f"cannot run the C++ compiler {cmd[0]!r} ({e.strerror})"
-        libcache.record_failure(lib_path, summary, cmd, "")
-        raise OSError(f"{summary}; install one or set CXX") from None
-      if proc.returncode != 0:
-        errors = [l for l in proc.stderr.splitlines() if "error" in l.lower()]
-        summary = (f"{cmd[0]} exited {proc.returncode}: "
-                   f"{(errors or proc.stderr.splitlines() or ['no output'])[0][:200]}")
-        libcache.record_failure(lib_path, summary, cmd, proc.stderr)
-        raise OSError(f"building the CPU kernels failed ({summary})\n" + " ".join(cmd)
-                      + f" {tmp}\n" + proc.stderr[-3000:])
-      libcache.install(tmp, lib_path, cmd)
-    finally:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-  return lib_path
 
 
 @functools.cache

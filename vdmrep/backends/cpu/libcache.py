@@ -12,7 +12,7 @@ hands out nothing unless
     unless sticky (/tmp), as ssh checks ~/.ssh;
   * the library's size and SHA-256 equal those its build recorded in the manifest
     (`install` writes it after the compiler exited 0, so an empty, truncated or foreign
-    file is refused and `kernels.build` replaces it).
+    file is refused and build.py replaces it).
 The bytes hashed are read through the file descriptor that is then loaded
 (/proc/self/fd/N), so the file cannot be swapped between the check and the load.
 

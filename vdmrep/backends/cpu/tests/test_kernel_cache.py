@@ -193,9 +193,9 @@ def _fake_cxx(tmp_path, fail):
 
 
 BUILD = textwrap.dedent("""
-    from vdmrep.backends.cpu import kernels, libcache
+    from vdmrep.backends.cpu import build, kernels, libcache
     try:
-      path = kernels.build()
+      path = build.build()
       print("built:", path, libcache.is_verified(path))
     except OSError as e:
       print("error:", str(e).splitlines()[0])
@@ -254,7 +254,7 @@ def test_every_kernel_source_is_package_data():
   globs = pyproject["tool"]["setuptools"]["package-data"]["vdmrep.backends.cpu"]
   from vdmrep.backends.cpu import kernels
   package = REPO / "vdmrep" / "backends" / "cpu"
-  used = [p.relative_to(package).as_posix() for p in kernels._SOURCES + kernels._HEADERS]
+  used = [p.relative_to(package).as_posix() for p in kernels.SOURCES + kernels.HEADERS]
   present = [p.relative_to(package).as_posix() for p in (package / "csrc").iterdir()]
   assert set(used) <= set(present)
   assert [f for f in present if not any(fnmatch.fnmatch(f, g) for g in globs)] == []
