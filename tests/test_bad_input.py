@@ -38,7 +38,8 @@ CONFIG_CASES = [
                                 "['oepp', 'oe', 'se', 'te', 'ue', 'none']"),
     (dict(model__gamma_type="cosine"), "config.model.gamma_type='cosine' is not valid; "
                                        "choose one of ['fixed', 'learned_linear', "
-                                       "'learned_nnet']"),
+                                       "'learned_nnet', 'per_pixel', "
+                                       "'per_pixel_learned_endpoints']"),
     (dict(collapse__schedule="cyclic_typo"), "config.collapse.schedule='cyclic_typo' is not "
                                              "valid"),
     (dict(data__source="mnist"), "config.data.source='mnist' is not valid; use 'digits', "

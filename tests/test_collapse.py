@@ -11,6 +11,7 @@ import pytest
 
 from vdmrep import collapse, config_lib, losses
 from vdmrep.config_lib import ConfigError, base_config
+from vdmrep.models.vae_vdm import ELBOTerms
 
 # -- schedules ------------------------------------------------------------------------
 @pytest.mark.parametrize("step", [0, 1, 100, 250, 499, 500, 501, 2000])
@@ -141,16 +142,18 @@ def _fake_terms(seed=0, b=8, d=5):
   t = {"recon": r.uniform(1, 2, b), "prior": r.uniform(0, 0.1, b),
        "diffusion": r.uniform(10, 20, b), "gamma_t": r.uniform(-13, 5, b),
        "kl_per_dim": kpd, "kl": kpd.sum(-1), "w": mean + np.exp(logvar / 2) * r.normal(size=(b, d))}
-  return {k: jnp.asarray(v, jnp.float32) for k, v in t.items()}
+  return ELBOTerms(**{k: jnp.asarray(v, jnp.float32) for k, v in t.items()},
+                   t=jnp.zeros((b,), jnp.float32), gamma_0=jnp.full((b,), -13.3, jnp.float32),
+                   gamma_1=jnp.full((b,), 5.0, jnp.float32))
 
 
 def test_objective_elbo_default():
   terms, c = _fake_terms(), base_config()
   loss, logs = collapse.objective(terms, jnp.int32(3), c, jax.random.key(0))
-  expected = np.mean(terms["recon"] + terms["prior"] + terms["diffusion"] + terms["kl"])
+  expected = np.mean(terms.total)
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
   assert float(logs["beta"]) == 1.0 and float(logs["mmd_term_nats"]) == 0.0
-  np.testing.assert_allclose(logs["kl_unweighted_nats"], np.mean(terms["kl"]), rtol=1e-6)
+  np.testing.assert_allclose(logs["kl_unweighted_nats"], np.mean(terms.kl), rtol=1e-6)
 
 
 def test_objective_combined_remedies():
@@ -161,12 +164,12 @@ def test_objective_combined_remedies():
                     diffusion_weighting="sigmoid", diffusion_weight_bias=-1.0)
   step, key = 300, jax.random.key(3)
   loss, logs = collapse.objective(terms, jnp.int32(step), c, key)
-  n = {k: np.asarray(v, np.float64) for k, v in terms.items()}
+  n = {k: np.asarray(v, np.float64) for k, v in vars(terms).items()}
   beta = 2.0 * min(1.0, ((step % 250) / 250) / 0.5)
   wt = 1 / (1 + np.exp(-(n["gamma_t"] - 1.0)))
   fb = np.sum(np.maximum(0.3, n["kl_per_dim"].mean(0)))
-  prior = jax.random.normal(key, terms["w"].shape)
-  mmd = float(losses.mmd(terms["w"], prior, "imq"))
+  prior = jax.random.normal(key, terms.w.shape)
+  mmd = float(losses.mmd(terms.w, prior, "imq"))
   expected = np.mean(n["recon"] + n["prior"] + wt * n["diffusion"]) + beta * 0.5 * fb \
       + (0.5 + 10.0 - 1.0) * mmd
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
@@ -179,7 +182,7 @@ def test_objective_capacity_logs_c():
   terms, c = _fake_terms(2), base_config()
   c.collapse.update(capacity_gamma=50.0, capacity_max=10.0, capacity_steps=100)
   loss, logs = collapse.objective(terms, jnp.int32(40), c, jax.random.key(0))
-  n = {k: np.asarray(v, np.float64) for k, v in terms.items()}
+  n = {k: np.asarray(v, np.float64) for k, v in vars(terms).items()}
   np.testing.assert_allclose(logs["capacity"], 4.0, rtol=1e-6)
   np.testing.assert_allclose(loss, np.mean(n["recon"] + n["prior"] + n["diffusion"])
                              + 50.0 * abs(n["kl"].mean() - 4.0), rtol=1e-5)
@@ -190,7 +193,7 @@ def test_objective_no_latent_penalty(encoder):
   terms, c = _fake_terms(3), base_config()
   c.model.encoder = encoder
   loss, logs = collapse.objective(terms, jnp.int32(0), c, jax.random.key(0))
-  np.testing.assert_allclose(loss, np.mean(terms["recon"] + terms["prior"] + terms["diffusion"]),
+  np.testing.assert_allclose(loss, np.mean(terms.recon + terms.prior + terms.diffusion),
                              rtol=1e-6)
   assert float(logs["kl_term_nats"]) == 0.0 and float(logs["beta"]) == 0.0
 
@@ -255,10 +258,10 @@ def test_elbo_terms_deterministic_encoder_and_gamma_t():
   x = jax.random.randint(jax.random.key(1), (4, 8, 8, 1), 0, 256)
   det = model.elbo_terms(params, x, jax.random.key(2), deterministic_encoder=True)
   sto = model.elbo_terms(params, x, jax.random.key(2))
-  np.testing.assert_array_equal(det["w"], det["mean"])
-  assert float(jnp.max(jnp.abs(sto["w"] - sto["mean"]))) > 1e-3
-  np.testing.assert_allclose(det["gamma_t"], model.gamma(params, det["t"]), rtol=1e-6)
-  np.testing.assert_array_equal(det["t"], sto["t"])  # same key, same t
+  np.testing.assert_array_equal(det.w, det.mean)
+  assert float(jnp.max(jnp.abs(sto.w - sto.mean))) > 1e-3
+  np.testing.assert_allclose(det.gamma_t, model.gamma(params, det.t), rtol=1e-6)
+  np.testing.assert_array_equal(det.t, sto.t)  # same key, same t
 
 
 def test_objective_mmd_needs_rng():

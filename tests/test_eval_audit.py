@@ -17,7 +17,7 @@ from vdmrep import collapse, config_lib, data, evaluators, losses, parallel, pro
 from vdmrep.evaluators import baselines
 from vdmrep.evaluators import elbo as elbo_eval
 from vdmrep.models import build_model
-from vdmrep.models.vae_vdm import VAEVDM
+from vdmrep.models.vae_vdm import VAEVDM, ELBOTerms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,10 +206,11 @@ def test_infovae_kernel_and_biased_estimator_match_its_formula():
 # 8. high-noise weighting: diffusion only, or the whole objective consistently
 def test_sigmoid_consistent_weights_every_term():
   b = 3
-  terms = {"recon": jnp.full((b,), 2.0), "prior": jnp.full((b,), 0.5),
-           "diffusion": jnp.array([10.0, 20.0, 30.0]), "kl": jnp.full((b,), 4.0),
-           "kl_per_dim": jnp.full((b, 2), 2.0), "gamma_t": jnp.array([-5.0, 0.0, 4.0]),
-           "gamma_0": jnp.full((b,), -13.3), "gamma_1": jnp.full((b,), 5.0)}
+  terms = ELBOTerms(recon=jnp.full((b,), 2.0), prior=jnp.full((b,), 0.5),
+                    diffusion=jnp.array([10.0, 20.0, 30.0]), kl=jnp.full((b,), 4.0),
+                    kl_per_dim=jnp.full((b, 2), 2.0), gamma_t=jnp.array([-5.0, 0.0, 4.0]),
+                    gamma_0=jnp.full((b,), -13.3), gamma_1=jnp.full((b,), 5.0),
+                    t=jnp.zeros((b,)))
   c = config_lib.base_config()
   sig = jax.nn.sigmoid
   c.collapse.diffusion_weighting = "sigmoid"

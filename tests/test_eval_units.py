@@ -153,9 +153,13 @@ def test_usefulness_gap_is_zero_exactly_when_the_decoder_ignores_w():
 
 def test_batch_stats_counts_varying_means():
   import jax.numpy as jnp
+  from vdmrep.models import ELBOTerms
   mean = jnp.array([[0.0, 1.0, 0.0], [0.0, -1.0, 0.05], [0.0, 1.0, -0.05], [0.0, -1.0, 0.0]])
   kl_pd = jnp.array([[0.1, 2.0, 0.0]] * 4)
-  s = diagnostics.batch_stats({"mean": mean, "kl": kl_pd.sum(-1), "kl_per_dim": kl_pd}, 0.01)
+  zero = jnp.zeros((4,))
+  terms = ELBOTerms(recon=zero, prior=zero, diffusion=zero, kl=kl_pd.sum(-1), t=zero,
+                    gamma_t=zero, gamma_0=zero, gamma_1=zero, mean=mean, kl_per_dim=kl_pd)
+  s = diagnostics.batch_stats(terms, 0.01)
   assert float(s["active_units_batch"]) == 1.0  # var 1, var 0.00125, var 0
   assert float(s["kl_nats_per_dim"]) == pytest.approx(2.1 / 3)
   assert float(s["kl_max_dim_nats"]) == pytest.approx(2.0)

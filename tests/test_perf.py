@@ -113,7 +113,7 @@ def test_bfloat16_compute_keeps_f32_params_and_close_loss(plain):
       optax_norm(g16) * optax_norm(g32))
   assert cos > 0.99
   model = build_model(cfg16.model)
-  hlo = jax.jit(lambda p: model.elbo_terms(p, x, jax.random.key(3))["diffusion"]).lower(
+  hlo = jax.jit(lambda p: model.elbo_terms(p, x, jax.random.key(3)).diffusion).lower(
       params).as_text()
   assert "bf16" in hlo and "convolution" in hlo
 

@@ -10,7 +10,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vdmrep import checkpoints, collapse, config_lib, parallel, reliability, train
+from vdmrep import checkpoints, config_lib, parallel, reliability, train
+from vdmrep.models.vae_vdm import VAEVDM
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
 import chaos  # noqa: E402  (read_scalars, final_state)
@@ -79,17 +80,21 @@ def test_sigterm_saves_then_resume_is_bitwise_exact(reference, tmp_path, monkeyp
 def inject_nan(monkeypatch, steps):
   """Multiplies the diffusion term by NaN at `steps` (so loss and gradients go NaN too).
 
-  Edits the caller's `terms` in place, as a NaN from the model itself would appear
-  there: train_step logs and checks the term means from the same dict.
+  The NaN comes out of the model's own terms, as a real one would: train_step draws
+  step s's randomness from fold_in(key(seed), s), so the wrapper recognises the steps
+  by their keys.
   """
-  real = collapse.objective
+  real = VAEVDM.elbo_terms
+  seed = tiny().seed
+  bad = jnp.stack([jax.random.key_data(jax.random.fold_in(jax.random.key(seed), s))
+                   for s in steps])
 
-  def objective(terms, step, config, rng=None):
-    scale = jnp.where(jnp.isin(step, jnp.asarray(steps)), jnp.nan, 1.0)
-    terms["diffusion"] = terms["diffusion"] * scale
-    return real(terms, step, config, rng)
+  def elbo_terms(self, params, x_int, rng, **kwargs):
+    terms = real(self, params, x_int, rng, **kwargs)
+    hit = jnp.any(jnp.all(jax.random.key_data(rng) == bad, axis=-1))
+    return terms.replace(diffusion=terms.diffusion * jnp.where(hit, jnp.nan, 1.0))
 
-  monkeypatch.setattr(collapse, "objective", objective)
+  monkeypatch.setattr(VAEVDM, "elbo_terms", elbo_terms)
 
 
 def test_nan_stops_naming_first_bad_step_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -45,6 +45,8 @@ NO_LATENT_PENALTY = ("ue", "none")  # encoders whose objective has no KL and no 
 # Settings that only act on the encoder terms, with their neutral values; setting one for an
 # encoder in NO_LATENT_PENALTY is an error (it would silently do nothing).
 _ENCODER_TERM_DEFAULTS = {"schedule": "constant", "beta": 1.0, "free_bits": 0.0,
+                          "stage_surrogate_steps": 0, "stage_frozen_steps": 0,
+                          "aggressive_inner_steps": 0,
                           "capacity_gamma": 0.0, "mmd_alpha": 0.0, "mmd_lambda": 1.0,
                           "deterministic_encoder": False}
 
@@ -105,6 +107,16 @@ def validate(config) -> None:
   if c.diffusion_weighting not in WEIGHTINGS:
     fail("diffusion_weighting", f"is not valid; choose one of {list(WEIGHTINGS)}")
   number("diffusion_weight_bias")
+  number("aggressive_inner_steps", lo=0, integer=True)
+  if c.aggressive_inner_steps and (config.model.get("latent", "gaussian") != "gaussian"
+                                   or c.deterministic_encoder):
+    fail("aggressive_inner_steps", "needs a stochastic gaussian latent (its MI estimate)")
+  number("stage_surrogate_steps", lo=0, integer=True)
+  number("stage_frozen_steps", lo=0, integer=True)
+  if c.stage_surrogate_steps + c.stage_frozen_steps >= config.training.num_steps > 0 and (
+      c.stage_surrogate_steps + c.stage_frozen_steps):
+    fail("stage_frozen_steps", f"+ config.collapse.stage_surrogate_steps must leave steps "
+         f"for joint fine-tuning (< config.training.num_steps={config.training.num_steps})")
   if config.model.encoder in NO_LATENT_PENALTY:
     for key, neutral in _ENCODER_TERM_DEFAULTS.items():
       if c[key] != neutral:
@@ -141,14 +153,45 @@ def kl_weight(step, config):
   """beta(step), the schedule's weight on the encoder KL term (float32 scalar).
 
   'constant': beta; 'linear': `linear_warmup(step, warmup_start, beta, warmup_steps)`;
-  'cyclical': `cyclical(step, training.num_steps, cycles, cycle_ratio, beta)`.
+  'cyclical': `cyclical(step, training.num_steps, cycles, cycle_ratio, beta)`. Staged
+  training (`stage`) sets it to 0 during the surrogate stage.
   """
   c = config.collapse
   if c.schedule == "linear":
-    return linear_warmup(step, c.warmup_start, c.beta, c.warmup_steps)
-  if c.schedule == "cyclical":
-    return cyclical(step, config.training.num_steps, c.cycles, c.cycle_ratio, c.beta)
-  return jnp.full(jnp.shape(step), c.beta, jnp.float32)
+    beta = linear_warmup(step, c.warmup_start, c.beta, c.warmup_steps)
+  elif c.schedule == "cyclical":
+    beta = cyclical(step, config.training.num_steps, c.cycles, c.cycle_ratio, c.beta)
+  else:
+    beta = jnp.full(jnp.shape(step), c.beta, jnp.float32)
+  if c.get("stage_surrogate_steps", 0):
+    beta = jnp.where(stage(step, config) == 0, 0.0, beta)
+  return beta
+
+
+def stage(step, config):
+  """Staged training's stage at `step` (int32, the shape of `step`):
+
+  0, the first `stage_surrogate_steps`: encoder and decoder train on a surrogate, the
+     objective without its KL term (the encoder learns to carry information first);
+  1, the next `stage_frozen_steps`: the encoder is frozen while the decoder and the prior
+     train at the configured beta (1 for the ELBO);
+  2, the rest: joint fine-tuning at that beta.
+  Without staging (both 0) every step is stage 2.
+  """
+  c = config.collapse
+  s1 = c.get("stage_surrogate_steps", 0)
+  s2 = s1 + c.get("stage_frozen_steps", 0)
+  step = jnp.asarray(step)
+  return jnp.where(step < s1, 0, jnp.where(step < s2, 1, 2)).astype(jnp.int32)
+
+
+def freeze_encoder(updates, step, config):
+  """Zeroes the encoder's optimiser updates (weight decay included) in stage 1."""
+  if not config.collapse.get("stage_frozen_steps", 0) or "encoder" not in updates:
+    return updates
+  frozen = stage(step, config) == 1
+  enc = jax.tree.map(lambda u: jnp.where(frozen, jnp.zeros_like(u), u), updates["encoder"])
+  return dict(updates, encoder=enc)
 
 
 def capacity(step, c_max, ramp_steps):
@@ -196,12 +239,12 @@ def kl_statistic(terms, step, collapse_cfg):
   c = collapse_cfg
   if c.capacity_gamma > 0:
     cap = capacity(step, c.capacity_max, c.capacity_steps)
-    return capacity_penalty(terms["kl"], cap, c.capacity_gamma), cap
+    return capacity_penalty(terms.kl, cap, c.capacity_gamma), cap
   zero = jnp.zeros((), jnp.float32)
   if c.free_bits > 0:
     fb = free_bits_batch if c.free_bits_mode == "batch" else free_bits_example
-    return fb(terms["kl_per_dim"], c.free_bits), zero
-  return jnp.mean(terms["kl"]), zero
+    return fb(terms.kl_per_dim, c.free_bits), zero
+  return jnp.mean(terms.kl), zero
 
 
 # -- InfoVAE -----------------------------------------------------------------------
@@ -244,14 +287,27 @@ def diffusion_weight(gamma_t, weighting="elbo", bias=0.0):
   return jnp.ones_like(jnp.asarray(gamma_t, jnp.float32))
 
 
+def kl_balance(config):
+  """alpha of DreamerV2's KL balancing (`VAEVDM.elbo_terms(kl_balance=...)`), or None.
+
+  The KL term keeps its value (so every objective and the bound are unchanged); only its
+  gradient is split: alpha * grad KL(sg(q) || p) + (1 - alpha) * grad KL(q || sg(p))
+  (Hafner et al. 2021): the prior moves towards the posteriors faster than they collapse
+  onto it. A fixed N(0, I) prior has no parameters, so there alpha only scales the
+  encoder's KL gradient by 1 - alpha.
+  """
+  a = config.collapse.get("kl_balance", -1.0)
+  return None if a < 0 else float(a)
+
+
 # -- the objective -------------------------------------------------------------------
 def objective(terms, step, config, rng=None):
   """Training loss (nats per image, batch mean) and what to log about it.
 
   Args:
-    terms: `VAEVDM.elbo_terms` output: [B] nats "recon", "prior", "diffusion", "kl",
-      [B] "gamma_t" (read only by a non-ELBO weighting); when conditional also [B, D]
-      "kl_per_dim" and "w".
+    terms: `ELBOTerms` from `VAEVDM.elbo_terms`: [B] nats recon, prior, diffusion, kl;
+      [B] gamma_t, gamma_0, gamma_1 (read only by a non-ELBO weighting); kl_per_dim [B, D] (free bits)
+      and w [B, D] (MMD) when conditional.
     step: the current step (int scalar array).
     config: the full config (`config.collapse` selects the remedies).
     rng: PRNG key for the MMD's prior samples; may be None when the MMD weight is 0.
@@ -262,17 +318,17 @@ def objective(terms, step, config, rng=None):
     added to the loss), mmd (MMD^2, unitless), mmd_term_nats, diffusion_weighted_nats.
   """
   c = config.collapse
-  diffusion, recon, prior = terms["diffusion"], terms["recon"], terms["prior"]
+  diffusion, recon, prior = terms.diffusion, terms.recon, terms.prior
   kl_scale_w = 1.0
   if c.diffusion_weighting != "elbo":
     wfn = lambda g: diffusion_weight(g, c.diffusion_weighting, c.diffusion_weight_bias)
-    diffusion = wfn(terms["gamma_t"]) * diffusion
+    diffusion = wfn(terms.gamma_t) * diffusion
     if c.diffusion_weighting == "sigmoid_consistent":
-      recon, prior = wfn(terms["gamma_0"]) * recon, wfn(terms["gamma_1"]) * prior
-      kl_scale_w = jnp.mean(wfn(terms["gamma_1"]))
+      recon, prior = wfn(terms.gamma_0) * recon, wfn(terms.gamma_1) * prior
+      kl_scale_w = jnp.mean(wfn(terms.gamma_1))
   loss = jnp.mean(recon + prior + diffusion)
   zero = jnp.zeros((), jnp.float32)
-  logs = dict(beta=zero, kl_weight=zero, capacity=zero, kl_unweighted_nats=jnp.mean(terms["kl"]),
+  logs = dict(beta=zero, kl_weight=zero, capacity=zero, kl_unweighted_nats=jnp.mean(terms.kl),
               kl_term_nats=zero, mmd=zero, mmd_term_nats=zero,
               diffusion_weighted_nats=jnp.mean(diffusion))
   if config.model.encoder in NO_LATENT_PENALTY:
@@ -288,7 +344,7 @@ def objective(terms, step, config, rng=None):
     if rng is None:
       raise ValueError("collapse.objective: the MMD term (config.collapse.mmd_alpha + "
                        "mmd_lambda - 1 != 0) needs an rng for its prior samples")
-    logs["mmd"] = mmd_to_prior(terms["w"], rng, c.mmd_kernel, c.mmd_bandwidth,
+    logs["mmd"] = mmd_to_prior(terms.w, rng, c.mmd_kernel, c.mmd_bandwidth,
                                c.get("mmd_estimator", "unbiased"))
     logs["mmd_term_nats"] = mmd_scale * logs["mmd"]
     loss = loss + logs["mmd_term_nats"]
@@ -304,7 +360,8 @@ def _not_elbo_reasons(config, betas, where: str) -> list:
     if c.schedule == "constant" and c.beta != 1.0:
       reasons.append(f"KL weight beta={c.beta:g} != 1")
     elif not np.all(betas == 1.0):
-      reasons.append(f"KL weight beta ({c.schedule}) is not 1 {where} "
+      what = "staged: no KL in the surrogate stage" if c.stage_surrogate_steps else c.schedule
+      reasons.append(f"KL weight beta ({what}) is not 1 {where} "
                      f"(mean {betas.mean():.4g})")
     if c.free_bits > 0:
       reasons.append(f"free bits lambda={c.free_bits} nats ({c.free_bits_mode})")

@@ -35,7 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
                                     # unet | unet_s (multi-resolution U-Net, models/unet.py)
   c.model.encoder = "te"            # oepp | oe | se | te | ue (no KL) | none (unconditional)
   c.model.conditioning = "additive"  # additive | film
-  c.model.gamma_type = "fixed"      # fixed | learned_linear | learned_nnet
+  c.model.gamma_type = "fixed"      # fixed | learned_linear | learned_nnet | per_pixel |
+                                    # per_pixel_learned_endpoints (gamma(t, w), MuLAN-style)
   c.model.gamma_min = -13.3
   c.model.gamma_max = 5.0
   c.model.fourier_features = True
@@ -45,6 +46,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.channel_mult = ()         # U-Net width per resolution; () = the size's default
   c.model.antithetic_time_sampling = True
   c.model.vocab_size = 256
+  # The latent w and its prior p(w) (vdmrep/models/priors.py); defaults: today's N(0, I).
+  c.model.latent = "gaussian"       # gaussian | categorical (M groups of K categories)
+  c.model.latent_dim = 0            # gaussian: D (0 = the encoder size's); categorical: M
+  c.model.latent_categories = 0     # categorical: K categories per group
+  c.model.prior = "standard"        # gaussian: standard | mixture | vamp | flow | diffusion;
+                                    # categorical: standard (uniform) | learned
+  c.model.prior_components = 16     # mixture, vamp: number of components
+  c.model.prior_flow_layers = 4     # flow: affine coupling layers
+  c.model.prior_hidden = 128        # flow, diffusion: MLP width
+  c.model.posterior_std_max = 0.0   # in (0, 1): delta-VAE cap on q's std (committed rate)
+  c.model.relaxation_temperature = 1.0  # categorical: Gumbel-softmax temperature (gradient)
   c.model.compute_dtype = "float32"  # float32 | bfloat16 (params and loss stay f32)
   c.model.remat = False             # recompute score-net block activations (less memory)
   c.model.backend = "auto"          # auto | xla | cpu: who computes the blocks (same
@@ -77,6 +89,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.collapse.diffusion_weighting = "elbo"  # elbo | sigmoid (the diffusion term only) |
                                     # sigmoid_consistent (every term, vdmrep/collapse.py)
   c.collapse.diffusion_weight_bias = 0.0   # sigmoid: w = sigmoid(gamma_t + bias)
+  c.collapse.kl_balance = -1.0      # alpha in [0, 1]: DreamerV2 KL balancing (same value,
+                                    # split gradient); -1 = off
+  c.collapse.stage_surrogate_steps = 0  # staged training: steps without the KL term, then
+  c.collapse.stage_frozen_steps = 0     # steps with the encoder frozen, then joint
+  c.collapse.aggressive_inner_steps = 0  # > 0: aggressive inference (He et al. 2019): this
+                                    # many encoder-only steps per step until I_q(x; w) stalls
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 2e-4
@@ -183,7 +201,7 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   """Raises ConfigError naming the first bad key; returns None if the config can run."""
   from vdmrep.models.conv_vae import VAE_DECODERS
   from vdmrep.models.encoder import ENCODER_SIZES
-  from vdmrep.models.schedules import SCHEDULES
+  from vdmrep.models.schedules import PER_PIXEL, SCHEDULES
   from vdmrep.models.score_net import CONDITIONINGS, VDM_SIZES
   from vdmrep.models.unet import UNET_SIZES
   m, t, o, e = config.model, config.training, config.optim, config.eval
@@ -194,7 +212,8 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   _choice(config, "model.vdm", m.vdm, tuple(VDM_SIZES) + tuple(UNET_SIZES))
   _choice(config, "model.encoder", m.encoder, tuple(ENCODER_SIZES) + ("none",))
   _choice(config, "model.conditioning", m.conditioning, CONDITIONINGS)
-  _choice(config, "model.gamma_type", m.gamma_type, SCHEDULES)
+  _choice(config, "model.gamma_type", m.gamma_type, tuple(SCHEDULES) + PER_PIXEL)
+  validate_latent(config)
   _choice(config, "model.compute_dtype", m.compute_dtype, ("float32", "bfloat16"))
   _choice(config, "model.backend", m.get("backend", "auto"), BACKENDS)
   if not m.gamma_min < m.gamma_max:
@@ -282,6 +301,69 @@ def check_image_shape(config, image_shape) -> None:
                         f"{image_shape[0]}x{image_shape[1]}")
 
 
+def validate_latent(config) -> None:
+  """Checks the latent and prior keys of `config.model`; raises ConfigError naming one."""
+  from vdmrep.models.priors import CATEGORICAL_PRIORS, PRIORS
+  from vdmrep.models.schedules import PER_PIXEL
+  m = config.model
+  _choice(config, "model.latent", m.latent, ("gaussian", "categorical"))
+  if m.latent == "categorical":
+    _choice(config, "model.prior", m.prior, CATEGORICAL_PRIORS)
+    if m.latent_dim < 1 or m.latent_categories < 2:
+      raise ConfigError(f"config.model.latent_dim={m.latent_dim} (groups M) must be >= 1 and "
+                        f"config.model.latent_categories={m.latent_categories} (K) >= 2 for "
+                        "a categorical latent")
+    if m.posterior_std_max:
+      raise ConfigError("config.model.posterior_std_max applies to a gaussian latent only")
+    if not m.relaxation_temperature > 0:
+      raise ConfigError(f"config.model.relaxation_temperature={m.relaxation_temperature} "
+                        "must be > 0")
+  else:
+    _choice(config, "model.prior", m.prior, PRIORS)
+    if m.latent_categories:
+      raise ConfigError("config.model.latent_categories is for model.latent='categorical'")
+    if m.latent_dim and not 2 <= m.latent_dim <= 4096:
+      raise ConfigError(f"config.model.latent_dim={m.latent_dim} must be 0 (the encoder "
+                        "size's) or in 2..4096")
+    if not 0.0 <= m.posterior_std_max < 1.0:
+      raise ConfigError(f"config.model.posterior_std_max={m.posterior_std_max} must be in "
+                        "[0, 1) (0 = off; a cap >= 1 commits no rate)")
+    if m.posterior_std_max and m.prior != "standard":
+      raise ConfigError("config.model.posterior_std_max: the committed rate holds for "
+                        "model.prior='standard' only")
+  for key in ("prior_components", "prior_flow_layers", "prior_hidden"):
+    _positive(f"model.{key}", m[key])
+  if m.encoder == "none" and (m.prior != "standard" or m.latent != "gaussian"
+                              or m.latent_dim or m.gamma_type in PER_PIXEL):
+    raise ConfigError(f"config.model.encoder='none' has no latent: model.prior, model.latent, "
+                      "model.latent_dim and a per-pixel model.gamma_type need an encoder")
+  if m.get("decoder", "vdm") != "vdm" and (
+      m.prior != "standard" or m.latent != "gaussian" or m.gamma_type in PER_PIXEL
+      or m.posterior_std_max):
+    raise ConfigError(f"config.model.decoder={m.decoder!r} supports the gaussian latent with "
+                      "model.prior='standard' only")
+  c = config.collapse
+  if not (c.kl_balance == -1.0 or 0.0 <= c.kl_balance <= 1.0):
+    raise ConfigError(f"config.collapse.kl_balance={c.kl_balance} must be -1 (off) or in [0, 1]")
+  factorised = m.latent == "categorical" or m.prior == "standard"
+  if c.free_bits > 0 and not factorised:
+    raise ConfigError(f"config.collapse.free_bits needs a KL that splits over dimensions: "
+                      f"model.prior='standard' (not {m.prior!r}) or a categorical latent")
+  if (c.mmd_alpha, c.mmd_lambda) != (0.0, 1.0) and not (m.latent == "gaussian"
+                                                          and m.prior == "standard"):
+    raise ConfigError("config.collapse.mmd_alpha/mmd_lambda: the MMD is to N(0, I); it needs "
+                      "a gaussian latent with model.prior='standard'")
+  if c.deterministic_encoder and (m.latent != "gaussian" or m.prior != "standard"):
+    raise ConfigError("config.collapse.deterministic_encoder needs a gaussian latent with "
+                      "model.prior='standard' (its fitted-std bound is closed form to N(0, I))")
+
+
+# Latent keys join the fingerprint only when set, so checkpoints of earlier runs still load.
+_LATENT_DEFAULTS = {"latent": "gaussian", "latent_dim": 0, "latent_categories": 0,
+                    "prior": "standard", "prior_components": 16, "prior_flow_layers": 4,
+                    "prior_hidden": 128}
+
+
 def model_fingerprint(config) -> dict:
   """The config fields that fix the parameter shapes (checked when resuming)."""
   m = config.model
@@ -293,4 +375,5 @@ def model_fingerprint(config) -> dict:
     out["decoder"] = m.decoder
   if m.get("num_classes", 0):  # absent otherwise: older checkpoints stay compatible
     out.update(num_classes=m.num_classes, label_encoder=bool(m.label_encoder))
+  out.update({k: m.get(k, d) for k, d in _LATENT_DEFAULTS.items() if m.get(k, d) != d})
   return out

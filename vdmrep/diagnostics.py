@@ -36,26 +36,43 @@ def batch_stats(terms, threshold: float) -> dict:
   """Cheap collapse statistics of one training batch (scalars, for the log-interval mean).
 
   Args:
-    terms: `VAEVDM.elbo_terms` output (needs "mean" [B, D] and "kl" [B] nats).
+    terms: `VAEVDM.elbo_terms` output (`ELBOTerms`; reads mean, kl, kl_per_dim).
     threshold: active-unit variance threshold.
   Returns:
     {} when unconditional, else: active_units_batch (dims whose encoder mean varies by
     more than `threshold` over this batch: a noisy, batch-size-dependent proxy of the
     eval-split count), kl_nats_per_dim (batch-mean KL / D), kl_max_dim_nats (largest
-    batch-mean per-dimension KL).
+    batch-mean per-dimension KL; only where the KL factorises over dimensions).
   """
-  if "mean" not in terms:
+  if terms.mean is None:
     return {}
-  mean = terms["mean"]
+  mean = terms.mean
   d = mean.shape[-1]
   # One-pass variance: E[m^2] - E[m]^2 needs two independent batch sums, which XLA folds
   # into the gradients' all-reduce; jnp.var's two dependent passes cost a second one.
   var = jnp.maximum(jnp.mean(mean ** 2, axis=0) - jnp.mean(mean, axis=0) ** 2, 0.0)
   return {
       "active_units_batch": jnp.sum(var > threshold).astype(jnp.float32),
-      "kl_nats_per_dim": jnp.mean(terms["kl"]) / d,
-      "kl_max_dim_nats": jnp.max(jnp.mean(terms["kl_per_dim"], axis=0)),
+      "kl_nats_per_dim": jnp.mean(terms.kl) / d,
+      **({} if terms.kl_per_dim is None
+         else {"kl_max_dim_nats": jnp.max(jnp.mean(terms.kl_per_dim, axis=0))}),
   }
+
+
+def batch_mutual_information(mean, logvar, w):
+  """I_q(x; w) estimated on one batch (inside jit): scalar nats.
+
+  mean_i [log q(w_i|x_i) - log (1/B) sum_j q(w_i|x_j)] with w_i ~ q(w|x_i), the batch
+  as the empirical data distribution (He et al. 2019 track it to end aggressive
+  inference); at most log B.
+  """
+  prec = jnp.exp(-logvar)
+  # log N(w_i; mean_j, var_j) for all pairs: [B, B]
+  logq = -0.5 * jnp.sum(jnp.log(2 * jnp.pi) + logvar[None] + jnp.square(w[:, None] - mean[None])
+                        * prec[None], axis=-1)
+  own = jnp.diagonal(logq)
+  agg = jax.nn.logsumexp(logq, axis=1) - jnp.log(mean.shape[0])
+  return jnp.mean(own - agg)
 
 
 # -- encoder moments of a whole split --------------------------------------------------
@@ -153,20 +170,16 @@ def _usefulness_batch(params, x, other, key, ts, *, model, deterministic=False):
   Both passes share w's draw, t, eps and z_t; only the conditioning latent differs.
   `deterministic`: w = the encoder mean (the w a deterministic encoder was trained with).
   """
-  mean, logvar = model.encode(params, x)
   k_w, k_t = jax.random.split(key)
-  if deterministic:
-    w = mean
-  else:
-    w = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_w, mean.shape)
+  w = model.encode(params, x)[0] if deterministic else model.sample_posterior(params, x, k_w)
   w_other = w[other]
   b = x.shape[0]
 
   def at(args):
     t, k = args  # the same key k in both passes: same eps, a paired comparison
     tt = jnp.full((b,), t, jnp.float32)
-    own = model.elbo_terms(params, x, k, t=tt, w=w)["diffusion"]
-    swapped = model.elbo_terms(params, x, k, t=tt, w=w_other)["diffusion"]
+    own = model.elbo_terms(params, x, k, t=tt, w=w).diffusion
+    swapped = model.elbo_terms(params, x, k, t=tt, w=w_other).diffusion
     return own, swapped
   return jax.lax.map(at, (ts, jax.random.split(k_t, ts.shape[0])))
 

@@ -7,7 +7,9 @@ Conventions, for every function here:
     `to_bpd` converts nats to bits per dimension).
   * "Model scale" means pixel values mapped into (-1, 1) by `data_to_model_scale`.
   * `gamma` arguments (log signal-to-noise ratio, negated: gamma = -log SNR) may be
-    Python/0-d scalars or arrays of shape [B].
+    Python/0-d scalars, arrays of shape [B] (one schedule value per example) or arrays
+    of the image's shape [B, H, W, C] (a per-pixel schedule gamma(t, w), as in MuLAN,
+    Sahoo et al. 2024); the same holds for d gamma / dt.
 
 Notation follows Kingma et al. (2021), "Variational Diffusion Models":
   sigma_t^2 = sigmoid(gamma_t),  alpha_t^2 = sigmoid(-gamma_t) = 1 - sigma_t^2,
@@ -27,8 +29,9 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def _per_example(g, ndim: int):
-  """Broadcasts a scalar or [B] gamma against an array of rank `ndim`."""
+def broadcast_gamma(g, ndim: int):
+  """A scalar, [B] or per-pixel [B, H, W, C] gamma, reshaped to broadcast against an
+  array of rank `ndim` ([B] -> [B, 1, ..., 1]; others unchanged up to trailing 1s)."""
   g = jnp.asarray(g)
   if g.ndim == 0:
     return g
@@ -89,12 +92,12 @@ def prior_loss(f: Array, gamma_1) -> Array:
   q(z_1|x) = N(alpha_1 f, sigma_1^2 I) with sigma_1^2 = sigmoid(gamma_1).
 
   Args:
-    f: [B, H, W, C] data in model scale.
-    gamma_1: scalar or [B], gamma at t = 1.
+    f: [B, H, W, C] data in model scale (or [B, D] latents: any [B, ...]).
+    gamma_1: scalar, [B] or the shape of f (per pixel), gamma at t = 1.
   Returns:
     [B] nats per example.
   """
-  var_1 = _per_example(sigma2(gamma_1), f.ndim)
+  var_1 = broadcast_gamma(sigma2(gamma_1), f.ndim)
   mean1_sqr = (1.0 - var_1) * jnp.square(f)
   return 0.5 * _sum_non_batch(mean1_sqr + var_1 - jnp.log(var_1) - 1.0)
 
@@ -107,14 +110,14 @@ def reconstruction_logits(z_0_rescaled: Array, gamma_0, vocab_size: int = 256) -
 
   Args:
     z_0_rescaled: [B, H, W, C], z_0 / alpha_0.
-    gamma_0: scalar or [B].
+    gamma_0: scalar, [B] or [B, H, W, C] (per pixel).
     vocab_size: number of pixel values.
   Returns:
     [B, H, W, C, vocab_size] normalised log-probabilities (nats). This materialises
     vocab_size floats per pixel; `reconstruction_loss` does not need it.
   """
   c = data_to_model_scale(jnp.arange(vocab_size), vocab_size)
-  inv_stdev = jnp.exp(-0.5 * _per_example(gamma_0, z_0_rescaled.ndim + 1))
+  inv_stdev = jnp.exp(-0.5 * broadcast_gamma(gamma_0, z_0_rescaled.ndim + 1))
   logits = -0.5 * jnp.square((z_0_rescaled[..., None] - c) * inv_stdev)
   return jax.nn.log_softmax(logits, axis=-1)
 
@@ -134,7 +137,7 @@ def _bin_log_normalizer(z_0_rescaled: Array, gamma_0, vocab_size: int) -> Array:
   2 * _WINDOW + 1 bins around the nearest one, exact to float32 precision (see
   _WINDOW) and without the [..., vocab_size] tensor; otherwise all bins.
   """
-  g = _per_example(gamma_0, z_0_rescaled.ndim)
+  g = broadcast_gamma(gamma_0, z_0_rescaled.ndim)
   inv_stdev = jnp.exp(-0.5 * g)
   spacing = 2.0 / vocab_size
 
@@ -169,12 +172,12 @@ def reconstruction_loss(x_int: Array, z_0_rescaled: Array, gamma_0,
   Args:
     x_int: [B, H, W, C] integer pixels in {0..vocab_size-1}.
     z_0_rescaled: [B, H, W, C], z_0 / alpha_0 (model scale).
-    gamma_0: scalar or [B], gamma at t = 0.
+    gamma_0: scalar, [B] or [B, H, W, C] (per pixel), gamma at t = 0.
     vocab_size: number of pixel values.
   Returns:
     [B] nats per example.
   """
-  inv_stdev = jnp.exp(-0.5 * _per_example(gamma_0, z_0_rescaled.ndim))
+  inv_stdev = jnp.exp(-0.5 * broadcast_gamma(gamma_0, z_0_rescaled.ndim))
   logit_x = -0.5 * jnp.square((z_0_rescaled - data_to_model_scale(x_int, vocab_size)) * inv_stdev)
   return -_sum_non_batch(logit_x - _bin_log_normalizer(z_0_rescaled, gamma_0, vocab_size))
 
@@ -182,17 +185,22 @@ def reconstruction_loss(x_int: Array, z_0_rescaled: Array, gamma_0,
 def diffusion_loss(eps: Array, eps_hat: Array, dgamma_dt) -> Array:
   """Continuous-time (T -> infinity) VDM diffusion loss, one Monte Carlo sample of t.
 
-  L_inf = 0.5 * gamma'(t) * ||eps - eps_hat(z_t; t)||^2, with t ~ U(0, 1): an unbiased
-  estimate of the diffusion term of the negative ELBO (Kingma et al. 2021, eq. 17).
+  L_inf = 0.5 * sum_i gamma_i'(t) (eps_i - eps_hat_i(z_t; t))^2 over the dimensions i,
+  with t ~ U(0, 1): an unbiased estimate of the diffusion term of the negative ELBO
+  (Kingma et al. 2021, eq. 17; per pixel, Sahoo et al. 2024). A scalar or [B] gamma'
+  is the same for every pixel and gives 0.5 gamma'(t) ||eps - eps_hat||^2.
 
   Args:
     eps: [B, ...] the noise used to make z_t.
     eps_hat: [B, ...] the score network's prediction of it.
-    dgamma_dt: scalar or [B], d gamma / dt at the sampled t.
+    dgamma_dt: scalar, [B] or the shape of eps (per pixel), d gamma / dt at the sampled t.
   Returns:
     [B] nats per example.
   """
-  return 0.5 * jnp.asarray(dgamma_dt) * _sum_non_batch(jnp.square(eps - eps_hat))
+  dg = jnp.asarray(dgamma_dt)
+  if dg.ndim == eps.ndim:
+    return 0.5 * _sum_non_batch(dg * jnp.square(eps - eps_hat))
+  return 0.5 * dg * _sum_non_batch(jnp.square(eps - eps_hat))
 
 
 def _pairwise_sq_dists(a: Array, b: Array) -> Array:

@@ -36,11 +36,20 @@ NOTES = {
     "objective_bpd": "the objective training optimised, evaluated on the eval split at this "
                      "step (bits/dim); equal to bpd when it is the ELBO. When "
                      "objective_is_bound is false this number is NOT a bound on -log p(x).",
-    "kl_nats": "encoder KL(q(w|x) || N(0, I)), nats per image (closed form), eval mean.",
+    "kl_nats": "the rate E_q[log q(w|x) - log p(w)], nats per image, eval mean: closed form "
+               "for N(0, I) and categorical latents, else the ELBO evaluation's Monte Carlo "
+               "estimate (its s.e. includes the Monte Carlo error).",
     "active_units": "dimensions d with Var_x(E_q[w_d|x]) > active_threshold over the eval split.",
     "mi_nats": "I_q(x; w) under the empirical eval distribution: mean over images i and "
                "draws w ~ q(w|x_i) of log q(w|x_i) - log((1/N) sum_j q(w|x_j)), the logsumexp "
                "over all N eval images; it cannot exceed mi_upper_nats = log N.",
+    "aggregate_mismatch_nats": "KL(q(w) || p(w)), q(w) the aggregate posterior of the eval "
+                               "images: mean over draws w_i ~ q(w|x_i) of log q(w_i) - "
+                               "log p(w_i), log q by logsumexp over all N posteriors "
+                               "(an upper estimate for the diffusion prior, whose log p is "
+                               "a lower bound).",
+    "net_nats": "saving_nats (diffusion-loss rise when w is swapped, integrated over t, "
+                "nats/image) minus the rate kl_nats: > 0 when the latent pays for itself.",
     "usefulness_gap_bpd": "diffusion loss with another image's w minus with the image's own "
                           "w (same t, eps, z_t), averaged over the t grid, bits/dim; ~0 when "
                           "the decoder ignores w.",
@@ -176,6 +185,17 @@ def markdown(rep: dict) -> str:
     for i, t in enumerate(u["t"]):
       lines.append(f"| {t:.3f} | {_fmt(u['own_bpd'][i])} | {_fmt(u['swapped_bpd'][i])} | "
                    f"{_fmt(u['gap_bpd'][i])} | {_fmt(u['gap_bpd_se'][i])} |")
+  if rep.get("bands"):
+    from vdmrep import latent_diagnostics
+    lines += latent_diagnostics.markdown(rep["bands"])
+    if "aggregate_mismatch_nats" in m:  # absent for a point-mass posterior
+      lines.append(f"- aggregate-posterior mismatch KL(q(w) || p(w)): "
+                   f"{_fmt(m['aggregate_mismatch_nats'])} +- "
+                   f"{_fmt(m['aggregate_mismatch_nats_se'])} nats (draws of the MI estimate; "
+                   "logsumexp aggregate over the eval images)")
+    if "committed_rate_nats" in m:
+      lines.append(f"- committed rate (capped posterior std): delta = "
+                   f"{_fmt(m['committed_rate_nats'])} nats/image")
   if rep.get("probes"):
     p = rep["probes"]
     lines += ["", f"## Probes (fit on {p['num_train']} train, scored on {p['num_eval']} eval)",

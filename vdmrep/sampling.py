@@ -22,7 +22,7 @@ step lands on z_0, which the model's discretised decoder p(x | z_0) turns into i
 pixels ("sample": a draw from that categorical, the model's own distribution, default;
 "argmax": its most likely value). Modes:
 
-  unconditional   z_1 ~ N(0, I); w ~ N(0, I) (the prior) if the model has an encoder.
+  unconditional   z_1 ~ N(0, I); w ~ p(w) (the model's prior) if it has an encoder.
   guided          z_1 ~ N(0, I); w ~ q(w | x) of given images.
   reconstruction  z_{t_start} ~ q(z_{t_start} | x), then denoised with w ~ q(w | x).
 
@@ -95,7 +95,8 @@ def ancestral_step(z_t, eps_hat, gamma_s, gamma_t, noise):
 
   Args:
     z_t, eps_hat, noise: [B, ...]; noise ~ N(0, I).
-    gamma_s, gamma_t: scalars, gamma at s and t (gamma_s < gamma_t).
+    gamma_s, gamma_t: gamma at s and t (gamma_s < gamma_t): scalars, or arrays of z's
+      shape for a per-pixel schedule (the update is elementwise).
   Returns:
     z_s [B, ...].
   """
@@ -125,8 +126,8 @@ _STEPS = {"ancestral": ancestral_step, "ddim": ddim_step}
 def _broadcast_gamma(g, z):
   """gamma as given by gamma_fn (scalar, [B] or z's shape) -> (net input, update input).
 
-  The network gets [B] (or a per-pixel map as is); the update gets a shape that
-  broadcasts against z.
+  The network gets [B] (a per-pixel map's mean over pixels, as `VAEVDM.elbo_terms`
+  feeds it in training); the update gets a shape that broadcasts against z.
   """
   g = jnp.asarray(g)
   b = z.shape[0]
@@ -134,7 +135,7 @@ def _broadcast_gamma(g, z):
     return jnp.broadcast_to(g, (b,)), g
   if g.ndim == 1:
     return g, g.reshape((b,) + (1,) * (z.ndim - 1))
-  return g, g
+  return jnp.mean(g.reshape(b, -1), axis=-1), g
 
 
 def frame_steps(num_steps: int, num_frames: int) -> np.ndarray:
@@ -194,38 +195,45 @@ def denoise(eps_fn, gamma_fn, z, key, *, num_steps: int, t_start: float = 1.0, f
   return z_0, (None if frames is None else recorded)
 
 
-def decode(model, params, z_0, key, method: str = "sample"):
+def decode(model, params, z_0, key, method: str = "sample", w=None):
   """Integer pixels [B, H, W, C] (int32) from z_0 via the discretised decoder p(x | z_0).
 
   Materialises vocab_size logits per pixel (B H W C V floats): lower the batch size for
-  large images.
+  large images. `w` sets a per-pixel schedule's gamma_0.
   """
-  g_0 = model.gamma(params, jnp.zeros(()))
+  g_0 = _gamma(model, params, 0.0, w, z_0.shape[0])
   logits = losses.reconstruction_logits(z_0 / losses.alpha(g_0), g_0, model.vocab_size)
   if method == "argmax":
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def _gamma(model, params, t, w, batch):
+  """gamma at scalar t: a scalar, or [B, H, W, C] for a per-pixel schedule gamma(t, w)."""
+  t = jnp.asarray(t, jnp.float32)
+  if getattr(model, "per_pixel_schedule", False):
+    return model.gamma(params, jnp.full((batch,), t), w)
+  return model.gamma(params, t)
+
+
 def posterior_w(model, params, x_int, key, labels=None, deterministic: bool = False):
-  """w ~ q(w | x[, y]) through `model.encode`: [B, D].
+  """w ~ q(w | x[, y]) through the model's encoder: [B, D] (categorical: the discrete code).
 
   `deterministic`: w = the encoder mean, the w a deterministic encoder
   (`config.collapse.deterministic_encoder`) was trained with; its log-variance head
   was never trained, so drawing from it would condition on noise training never saw.
   """
-  mean, logvar = (model.encode(params, x_int) if labels is None
-                  else model.encode(params, x_int, labels))
   if deterministic:
-    return mean
-  return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    return (model.encode(params, x_int) if labels is None
+            else model.encode(params, x_int, labels))[0]
+  return model.sample_posterior(params, x_int, key, labels)
 
 
-def prior_w(model, key, batch: int):
-  """w ~ N(0, I) [B, D], or None for an unconditional model."""
+def prior_w(model, params, key, batch: int):
+  """w ~ p(w) [B, D] (the model's prior), or None for an unconditional model."""
   if not model.conditional:
     return None
-  return jax.random.normal(key, (batch, model.encoder.latent))
+  return model.sample_prior(params, key, batch)
 
 
 def guided_eps_fn(model, params, w=None, labels=None, guidance: float = 0.0):
@@ -254,10 +262,10 @@ def sample_from(model, params, key, w, z_start, *, num_steps, t_start=1.0, frame
     return model.sample(params, w, z_start.shape[1:], key, decode_method), None
   k_loop, k_dec = jax.random.split(key)
   eps_fn = guided_eps_fn(model, params, w, labels, guidance)
-  gamma_fn = lambda t: model.gamma(params, jnp.asarray(t, jnp.float32))
+  gamma_fn = lambda t: _gamma(model, params, t, w, z_start.shape[0])
   z_0, recorded = denoise(eps_fn, gamma_fn, z_start, k_loop, num_steps=num_steps,
                           t_start=t_start, frames=frames, sampler=sampler)
-  return decode(model, params, z_0, k_dec, decode_method), recorded
+  return decode(model, params, z_0, k_dec, decode_method, w), recorded
 
 
 def reconstruction_steps(num_steps: int, t_start: float) -> int:
@@ -279,11 +287,11 @@ def run_mode(model, params, key, x_int, *, mode, num_steps, t_start=1.0, frames=
   k_w, k_z, k_run = jax.random.split(key, 3)
   shape = x_int.shape
   if model.score_net is None and mode in MODES:  # a VAE: p(x | w) directly, no denoising
-    w = (prior_w(model, k_w, shape[0]) if mode == "unconditional"
+    w = (prior_w(model, params, k_w, shape[0]) if mode == "unconditional"
          else posterior_w(model, params, x_int, k_w, deterministic=deterministic_encoder))
     return model.sample(params, w, shape[1:], k_run, decode_method), None
   if mode == "unconditional":
-    w, t0 = prior_w(model, k_w, shape[0]), 1.0
+    w, t0 = prior_w(model, params, k_w, shape[0]), 1.0
     z = jax.random.normal(k_z, shape)
   elif mode == "guided":
     w, t0 = (posterior_w(model, params, x_int, k_w, labels, deterministic_encoder)
@@ -293,7 +301,7 @@ def run_mode(model, params, key, x_int, *, mode, num_steps, t_start=1.0, frames=
     w = (posterior_w(model, params, x_int, k_w, labels, deterministic_encoder)
          if model.conditional else None)
     t0 = float(t_start)
-    g = model.gamma(params, jnp.asarray(t0, jnp.float32))
+    g = _gamma(model, params, t0, w, shape[0])
     f = losses.data_to_model_scale(x_int, model.vocab_size)
     z = losses.alpha(g) * f + jnp.sqrt(losses.sigma2(g)) * jax.random.normal(k_z, shape)
     num_steps = reconstruction_steps(num_steps, t0)

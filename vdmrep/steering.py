@@ -130,7 +130,6 @@ def elbo_bpd(model, params, images, labels, key, *, num_samples: int = 4,
   -log p(x). Each image gets `num_samples` stratified times, as in `evaluators.elbo`.
   """
   from vdmrep.evaluators import elbo as elbo_eval  # imports much; only this needs it
-  from vdmrep.models.vae_vdm import ELBO_TERMS
 
   @jax.jit
   def per_image(p, x, y, k):
@@ -139,8 +138,7 @@ def elbo_bpd(model, params, images, labels, key, *, num_samples: int = 4,
 
     def one(args):
       t, kk = args
-      terms = model.elbo_terms(p, x, kk, t=t, y=y)
-      return sum(terms[name] for name in ELBO_TERMS)
+      return model.elbo_terms(p, x, kk, t=t, y=y).total
     return jnp.mean(jax.lax.map(one, (times, jax.random.split(k_rest, num_samples))), 0)
 
   images = np.asarray(images)

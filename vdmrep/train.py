@@ -24,7 +24,7 @@ from absl import logging
 from vdmrep import backends, checkpoints, collapse, config_lib, diagnostics, parallel
 from vdmrep import data as data_lib
 from vdmrep import evaluators, preflight, reliability
-from vdmrep.models.vae_vdm import ELBO_TERMS
+from vdmrep.models.vae_vdm import BOUND_TERMS
 
 
 @flax.struct.dataclass
@@ -72,34 +72,50 @@ def ema_decay(step, max_decay, schedule: str = "warmup"):
   return jnp.minimum(max_decay, (1.0 + step) / (10.0 + step))
 
 
-def train_step(state: TrainState, batch, key, *, model, tx, config):
+def train_step(state: TrainState, batch, key, *, model, tx, config, aggressive=False):
   """One optimiser step on a global batch of uint8 images [B, H, W, C], or of
   (images, int labels [B]) for a class-conditional model.
 
   The loss the optimiser sees is the collapse objective in bits/dim. Returns the new
   state and a dict of scalar metrics (bits/dim per term, KL in nats/image).
+
+  `aggressive` (static): He et al. (2019)'s aggressive inference step: first
+  `collapse.aggressive_inner_steps` encoder-only Adam steps on this batch (fresh draws of
+  w, t, eps each), then one step of everything but the encoder; it also logs the batch
+  estimate of I_q(x; w) that decides when the phase ends (`train_and_evaluate`).
   """
   batch, labels = batch if isinstance(batch, tuple) else (batch, None)
   num_dims = int(np.prod(batch.shape[1:]))
   to_bpd = 1.0 / (num_dims * math.log(2.0))
   rng = jax.random.fold_in(key, state.step)
 
-  def loss_fn(params):
+  def loss_fn(params, rng=rng):
     with_labels = {} if labels is None else {"y": labels}
     terms = model.elbo_terms(params, batch, rng, train=True, **with_labels,
-                             deterministic_encoder=config.collapse.deterministic_encoder)
+                             deterministic_encoder=config.collapse.deterministic_encoder,
+                             kl_balance=collapse.kl_balance(config))
     loss, logs = collapse.objective(terms, state.step, config, jax.random.fold_in(rng, 1))
-    means = {k: jnp.mean(terms[k]) for k in ELBO_TERMS}
+    means = {k: jnp.mean(v) for k, v in terms.bound_terms().items()}
     logs = dict(logs, **diagnostics.batch_stats(terms, config.eval.active_threshold))
+    if aggressive:
+      logs["mi_batch_nats"] = diagnostics.batch_mutual_information(terms.mean, terms.logvar,
+                                                                   terms.w)
     return loss * to_bpd, (means, logs)
 
-  (loss, (means, logs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  params = state.params
+  if aggressive:
+    params = _encoder_inner_steps(loss_fn, params, jax.random.fold_in(rng, 2),
+                                  config.collapse.aggressive_inner_steps, config.optim.lr)
+  (loss, (means, logs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  updates, opt_state = tx.update(grads, state.opt_state, params)
+  updates = collapse.freeze_encoder(updates, state.step, config)
+  if aggressive:  # the encoder moved in the inner steps; this step is the decoder's
+    updates = dict(updates, encoder=jax.tree.map(jnp.zeros_like, updates["encoder"]))
+  params = optax.apply_updates(params, updates)
   d = ema_decay(state.step, config.optim.ema_decay, config.optim.get("ema_schedule", "warmup"))
   ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
   metrics = {f"{k}_bpd": v * to_bpd for k, v in means.items()}
-  metrics["bpd"] = sum(metrics[f"{k}_bpd"] for k in ELBO_TERMS)  # ELBO at beta = 1
+  metrics["bpd"] = sum(metrics[f"{k}_bpd"] for k in BOUND_TERMS)  # ELBO at beta = 1
   metrics.update(loss_bpd=loss, kl_nats=means["kl"], grad_norm=optax.tree.norm(grads), **logs)
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                             opt_state=opt_state)
@@ -110,9 +126,25 @@ def train_step(state: TrainState, batch, key, *, model, tx, config):
                                 max_skips=config.training.max_consecutive_skips)
 
 
-def make_train_step(model, tx, config, mesh):
+def _encoder_inner_steps(loss_fn, params, rng, num_steps, lr):
+  """`num_steps` Adam steps on the encoder's parameters alone (a fresh optimiser state):
+  the inner loop of aggressive inference. Returns the parameters with the new encoder."""
+  inner = optax.adam(lr)
+
+  def body(i, carry):
+    enc, opt = carry
+    g = jax.grad(lambda e: loss_fn(dict(params, encoder=e), jax.random.fold_in(rng, i))[0])(enc)
+    u, opt = inner.update(g, opt, enc)
+    return optax.apply_updates(enc, u), opt
+  enc, _ = jax.lax.fori_loop(0, num_steps, body,
+                             (params["encoder"], inner.init(params["encoder"])))
+  return dict(params, encoder=enc)
+
+
+def make_train_step(model, tx, config, mesh, aggressive=False):
   repl = parallel.replicated(mesh)
-  return jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
+  return jax.jit(functools.partial(train_step, model=model, tx=tx, config=config,
+                                   aggressive=aggressive),
                  in_shardings=(repl, parallel.batch_sharded(mesh), repl),
                  out_shardings=(repl, repl), donate_argnums=(0,))
 
@@ -129,7 +161,7 @@ def setup(config):
   data_lib.check_labels(ds, config.model.num_classes, "config.model.num_classes")
   parallel.main_print(f"data: {len(ds.train_images):,} training and {len(ds.eval_images):,} "
                       f"evaluation images of shape {ds.image_shape}")
-  model = backends.build_model(config.model)
+  model = backends.build_model(config.model, ds.image_shape)
   return ds, model, make_optimizer(config.optim), parallel.make_mesh()
 
 
@@ -200,7 +232,14 @@ def _train_and_evaluate(config, workdir, ds, model, tx, mesh) -> dict:
   if start == 0:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)]
-  p_step = make_train_step(model, tx, config, mesh)
+  # Aggressive inference runs until the batch estimate of I_q(x; w), averaged over a log
+  # interval, stops rising; the phase and the last average are kept with checkpoints.
+  aggressive = bool(config.collapse.aggressive_inner_steps) and (
+      restored is None or meta.get("aggressive", True))
+  mi_prev = meta.get("aggressive_mi") if restored is not None else None
+  p_steps = {False: make_train_step(model, tx, config, mesh)}
+  if aggressive:
+    p_steps[True] = make_train_step(model, tx, config, mesh, aggressive=True)
   key = jax.random.key(config.seed)
   meta_base = {"model_fingerprint": fingerprint, "image_shape": list(ds.image_shape),
                "config": json.loads(config.to_json_best_effort()), "data_sha256": digest}
@@ -217,7 +256,7 @@ def _train_and_evaluate(config, workdir, ds, model, tx, mesh) -> dict:
   with reliability.stop_on_signals() as stop:
     for step, local in data_lib.prefetch(make_batch, range(start, num_steps)):
       glob = jax.tree.map(functools.partial(parallel.global_batch, mesh), local)
-      state, metrics = p_step(state, glob, key)
+      state, metrics = p_steps[aggressive](state, glob, key)
       acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
       for h in hooks:
         h(step + 1)
@@ -226,6 +265,13 @@ def _train_and_evaluate(config, workdir, ds, model, tx, mesh) -> dict:
       if done % t.log_every == 0 or last:  # the one host sync per log interval
         sums, health = jax.device_get((acc, state.health))
         reliability.check_health(health, config, ckpt.latest_step())
+        if aggressive:
+          mi = float(sums["mi_batch_nats"]) / max(float(sums["good_steps"]), 1.0)
+          if mi_prev is not None and mi <= mi_prev:
+            aggressive = False
+            parallel.main_print(f"step {done}: aggressive inference ends (batch I_q(x; w) "
+                                f"{mi:.4g} <= {mi_prev:.4g} nats over the last interval)")
+          mi_prev = mi
         skipped = _write_train_scalars(writer, done, sums, health, skipped)
         acc = None
       evaluate_now = not last and t.eval_every and done % t.eval_every == 0
@@ -244,6 +290,7 @@ def _train_and_evaluate(config, workdir, ds, model, tx, mesh) -> dict:
           best = {checkpoints.BEST_METRIC: summary["bpd"]}
       writer.flush()
       ckpt.save(done, state, dict(meta_base, step=done, data_position=done,
+                                  aggressive=aggressive, aggressive_mi=mi_prev,
                                   metric_sums=_sums_to_json(acc)), metrics=best)
       if stop:
         ckpt.close()

@@ -78,9 +78,10 @@ def modules(backend: str) -> dict:
   return layers.modules()
 
 
-def build_model(model_cfg):
-  """`vdmrep.models.build_model` with the blocks of the backend `config.model` selects."""
-  return models.build_model(model_cfg, **modules(resolve(model_cfg)))
+def build_model(model_cfg, image_shape=None):
+  """`vdmrep.models.build_model` with the blocks of the backend `config.model` selects
+  (`image_shape` (H, W, C): for the per-pixel schedule and the VampPrior)."""
+  return models.build_model(model_cfg, image_shape, **modules(resolve(model_cfg)))
 
 
 def name(model) -> str:

@@ -73,7 +73,7 @@ def _eval_terms(params, batch, key, posterior_std, *, model, num_samples, w_mode
     elif w_mode == "fixed_std" and mean is not None:
       w = mean + posterior_std * jax.random.normal(k_w, mean.shape)
     terms = model.elbo_terms(params, batch, k_terms if w_mode != "encoder" else k, t=t, w=w)
-    out = {name: terms[name] for name in TERMS}
+    out = terms.bound_terms()
     if w_mode == "mean" and mean is not None:
       out["kl"] = jnp.zeros_like(out["kl"])
     elif w_mode == "fixed_std" and mean is not None:

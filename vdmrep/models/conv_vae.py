@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from vdmrep import losses
 from vdmrep.models.encoder import Encoder
+from vdmrep.models.vae_vdm import ELBOTerms
 
 VAE_DECODERS = ("conv_vae",)
 
@@ -68,6 +69,30 @@ class ConvVAE:
 
   conditional = True
   score_net = None  # no diffusion decoder (code that reports it checks for None)
+  # The latent interface of VAEVDM: a Gaussian latent with the N(0, I) prior.
+  latent_kind = "gaussian"
+  prior = None
+  categories = 0
+  per_pixel_schedule = False
+  committed_rate_per_dim = 0.0
+
+  @property
+  def latent_dim(self) -> int:
+    return self.encoder.latent
+
+  def sample_posterior(self, params, x_int, rng, y=None):
+    """w ~ q(w|x): [B, D] (labels: accepted for the shared interface, unused)."""
+    del y
+    mean, logvar = self.encode(params, x_int)
+    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
+
+  def sample_prior(self, params, rng, n: int):
+    """w ~ N(0, I): [n, D]."""
+    return jax.random.normal(rng, (n, self.latent_dim))
+
+  def prior_log_prob(self, params, w, rng):
+    """log N(w; 0, I): [B] nats."""
+    return -0.5 * jnp.sum(jnp.square(w) + jnp.log(2 * jnp.pi), axis=-1)
 
   def decoder(self, image_shape) -> ConvDecoder:
     return ConvDecoder(tuple(image_shape), self.channels, self.vocab_size)
@@ -96,13 +121,12 @@ class ConvVAE:
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
   def elbo_terms(self, params, x_int, rng, *, train: bool = False, t=None, w=None,
-                 deterministic_encoder: bool = False):
-    """Per-example terms of the negative ELBO, each [B] nats (VAEVDM.elbo_terms' keys):
-    "recon" = -log p(x|w), "kl", "prior" = "diffusion" = 0, plus "kl_per_dim", "w",
-    "mean", "logvar" [B, D] and "t", "gamma_t", "gamma_0", "gamma_1" [B] (zeros: there is
-    no diffusion time).
-    `train` and `t` are accepted for the shared interface and change nothing."""
-    del train, t
+                 deterministic_encoder: bool = False, kl_balance=None) -> ELBOTerms:
+    """Per-example terms of the negative ELBO as `ELBOTerms` ([B] nats): recon =
+    -log p(x|w), kl, prior = diffusion = 0, and t, gamma_t, gamma_0, gamma_1 zeros (there
+    is no diffusion time). `train`, `t` and `kl_balance` are accepted for the shared interface and change
+    nothing (the N(0, I) prior has no parameters to balance against)."""
+    del train, t, kl_balance
     b = x_int.shape[0]
     mean, logvar = self.encode(params, x_int)
     if w is None:
@@ -110,7 +134,7 @@ class ConvVAE:
           mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape))
     kl_per_dim = losses.gaussian_kl_per_dim(mean, logvar)
     zeros = jnp.zeros((b,), jnp.float32)
-    return {"recon": categorical_nll(self.logits(params, w, x_int.shape[1:]), x_int),
-            "prior": zeros, "diffusion": zeros, "kl": jnp.sum(kl_per_dim, axis=-1),
-            "kl_per_dim": kl_per_dim, "w": w, "mean": mean, "logvar": logvar,
-            "t": zeros, "gamma_t": zeros, "gamma_0": zeros, "gamma_1": zeros}
+    return ELBOTerms(recon=categorical_nll(self.logits(params, w, x_int.shape[1:]), x_int),
+                     prior=zeros, diffusion=zeros, kl=jnp.sum(kl_per_dim, axis=-1),
+                     kl_per_dim=kl_per_dim, w=w, mean=mean, logvar=logvar, t=zeros,
+                     gamma_t=zeros, gamma_0=zeros, gamma_1=zeros)

@@ -73,11 +73,13 @@ class Encoder(nn.Module):
     return mean, logvar
 
 
-def make_encoder(name: str, dtype=jnp.float32, num_classes=0, **modules) -> Encoder | None:
-  """The named encoder, or None for `none` (an unconditional VDM); `modules` are
-  Encoder's block fields (conv, norm, resnet_block, attn_block)."""
+def make_encoder(name: str, dtype=jnp.float32, num_classes=0, latent: int = 0,
+                 **modules) -> Encoder | None:
+  """The named encoder, or None for `none` (an unconditional VDM); `latent` > 0
+  overrides the size's latent dimension (outputs per moment); `modules` are Encoder's
+  block fields (conv, norm, resnet_block, attn_block)."""
   if name == "none":
     return None
   s = ENCODER_SIZES[name]
-  return Encoder(channels=s.channels, layers=s.layers, groups=s.groups, latent=s.latent,
-                 num_classes=num_classes, dtype=dtype, **modules)
+  return Encoder(channels=s.channels, layers=s.layers, groups=s.groups,
+                 latent=latent or s.latent, num_classes=num_classes, dtype=dtype, **modules)

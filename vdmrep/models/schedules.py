@@ -1,10 +1,14 @@
 """Noise schedules gamma(t) = -log SNR(t), t in [0, 1], monotonically increasing.
 
-Each is a flax module mapping t (scalar or [B]) to gamma of the same shape. Because the
-continuous-time loss needs d gamma / dt, `gamma_and_derivative` differentiates any of
-them with one forward-mode pass.
+The scalar schedules are flax modules mapping t (scalar or [B]) to gamma of the same
+shape. `PerPixel` is the latent-driven schedule gamma(t, w) of MuLAN (Sahoo et al. 2024):
+one monotone curve per pixel, its shape set by the latent w. Because the continuous-time
+loss needs d gamma / dt, `gamma_and_derivative` differentiates any of them with one
+forward-mode pass.
 """
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
@@ -77,10 +81,52 @@ class LearnedMonotone(nn.Module):
 
 SCHEDULES = {"fixed": FixedLinear, "learned_linear": LearnedLinear,
              "learned_nnet": LearnedMonotone}
+PER_PIXEL = ("per_pixel", "per_pixel_learned_endpoints")  # gamma(t, w): conditional only
 
 
-def make_schedule(kind: str, gamma_min: float, gamma_max: float) -> nn.Module:
+def make_schedule(kind: str, gamma_min: float, gamma_max: float,
+                  image_shape=None) -> nn.Module:
+  if kind in PER_PIXEL:
+    return PerPixel(tuple(image_shape), gamma_min=gamma_min, gamma_max=gamma_max,
+                    learned_endpoints=kind == "per_pixel_learned_endpoints")
   return SCHEDULES[kind](gamma_min=gamma_min, gamma_max=gamma_max)
+
+
+class PerPixel(nn.Module):
+  """gamma(t, w) per pixel: gamma_min + (gamma_max - gamma_min) p(t; w), monotone in t.
+
+  p(t; w) = sum_j a_j t^j / sum_j a_j (j = 1..degree) with a_j = c_j(w)^2 >= 0 per pixel,
+  so p(0) = 0, p(1) = 1 and p is non-decreasing: the endpoints are gamma_min and gamma_max
+  for every pixel (or, with `learned_endpoints`, per-pixel offsets of them, functions of w).
+  c(w) is a Dense map of w, zero-initialised with c_1 = 1 and c_j = 0 otherwise, so the
+  schedule starts w-independent and equal to `FixedLinear`.
+
+  __call__(t, w): t [B] (or scalar), w [B, D] -> gamma [B, *image_shape].
+  """
+  image_shape: tuple
+  gamma_min: float = -13.3
+  gamma_max: float = 5.0
+  degree: int = 3
+  learned_endpoints: bool = False
+
+  @nn.compact
+  def __call__(self, t, w):
+    n = math.prod(self.image_shape)
+    b = w.shape[0]
+    init = jnp.zeros((self.degree, n)).at[0].set(1.0).reshape(-1)
+    c = nn.Dense(self.degree * n, kernel_init=nn.initializers.zeros,
+                 bias_init=lambda *_: init, name="coefficients")(w)
+    a = jnp.square(c.reshape(b, self.degree, n)) + 1e-8  # a_j >= 0; no 0/0 when all vanish
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
+    powers = t[:, None] ** jnp.arange(1, self.degree + 1, dtype=jnp.float32)[None]  # [B, J]
+    p = jnp.einsum("bj,bjn->bn", powers, a) / jnp.sum(a, axis=1)
+    lo, hi = jnp.full((b, n), self.gamma_min), jnp.full((b, n), self.gamma_max)
+    if self.learned_endpoints:
+      shift = nn.Dense(2 * n, kernel_init=nn.initializers.zeros, name="endpoints")(w)
+      d_lo, d_hi = jnp.split(shift, 2, axis=-1)
+      lo = lo + d_lo
+      hi = lo + (self.gamma_max - self.gamma_min) * jnp.exp(d_hi)  # keeps hi > lo
+    return (lo + (hi - lo) * p).reshape((b,) + tuple(self.image_shape))
 
 
 def gamma_and_derivative(gamma_fn, t):

@@ -88,7 +88,7 @@ def test_model_attention_blocks_use_the_kernel():
     c.model.backend = impl
     model = build_model(c.model)
     params = model.init(jax.random.key(0), (8, 8, 1))
-    loss = lambda p: jnp.mean(model.elbo_terms(p, x, jax.random.key(1))["diffusion"])
+    loss = lambda p: jnp.mean(model.elbo_terms(p, x, jax.random.key(1)).diffusion)
     hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
     expected = 2 if impl == "cpu" else 0
     assert hlo.count("vdmrep_attention_forward") == expected, impl

@@ -208,7 +208,7 @@ def _hlo(conv_impl):
   model = build_model(c.model)
   params = model.init(jax.random.key(0), (8, 8, 1))
   x = jnp.zeros((2, 8, 8, 1), jnp.uint8)
-  loss = lambda p: jnp.mean(model.elbo_terms(p, x, jax.random.key(1))["diffusion"])
+  loss = lambda p: jnp.mean(model.elbo_terms(p, x, jax.random.key(1)).diffusion)
   return jax.jit(jax.grad(loss)).lower(params).as_text()
 
 

@@ -226,7 +226,7 @@ def test_model_block_convolutions_run_on_it():
   model = build_model(c.model)
   params = model.init(jax.random.key(0), (8, 8, 1))
   x = jnp.zeros((2, 8, 8, 1), jnp.uint8)
-  loss = lambda p: jnp.mean(model.elbo_terms(p, x, jax.random.key(1))["diffusion"])
+  loss = lambda p: jnp.mean(model.elbo_terms(p, x, jax.random.key(1)).diffusion)
   hlo = jax.jit(jax.grad(loss)).lower(params).as_text()
   n_fwd, n_wgrad = hlo.count("vdmrep_winograd_forward"), hlo.count("vdmrep_winograd_filter_grad")
   assert n_wgrad == 2 * (5 + 3) and n_fwd == 2 * n_wgrad  # forward and input gradient
