@@ -196,12 +196,20 @@ def _vae(c, s):
   c.model.decoder = "conv_vae"
 
 
+def _staged(c, s):
+  """Staged training, ending at the ELBO: the first quarter of the steps without the KL
+  term, the second with the encoder frozen at beta = 1 (decoder and prior catch up), then
+  everything jointly at beta = 1 (collapse.stage_*). Not a bound over the whole run."""
+  c.collapse.stage_surrogate_steps = c.training.num_steps // 4
+  c.collapse.stage_frozen_steps = c.training.num_steps // 4
+
+
 REMEDIES = {
     "elbo": _elbo, "film": _film, "kl_warmup": _kl_warmup, "cyclical": _cyclical,
     "free_bits": _free_bits, "capacity": _capacity, "infovae": _infovae,
     "infodiffusion": _infodiffusion, "high_noise": _high_noise,
     "reference_beta1e4": _reference_beta1e4, "ue": _ue, "unconditional": _unconditional,
-    "vae": _vae,
+    "vae": _vae, "staged": _staged,
 }
 
 

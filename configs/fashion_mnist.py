@@ -6,7 +6,9 @@ Variants by argument (big_vision style), comma-separated key=value pairs:
   configs/fashion_mnist.py:remedy=elbo,decoder=unet  the same on the multi-resolution U-Net
 Keys:
   remedy   unconditional | elbo | film | free_bits | capacity | vae (the classic VAE: the
-           same encoder, a conv decoder with categorical pixels; models/conv_vae.py)
+           same encoder, a conv decoder with categorical pixels; models/conv_vae.py) |
+           staged (the first quarter of the steps without the KL term, the second with
+           the encoder frozen at beta = 1, then joint at beta = 1; collapse.stage_*)
   decoder  a model.vdm size: mvdm (default) | tvdm | unet | unet_s | ...
   steps    training steps (default 60000)
 
@@ -16,7 +18,7 @@ linear gamma from -13.3 to 5. The held-out ELBO on the whole 10,000-image test s
 """
 from configs import common
 
-REMEDIES = ("unconditional", "elbo", "film", "free_bits", "capacity", "vae")
+REMEDIES = ("unconditional", "elbo", "film", "free_bits", "capacity", "vae", "staged")
 
 
 def get_config(arg=None):
