@@ -99,7 +99,7 @@ def availability(row: Row, budget) -> str | None:
         return f"config key {path} is not in this checkout"
       node = node[part]
   try:
-    config_lib.validate(build_config(row.variant, list(row.overrides) + budget))
+    config_lib.validate(build_config(variant_of(row, budget), list(row.overrides) + budget))
   except Exception as err:  # flags' unknown-key errors, ConfigError, ...: all mean "not here"
     return " ".join(str(err).split())
   return None
@@ -139,14 +139,21 @@ def parse_rows(specs) -> list:
   return out
 
 
-def run_of(row: Row, seed: int, budget) -> harness.Run:
-  name = row.name if seed == 0 else f"{row.name}_seed{seed}"
+def variant_of(row: Row, budget) -> str:
+  """The config variant a row runs with under `budget`."""
   variant = row.variant
   # The config derives schedules from its step count (the capacity ramp lasts half the
-  # run), so the budget's steps go into the variant as well as the override.
+  # run, the staged row's stages a quarter each), so the budget's steps go into the
+  # variant as well as the override.
   steps = [o.partition("=")[2] for o in budget if o.startswith("--config.training.num_steps=")]
   if steps:
     variant += f",steps={steps[-1]}"
+  return variant
+
+
+def run_of(row: Row, seed: int, budget) -> harness.Run:
+  name = row.name if seed == 0 else f"{row.name}_seed{seed}"
+  variant = variant_of(row, budget)
   return harness.Run(name, f"{CONFIG}:{variant}",
                      list(row.overrides) + budget + [f"--config.seed={seed}"],
                      labels={"row": row.name, "seed": seed})

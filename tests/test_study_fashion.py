@@ -30,6 +30,10 @@ def test_every_available_row_is_a_valid_config_and_others_say_why():
   available = {r.name for r in sf.ROWS if sf.availability(r, budget) is None}
   # What the config file itself provides is always runnable.
   assert {"unconditional", "elbo", "film", "free_bits", "capacity", "vae"} <= available
+  # The latent mechanisms' keys exist here too: every row runs, at the default and a short budget.
+  assert available == {r.name for r in sf.ROWS}
+  short = budget + ["--config.training.num_steps=5000"]
+  assert [r.name for r in sf.ROWS if sf.availability(r, short) is not None] == []
   for row in sf.ROWS:
     if row.name in available:
       c = sf.build_config(row.variant, list(row.overrides) + budget)
@@ -55,8 +59,12 @@ def test_dry_run_prints_exact_commands_and_marks_finished_runs(tmp_path, capsys)
   assert not os.path.exists(os.path.join(out, "runs", "film"))  # nothing ran
 
 
-def test_table_pairs_seeds_and_marks_skipped_and_unfinished_rows(tmp_path, capsys):
+def test_table_pairs_seeds_and_marks_skipped_and_unfinished_rows(tmp_path, capsys, monkeypatch):
   out = str(tmp_path)
+  missing = sf.Row("missing", "a row whose key is missing", "remedy=elbo",
+                   ("--config.training.no_such_key=True",))
+  monkeypatch.setattr(sf, "ROWS", sf.ROWS + [missing])
+  monkeypatch.setitem(sf.ROW_BY_NAME, "missing", missing)
   for seed, (u, f) in enumerate([(3.10, 3.05), (3.20, 3.16), (3.00, 2.99)]):
     suffix = "" if seed == 0 else f"_seed{seed}"
     _write_report(out, "unconditional" + suffix, bpd=u, bpd_se=0.01, histogram_bpd=4.588,
@@ -66,7 +74,7 @@ def test_table_pairs_seeds_and_marks_skipped_and_unfinished_rows(tmp_path, capsy
                   pixels_logreg_acc=0.84, encoder_knn_acc=0.81, active_units=10 + seed,
                   latent_dim=128, encoder_label_info_bits=1.5)
   sf.main(["--out", out, "--table-only", "--rows", "unconditional:0,1,2", "film:0,1,2",
-           "free_bits", "staged"])
+           "free_bits", "missing"])
   text = capsys.readouterr().out
   rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
           for l in text.splitlines() if l.startswith("| ")}
@@ -79,7 +87,8 @@ def test_table_pairs_seeds_and_marks_skipped_and_unfinished_rows(tmp_path, capsy
   assert film[8] == "0.800 ± 0.000 / 0.700 ± 0.000 / 0.840 ± 0.000"
   assert rows["unconditional VDM"][2] == "4.588 ± 0.010" and rows["unconditional VDM"][3] == "-"
   assert rows["free bits (0.1 nats/dim)"][0] == "0/1"
-  assert rows["staged training"][0].startswith("skipped: config key training.staged")
+  assert rows["a row whose key is missing"][0].startswith(
+      "skipped: config key training.no_such_key")
   assert open(os.path.join(out, "study_c.md")).read().count("| ") >= 5
 
 
