@@ -34,7 +34,7 @@ def main():
     for enc in encoders:
       c = base_config().model
       c.vdm, c.encoder, c.conditioning = vdm, enc, a.conditioning
-      shapes = jax.eval_shape(lambda k: build_model(c).init(k, shape), jax.random.key(0))
+      shapes = jax.eval_shape(lambda k: build_model(c, shape).init(k, shape), jax.random.key(0))
       if enc != "none":
         enc_counts[enc] = count(shapes["encoder"])
       row.append(f"{count(shapes['score']):,}")
