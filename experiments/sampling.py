@@ -186,8 +186,9 @@ def main():
     pairs = [(i, (i + 1) % k) for i in range(0, k, 2)]
     paths = {}
     for method in ("slerp", "linear"):
-      w = np.asarray(steering.interpolate_under_prior(
-          means[[a for a, _ in pairs]], means[[b for _, b in pairs]], alphas, method))
+      w = np.asarray(steering.interpolate_in_prior(
+          model, params, means[[a for a, _ in pairs]], means[[b for _, b in pairs]], alphas,
+          method, rng=jax.random.fold_in(k_lat, 1)))
       paths[method] = steering.samples_for_latents(
           model, params, k_lat, w.reshape(-1, w.shape[-1]), None, ds.image_shape,
           **n_lat).reshape(len(pairs), len(alphas), *ds.image_shape)

@@ -155,3 +155,49 @@ def test_unet_takes_labels_too():
   a = model.eps_hat(params, z, g, w, jnp.array([0, 1]))
   b = model.eps_hat(params, z, g, w, None)
   assert float(jnp.max(jnp.abs(a - b))) > 1e-3
+
+
+def _prior_model(prior):
+  from vdmrep.config_lib import base_config
+  from vdmrep.models import build_model
+  c = base_config()
+  c.model.update(vdm="mvdm", encoder="te", n_blocks=1, channels=8, latent_dim=4, prior=prior,
+                 prior_hidden=16)
+  model = build_model(c.model, (8, 8, 1))
+  params = model.init(jax.random.key(0), (8, 8, 1))
+  # move the learned prior away from its N(0, I) initialisation
+  leaves, td = jax.tree.flatten(params["prior"])
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params["prior"] = jax.tree.unflatten(
+      td, [p + 0.3 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  return model, params
+
+
+def test_interpolation_in_a_flow_prior_runs_through_its_base_space():
+  model, params = _prior_model("flow")
+  flow, v = model.prior, {"params": params["prior"]}
+  a, b = jax.random.normal(jax.random.key(2), (2, 3, 4))
+  alphas = np.linspace(0, 1, 5)
+  path = np.asarray(steering.interpolate_in_prior(model, params, a, b, alphas))
+  np.testing.assert_allclose(path[:, [0, -1]], np.stack([a, b], 1), atol=1e-4)
+  # the base-space images of the path are the slerp of the endpoints' images
+  base = lambda w: np.asarray(flow.apply(v, jnp.asarray(w), method=flow.forward)[0])
+  want = np.asarray(sampling.interpolate(base(a), base(b), alphas))
+  np.testing.assert_allclose(base(path.reshape(-1, 4)).reshape(want.shape), want, atol=1e-4)
+  # and it is not the slerp in w (the flow is not the identity any more)
+  assert np.abs(path - np.asarray(sampling.interpolate(a, b, alphas))).max() > 1e-2
+
+
+def test_interpolation_in_a_mixture_prior_whitens_by_its_moments():
+  model, params = _prior_model("mixture")
+  a, b = jax.random.normal(jax.random.key(3), (2, 2, 4))
+  alphas = np.linspace(0, 1, 4)
+  with pytest.raises(ValueError, match="needs `rng`"):
+    steering.interpolate_in_prior(model, params, a, b, alphas)
+  key = jax.random.key(4)
+  path = np.asarray(steering.interpolate_in_prior(model, params, a, b, alphas, rng=key))
+  np.testing.assert_allclose(path[:, [0, -1]], np.stack([a, b], 1), atol=1e-4)
+  draws = np.asarray(model.sample_prior(params, key, 4096), np.float64)
+  want = steering.interpolate_under_prior(a, b, alphas, "slerp", draws.mean(0),
+                                          draws.std(0) + 1e-6)
+  np.testing.assert_allclose(path, np.asarray(want), atol=1e-4)

@@ -1,5 +1,5 @@
 """Steering generation: class agreement of class-conditional samples, latent arithmetic
-with class means in w, interpolation under a non-standard Gaussian prior, and timed
+with class means in w, interpolation that respects the model's prior p(w), and timed
 sampler sweeps (sampler x steps, guidance weight).
 
 Everything here is built on `sampling` (the samplers) and a trained feature classifier
@@ -22,6 +22,7 @@ import numpy as np
 
 from vdmrep import data as data_lib
 from vdmrep import quality, sampling
+from vdmrep.models import priors
 
 
 # -- latent arithmetic -------------------------------------------------------------
@@ -36,6 +37,40 @@ def class_means(w, labels, num_classes: int):
   means = np.stack([w[labels == k].mean(axis=0) if np.any(labels == k) else overall
                     for k in range(num_classes)])
   return means, overall, means - overall[None]
+
+
+def interpolate_in_prior(model, params, w_a, w_b, alphas, method="slerp", *, rng=None,
+                         moment_samples: int = 4096):
+  """Paths between latents w_a, w_b ([P, D] each) that respect the model's prior: [P, S, D].
+
+  Slerp keeps a path at the typical radius of N(0, I); each prior gets the coordinates in
+  which it is (close to) N(0, I):
+    standard normal: w itself;
+    coupling flow: its base space y = f(w), where the prior is exactly N(0, I), mapped
+      back with f^-1 (the endpoints come back up to the flow's round-off);
+    mixture, VampPrior, latent diffusion: no such map exists in closed form, so the
+      whitened coordinates of the Gaussian with the prior's mean and per-dimension
+      standard deviation, estimated from `moment_samples` draws of p(w) (key `rng`).
+  method: "slerp" or "linear". A categorical latent has no path between codes.
+  """
+  if model.latent_kind == "categorical":
+    raise ValueError("interpolate_in_prior: a categorical latent has no path between codes")
+  prior = model.prior
+  if prior is None or isinstance(prior, priors.StandardNormal):
+    return sampling.interpolate(w_a, w_b, alphas, method)
+  variables = {"params": params.get("prior", {})}
+  if isinstance(prior, priors.CouplingFlow):
+    to_base = lambda w: prior.apply(variables, jnp.asarray(w, jnp.float32),
+                                    method=prior.forward)[0]
+    y = sampling.interpolate(to_base(w_a), to_base(w_b), alphas, method)
+    w = prior.apply(variables, y.reshape(-1, y.shape[-1]), method=prior.inverse)
+    return w.reshape(y.shape)
+  if rng is None:
+    raise ValueError(f"interpolate_in_prior: a {type(prior).__name__} prior needs `rng` "
+                     "(its moments are estimated from draws)")
+  draws = np.asarray(model.sample_prior(params, rng, moment_samples), np.float64)
+  return interpolate_under_prior(w_a, w_b, alphas, method, prior_mean=draws.mean(0),
+                                 prior_scale=draws.std(0) + 1e-6)
 
 
 def attribute_walk(w, direction, scales):

@@ -202,11 +202,14 @@ class CouplingFlow(nn.Module):
     y, logdet = self.forward(w)
     return diag_gaussian_log_prob(y, 0.0, 0.0) + logdet
 
-  def sample(self, rng, n, encode=None):
-    y = jax.random.normal(rng, (n, self.latent))
+  def inverse(self, y):
+    """w = f^-1(y) [B, D]: the base space's points mapped to latents."""
     for c in reversed(self.couplings):
       y = c.inverse(y)
     return y
+
+  def sample(self, rng, n, encode=None):
+    return self.inverse(jax.random.normal(rng, (n, self.latent)))
 
   def __call__(self, w):
     return self.log_prob(w)
