@@ -29,14 +29,30 @@ def _run(workdir, *flags):
   return proc.stdout + proc.stderr
 
 
+def _eval_summary(out, step):
+  """The console's evaluation summary at `step`, its wrapped lines joined."""
+  lines = out.splitlines()
+  first = [i for i, l in enumerate(lines) if l.startswith(f"eval step {step}:")]
+  assert first, out[-3000:]
+  end = first[0] + 1
+  while end < len(lines) and lines[end].startswith("    "):
+    end += 1
+  return " ".join(l.strip() for l in lines[first[0]:end])
+
+
 def test_train_writes_checkpoints_and_events_then_resumes(tmp_path):
   out = _run(tmp_path, "--config.training.num_steps=4", *SAMPLES)
   assert "parameters: encoder=" in out
-  eval_line = [l for l in out.splitlines() if l.startswith("eval step 4:")]
-  assert eval_line, out[-3000:]
-  for term in ("recon", "prior", "diffusion", "kl", "encoder KL", "nats/image"):
-    assert term in eval_line[0]
-  assert "train/recon_bpd" in out and "train/kl_nats" in out
+  summary = _eval_summary(out, 4)
+  for term in ("recon", "prior", "diffusion", "kl", "encoder KL", "nats/image", "report.md"):
+    assert term in summary, summary
+  # The console: one line per log step, no library notices, nothing wider than 120.
+  steps = [l for l in out.splitlines() if l.startswith("step ")]
+  assert [l.split()[1] for l in steps] == ["2/4", "4/4"], out[-3000:]
+  for term in ("bpd", "diff", "rec", "prior", "kl", "KL", "nats", "steps/s", "ETA"):
+    assert term in steps[0], steps[0]
+  assert max(len(l) for l in out.splitlines()) <= 120, out[-3000:]
+  assert "train/recon_bpd" not in out and "I0000" not in out and "oneDNN" not in out
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
   assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
   with open(tmp_path / "report.json") as fh:
@@ -45,8 +61,9 @@ def test_train_writes_checkpoints_and_events_then_resumes(tmp_path):
               "fd_classifier_floor_real_halves", "guided_class_match"):
     assert key in metrics, key
   assert os.path.exists(tmp_path / "latents.npz")
-  out = _run(tmp_path, "--config.training.num_steps=6")
+  out = _run(tmp_path, "--config.training.num_steps=6", "--verbose")
   assert "resumed from checkpoint at step 4" in out
+  assert "train/recon_bpd" in out and "train/kl_nats" in out  # absl INFO: every scalar
   assert "eval step 6:" in out and "6" in os.listdir(tmp_path / "checkpoints")
 
 

@@ -16,6 +16,8 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
                   "train (then evaluate), evaluate only, or sample (pictures + samples.npz).")
+flags.DEFINE_bool("verbose", False, "Also print absl INFO logs (every scalar written to "
+                  "TensorBoard), TensorFlow's and JAX's notices and the full report.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Exit codes: 2 bad input (flags, config, data, workdir, checkpoint, unwritable or full
@@ -96,6 +98,8 @@ def _interrupted_during_start_up(signum, frame):
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]}")
+  from vdmrep import console
+  console.quiet_libraries(FLAGS.verbose)  # before TensorFlow is imported
   from vdmrep import checkpoints, data, reliability, storage, train  # heavy, after flags
   phase = {"train": "start-up", "eval": "evaluation", "sample": "sampling"}[FLAGS.mode]
   try:

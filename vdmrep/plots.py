@@ -43,7 +43,7 @@ def tsne_2d(x, seed: int, perplexity: float = 30.0) -> np.ndarray:
   """scikit-learn t-SNE (Barnes-Hut, PCA init, fixed seed) of x [N, F] -> [N, 2].
 
   Runs on one thread: the result is then reproducible, and OpenMP threads competing with
-  other processes made it 15x slower on a shared 2-core machine (42 s vs 2.8 s, 240 points).
+  other processes on a shared machine slow it down by an order of magnitude.
   """
   from sklearn.manifold import TSNE
   from threadpoolctl import threadpool_limits

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from vdmrep import backends, checkpoints, collapse, config_lib, diagnostics, parallel
+from vdmrep import backends, checkpoints, collapse, config_lib, console, diagnostics, parallel
 from vdmrep import data as data_lib
 from vdmrep import evaluators, preflight, reliability
 from vdmrep.models.vae_vdm import BOUND_TERMS
@@ -253,10 +253,13 @@ def _train_and_evaluate(config, workdir, ds, model, tx, mesh) -> dict:
   if start < num_steps:
     parallel.main_print(f"compiling the training step, then training steps {start}.."
                         f"{num_steps}")
+  rate = console.Rate(start)
   with reliability.stop_on_signals() as stop:
     for step, local in data_lib.prefetch(make_batch, range(start, num_steps)):
       glob = jax.tree.map(functools.partial(parallel.global_batch, mesh), local)
       state, metrics = p_steps[aggressive](state, glob, key)
+      if step == start:  # the first call compiled: the rate counts steps after it
+        rate.restart(step)
       acc = metrics if acc is None else jax.tree.map(jnp.add, acc, metrics)
       for h in hooks:
         h(step + 1)
@@ -272,7 +275,8 @@ def _train_and_evaluate(config, workdir, ds, model, tx, mesh) -> dict:
             parallel.main_print(f"step {done}: aggressive inference ends (batch I_q(x; w) "
                                 f"{mi:.4g} <= {mi_prev:.4g} nats over the last interval)")
           mi_prev = mi
-        skipped = _write_train_scalars(writer, done, sums, health, skipped)
+        scalars, skipped = _write_train_scalars(writer, done, sums, health, skipped)
+        parallel.main_print(console.train_line(done, num_steps, scalars, rate(done)))
         acc = None
       evaluate_now = not last and t.eval_every and done % t.eval_every == 0
       if not (last or evaluate_now or stop or done % t.checkpoint_every == 0):
@@ -288,6 +292,7 @@ def _train_and_evaluate(config, workdir, ds, model, tx, mesh) -> dict:
                                   full=last or config.eval.periodic_full)
         if math.isfinite(summary.get("bpd", math.nan)):  # NaN: no bound (point mass)
           best = {checkpoints.BEST_METRIC: summary["bpd"]}
+        rate.restart(done)  # steps/s counts training only
       writer.flush()
       ckpt.save(done, state, dict(meta_base, step=done, data_position=done,
                                   aggressive=aggressive, aggressive_mi=mi_prev,
@@ -306,15 +311,16 @@ def _train_and_evaluate(config, workdir, ds, model, tx, mesh) -> dict:
   return summary
 
 
-def _write_train_scalars(writer, step, sums, health, skipped_before) -> int:
-  """Writes averages over the applied steps of the interval and the skip count."""
+def _write_train_scalars(writer, step, sums, health, skipped_before):
+  """Writes averages over the applied steps of the interval and the skip count; returns
+  (those scalars, the skip count)."""
   good = float(sums.pop("good_steps"))
   scalars = {f"train/{k}": float(v) / good for k, v in sums.items()} if good else {}
   scalars["train/skipped_steps"] = int(health["skipped"])
   writer.write_scalars(step, scalars)
   if int(health["skipped"]) > skipped_before:
     parallel.main_print(f"step {step}: {reliability.skip_note(health)}")
-  return int(health["skipped"])
+  return scalars, int(health["skipped"])
 
 
 def _sums_to_json(acc):

@@ -5,10 +5,12 @@
         same parameters and mathematics; needs its kernels built beforehand.
   auto  cpu where it can run, else xla.
 
-Where "cpu" (or "auto" on a CPU host) cannot run, one line on stderr says why and the
-model runs on XLA: the choice changes speed, never the parameters. With
-VDMREP_REQUIRE_CPU_KERNELS=1 a program the kernels could serve stops instead (ConfigError)
-when they cannot be loaded (not built, failed build, unsafe or unverified library).
+Where "cpu" cannot run, one line on stderr says why and the model runs on XLA ("auto"
+says so too when the kernels' library is refused; when they are only not built, or the
+program is not one they serve, "auto" logs it at INFO, shown with `--verbose`): the
+choice changes speed, never the parameters. With VDMREP_REQUIRE_CPU_KERNELS=1 a program
+the kernels could serve stops instead (ConfigError) when they cannot be loaded (not
+built, failed build, unsafe or unverified library).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import os
 import sys
 
 import jax
+from absl import logging
 
 from vdmrep import models
 from vdmrep.models import layers
@@ -65,8 +68,10 @@ def resolve(model_cfg) -> str:
       raise ConfigError(f"model.backend={setting}: the CPU kernels cannot be loaded "
                         f"({reason}) and VDMREP_REQUIRE_CPU_KERNELS=1 forbids falling back "
                         "to XLA")
-  if setting == "cpu" or jax.default_backend() == "cpu":
+  if setting == "cpu" or (jax.default_backend() == "cpu" and "refusing" in reason):
     _note(f"model.backend={setting}: using XLA ({reason})")
+  elif jax.default_backend() == "cpu":  # a notice, shown with --verbose
+    logging.info("model.backend=auto: using XLA (%s)", reason)
   return "xla"
 
 

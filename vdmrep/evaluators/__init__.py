@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from vdmrep import parallel, report
+from vdmrep import console, parallel, report
 
 PERIODIC_DEFAULT = "elbo,baselines,latents"
 FULL_DEFAULT = "elbo,baselines,latents,probes,ood,samples,pictures"
@@ -210,7 +210,11 @@ def run_evaluation(model, params, ds, config, mesh, *, step: int, workdir: str, 
                                 and v is not None})
     if images:
       writer.write_images(step, {f"eval/{k}": v[None] for k, v in images.items()})
-  parallel.main_print(report.markdown(rep) + "\n" + report.one_line(rep))
+  if console.verbose():
+    parallel.main_print(report.markdown(rep))
+  name = "report.md" if full else os.path.join("reports", f"step{step}.md")
+  where = f"; report: {os.path.join(workdir, name)}" if workdir else ""
+  parallel.main_print(console.wrap(report.one_line(rep) + where))
   return rep
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from vdmrep import parallel
+from vdmrep import console, parallel
 from vdmrep.evaluators import SAMPLES, Section
 
 # Sample-quality numbers copied into the report's flat metrics.
@@ -18,7 +18,8 @@ def run(ctx) -> Section:
   from vdmrep import quality  # the slowest evaluator: imported only when it runs
   sq = quality.sample_quality_section(ctx.model, ctx.params, ctx.ds, ctx.config, ctx.workdir,
                                       ctx.mesh, jax.random.fold_in(ctx.key, SAMPLES),
-                                      writer=ctx.writer, step=ctx.step, log=parallel.main_print)
+                                      writer=ctx.writer, step=ctx.step,
+                                      log=lambda text: parallel.main_print(console.wrap(text)))
   return Section(metrics={k: v for k, v in sq.items() if k in SAMPLE_METRICS},
                  report={"samples": {k: v for k, v in sq.items() if k != "pictures"}},
                  pictures=dict(sq.get("pictures", {})))

@@ -76,6 +76,29 @@ def join_label(w, y, num_classes: int, features: int, batch: int):
   return label if w is None else jnp.concatenate([w, label.astype(w.dtype)], axis=-1)
 
 
+def conditioning_inputs(gamma_t, w, y, *, batch: int, channels: int, gamma_min: float,
+                        gamma_max: float, conditioning: str, num_classes: int, dtype):
+  """The conditioning both score networks use: (cond [B, 4 channels], film [B, D'] or None).
+
+  gamma_t scalar or [B], normalised to [0, 1] by (gamma_min, gamma_max) and embedded
+  sinusoidally; w [B, D] or None and the label y (join_label) join it ("additive") or
+  become every block's FiLM input ("film"); a two-layer swish MLP gives `cond`, which
+  every ResNet block adds. Called inside a compact method: "label_embed", "cond_0" and
+  "cond_1" are the caller's parameters.
+  """
+  t = (jnp.broadcast_to(gamma_t, (batch,)) - gamma_min) / (gamma_max - gamma_min)
+  cond = timestep_embedding(t, channels)
+  w = join_label(w, y, num_classes, channels, batch)
+  film = None
+  if w is not None and conditioning == "additive":
+    cond = jnp.concatenate([cond, w.astype(cond.dtype)], axis=-1)
+  elif w is not None:
+    film = w
+  cond = nn.swish(nn.Dense(4 * channels, dtype=dtype, name="cond_0")(cond))
+  cond = nn.swish(nn.Dense(4 * channels, dtype=dtype, name="cond_1")(cond))
+  return cond, film
+
+
 class ScoreNet(nn.Module):
   """eps_hat(z_t; gamma_t, w). The blocks are fields (flax-examples style): a backend
   passes drop-in classes with the same parameters (vdmrep/backends)."""
@@ -98,18 +121,11 @@ class ScoreNet(nn.Module):
   def __call__(self, z, gamma_t, w=None, y=None, *, deterministic: bool = True):
     """z [B, H, W, C] in model scale; gamma_t scalar or [B]; w [B, D] or None; y [B] int
     or None (ignored unless num_classes > 0) -> [B, H, W, C]."""
-    b = z.shape[0]
     c = self.channels
-    t = (jnp.broadcast_to(gamma_t, (b,)) - self.gamma_min) / (self.gamma_max - self.gamma_min)
-    cond = timestep_embedding(t, c)
-    w = join_label(w, y, self.num_classes, c, b)
-    film = None
-    if w is not None and self.conditioning == "additive":
-      cond = jnp.concatenate([cond, w.astype(cond.dtype)], axis=-1)
-    elif w is not None:
-      film = w
-    cond = nn.swish(nn.Dense(4 * c, dtype=self.dtype, name="cond_0")(cond))
-    cond = nn.swish(nn.Dense(4 * c, dtype=self.dtype, name="cond_1")(cond))
+    cond, film = conditioning_inputs(
+        gamma_t, w, y, batch=z.shape[0], channels=c, gamma_min=self.gamma_min,
+        gamma_max=self.gamma_max, conditioning=self.conditioning,
+        num_classes=self.num_classes, dtype=self.dtype)
 
     h = z
     if self.use_fourier_features:

@@ -6,7 +6,7 @@ stride-2 convolution down to the next level -> middle (ResNet, self-attention, R
 -> for each level from the lowest: n_blocks + 1 ResNet blocks, each taking the matching
 skip on channels, then nearest-neighbour upsampling and a convolution -> norm, swish ->
 zero-initialised conv_out, plus z_t. As in Ho et al. (2020) and Dhariwal & Nichol (2021),
-with ScoreNet's conditioning (vdmrep/models/score_net.py): the normalised gamma_t through a
+with ScoreNet's conditioning (score_net.conditioning_inputs): the normalised gamma_t through a
 sinusoidal embedding and an MLP added in every block, w concatenated to that embedding
 ("additive") or as a zero-initialised FiLM of every block ("film"), optional Fourier
 features of z_t. Every ResNet block's last convolution and conv_out start at zero, so an
@@ -19,16 +19,14 @@ of 784, so the same compute buys wider layers and a larger receptive field.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vdmrep.models.layers import AttnBlock, ResnetBlock, num_groups
-from vdmrep.models.score_net import fourier_features, join_label, timestep_embedding
-
-ModuleDef = Any
+from vdmrep.models.layers import AttnBlock, ModuleDef, ResnetBlock, num_groups
+from vdmrep.models.score_net import conditioning_inputs, fourier_features
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,16 +72,10 @@ class UNet(nn.Module):
       raise ValueError(f"UNet with {levels} levels needs image sides divisible by {factor}; "
                        f"got {hgt}x{wid}")
     c = self.channels
-    t = (jnp.broadcast_to(gamma_t, (b,)) - self.gamma_min) / (self.gamma_max - self.gamma_min)
-    cond = timestep_embedding(t, c)
-    w = join_label(w, y, self.num_classes, c, b)
-    film = None
-    if w is not None and self.conditioning == "additive":
-      cond = jnp.concatenate([cond, w.astype(cond.dtype)], axis=-1)
-    elif w is not None:
-      film = w
-    cond = nn.swish(nn.Dense(4 * c, dtype=self.dtype, name="cond_0")(cond))
-    cond = nn.swish(nn.Dense(4 * c, dtype=self.dtype, name="cond_1")(cond))
+    cond, film = conditioning_inputs(
+        gamma_t, w, y, batch=b, channels=c, gamma_min=self.gamma_min,
+        gamma_max=self.gamma_max, conditioning=self.conditioning,
+        num_classes=self.num_classes, dtype=self.dtype)
 
     h = z
     if self.use_fourier_features:

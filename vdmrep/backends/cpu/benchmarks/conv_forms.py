@@ -8,7 +8,7 @@ gradient and filter gradient timed alone; GFLOP/s counts the direct form's FLOPs
 
 Why it exists: the score network is almost only such convolutions, and this is the
 evidence for which form the model uses (the Winograd kernel or oneDNN's on CPU, else
-XLA's; see benchmarks/README.md). Each form's output is checked against XLA's before it
+XLA's; see the backend's README.md). Each form's output is checked against XLA's before it
 is timed. The kernel rows are left out (with a note) where they cannot be built.
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ def conv_winograd(x, k):
   cols = [_combine(_BT, [d[i][j] for i in range(4)]) for j in range(4)]   # (B^T d)[i][j]
   v = jnp.stack([jnp.stack(_combine(_BT, [cols[j][i] for j in range(4)])) for i in range(4)])
   u = jnp.einsum("ia,abco,jb->ijco", _G, k, _G).reshape(16, c, -1)
-  # 16 plain [tiles, C] x [C, O] matmuls (a 6-d einsum here is 4x slower in fwd+bwd).
+  # 16 plain [tiles, C] x [C, O] matmuls (a 6-d einsum here is slower in fwd+bwd).
   m = jnp.matmul(v.reshape(16, -1, c), u).reshape(4, 4, b, h // 2, w // 2, -1)
   rows = [_combine(_AT, [m[i, j] for i in range(4)]) for j in range(4)]   # (A^T m)[p][j]
   y = [jnp.stack(_combine(_AT, [rows[j][p] for j in range(4)]), -2) for p in range(2)]

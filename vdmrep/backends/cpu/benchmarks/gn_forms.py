@@ -5,10 +5,10 @@ forward + backward (gradients for x, scale, bias, shift) timed alone.
 
   python vdmrep/backends/cpu/benchmarks/gn_forms.py --batch 64 --image 28 --channels 32,64
 
-Why it exists: after the oneDNN convolutions, a ResNet block spent ~30 of its ~70 ms
-in GroupNorm / swish / add fusions (benchmarks/README.md); this is the evidence for the
-folded form. Alone it is what to expect inside a model only where each block's output
-is materialised (`kernels.materialize`; benchmarks/README.md has the whole-step figures).
+Why it exists: after the oneDNN convolutions, GroupNorm / swish / add fusions were
+about half of a ResNet block's time (figures: the backend's README.md); this is the
+evidence for the folded form. Alone it is what to expect inside a model only where each block's output
+is materialised (`kernels.materialize`; the backend's README.md has the whole-step figures).
 Each form's output is checked against flax's before it is timed.
 """
 from __future__ import annotations
