@@ -135,6 +135,7 @@ CLI_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,expected", CLI_CASES, ids=["config", "data"])
 def test_cli_prints_error_and_exits_2(tmp_path, flags, expected):
   proc = subprocess.run(

@@ -5,6 +5,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -27,6 +28,7 @@ def _in_process(vdm, encoder, batch, image):
                                  jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_flops_on_cpu_subprocess_equals_in_process_count():
   here = _in_process("mvdm", "te", 2, 8)
   there = common.flops_on_cpu(os.path.join(ROOT, "benchmarks", "train_step.py"), [

@@ -38,6 +38,7 @@ def _x(n=8):
   return np.asarray(jax.random.randint(jax.random.key(2), (n, 8, 8, 1), 0, 256), np.uint8)
 
 
+@pytest.mark.slow
 def test_label_dropout_one_is_exactly_the_unconditional_path(cc):
   model, params = cc  # label_dropout = 1: every training label becomes the null token
   x, y, key = _x(), jnp.arange(8) % 10, jax.random.key(3)
@@ -68,6 +69,7 @@ def test_drop_labels_rate_and_untouched_labels():
   assert none.drop_labels(jax.random.key(0), y) is y
 
 
+@pytest.mark.slow
 def test_guidance_combines_conditional_and_null_predictions(cc):
   model, params = cc
   z = jax.random.normal(jax.random.key(0), (3, 8, 8, 1))
@@ -91,6 +93,7 @@ def test_class_conditional_samples_depend_on_the_label(cc):
   np.testing.assert_array_equal(a, np.asarray(run(jnp.zeros(4, jnp.int32))))
 
 
+@pytest.mark.slow
 def test_conditional_elbo_on_uniform_pixels_is_at_least_8_bits():
   """iid uniform 8-bit pixels have entropy 8 bits/dim given any label: after training on
   such noise with labels, the held-out conditional bound must not go below it."""
@@ -146,6 +149,7 @@ def test_class_means_and_prior_interpolation():
   np.testing.assert_allclose(np.linalg.norm((path - mu) / sc, axis=-1), 1.0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_unet_takes_labels_too():
   c, model = _model(**{"model.vdm": "unet_s", "model.channels": 8, "model.n_blocks": 1,
                        "model.conditioning": "additive"})

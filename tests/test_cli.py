@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import ROOT
 
@@ -40,6 +41,7 @@ def _eval_summary(out, step):
   return " ".join(l.strip() for l in lines[first[0]:end])
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoints_and_events_then_resumes(tmp_path):
   out = _run(tmp_path, "--config.training.num_steps=4", *SAMPLES)
   assert "parameters: encoder=" in out
@@ -67,6 +69,7 @@ def test_train_writes_checkpoints_and_events_then_resumes(tmp_path):
   assert "eval step 6:" in out and "6" in os.listdir(tmp_path / "checkpoints")
 
 
+@pytest.mark.slow
 def test_bad_config_is_one_line_error_before_compiling(tmp_path):
   cmd = [sys.executable, "-m", "vdmrep.main", "--config", os.path.join(ROOT, "configs/digits.py"),
          "--workdir", str(tmp_path), "--config.model.vdm=giant"]
@@ -76,6 +79,7 @@ def test_bad_config_is_one_line_error_before_compiling(tmp_path):
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
+@pytest.mark.slow
 def test_eval_bpd_of_uniform_noise_is_not_below_8_bits(tmp_path):
   """iid uniform 8-bit pixels have entropy exactly 8 bits/dim: a true bound cannot go below."""
   images = np.random.default_rng(0).integers(0, 256, (1500, 8, 8, 1)).astype(np.uint8)

@@ -249,6 +249,7 @@ def test_validate_rejects_remedy_without_latent():
     config_lib.validate(c)
 
 
+@pytest.mark.slow
 def test_elbo_terms_deterministic_encoder_and_gamma_t():
   from vdmrep.models import build_model
   c = base_config()

@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import digits
 from vdmrep import data as data_lib
@@ -39,6 +40,7 @@ def run(remedy, num_steps=30):
   return c, ds, model, state0, step, np.array(kls)
 
 
+@pytest.mark.slow
 def test_reference_beta_is_kl_in_bits_per_dim():
   """loss_bpd = VDM terms in bpd + 1e4 * KL in bpd, the study's loss, from independent terms."""
   c, ds, model, state, step, _ = run("reference_beta1e4")
@@ -56,6 +58,7 @@ def test_reference_beta_is_kl_in_bits_per_dim():
   np.testing.assert_allclose(metrics["kl_unweighted_nats"], kl_bpd * dims_ln2, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_reference_beta_drives_kl_below_elbo():
   """Both start from the same KL; after 30 steps beta = 1e4 has pushed it well below beta = 1."""
   kl_ref = run("reference_beta1e4")[-1]

@@ -4,6 +4,8 @@ it), no all-gather/all-to-all/reduce-scatter/permute."""
 import os
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
@@ -24,6 +26,7 @@ def test_count_collectives_reads_hlo_text():
   assert all_reduce_sizes(two) == [6 + 1 + 4]
 
 
+@pytest.mark.slow
 def test_sharded_step_has_one_all_reduce_and_no_other_traffic():
   """8 simulated CPU devices, the default (auto) chunked attention included."""
   r = run_in_subprocess(8, vdm="mvdm", encoder="te", batch=16, image=8)

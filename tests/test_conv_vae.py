@@ -50,6 +50,7 @@ def test_uniform_decoder_gives_exactly_8_bits_per_dim_plus_the_kl():
   assert float(jnp.min(terms.kl)) > 0  # a fresh encoder's posterior is not the prior
 
 
+@pytest.mark.slow
 def test_training_lowers_the_negative_elbo_and_uses_w():
   model = build_model(_vae_config().model)
   params = model.init(jax.random.key(0), (8, 8, 1))

@@ -65,6 +65,7 @@ def _evaluate(tiny, config, names, shift=0.0, step=8, tmp=None):
 
 
 # 1. deterministic encoders: every number uses w = mean, whatever the logvar head says
+@pytest.mark.slow
 def test_deterministic_encoder_is_evaluated_with_the_w_it_was_trained_with(tiny, tmp_path):
   c = _config(deterministic_encoder=True, mmd_alpha=1.0, mmd_lambda=2.0)
   a = _evaluate(tiny, c, ["elbo", "latents"], 0.0, tmp=tmp_path)["metrics"]
@@ -87,6 +88,7 @@ def test_deterministic_encoder_is_evaluated_with_the_w_it_was_trained_with(tiny,
   assert "**no bound**" in report.markdown(_evaluate(tiny, c, ["elbo"], 0.0, tmp=tmp_path))
 
 
+@pytest.mark.slow
 def test_guided_samples_of_a_deterministic_encoder_condition_on_the_mean(tiny):
   from vdmrep import sampling
   x = jnp.asarray(tiny["ds"].eval_images[:4])
@@ -159,6 +161,7 @@ def test_digits_baselines_state_the_17_levels(tiny, tmp_path):
 
 
 # 4. the trained objective is that of the last trained step
+@pytest.mark.slow
 def test_objective_is_evaluated_at_the_last_trained_step(tiny, tmp_path):
   c = _config(schedule="cyclical", cycles=2, cycle_ratio=0.5)  # beta(7) = 1, beta(8) = 0
   assert float(collapse.kl_weight(7, c)) == 1.0 and float(collapse.kl_weight(8, c)) == 0.0

@@ -186,6 +186,7 @@ def test_eval_times_are_stratified_per_image_and_independent_across_images():
   assert np.ptp(t[0, :6]) > 6 / 128
 
 
+@pytest.mark.slow
 def test_trained_objective_of_an_mmd_model_is_its_training_loss():
   """InfoVAE/MMD objectives need an rng and (InfoDiffusion) w = mean: check against collapse."""
   import jax

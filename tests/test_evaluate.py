@@ -47,6 +47,7 @@ def run(tmp_path_factory):
   return {"workdir": workdir, "config": config, "report": rep, "stdout": out.getvalue()}
 
 
+@pytest.mark.slow
 def test_every_number_is_written_and_printed(run):
   m = run["report"]["metrics"]
   cols = ["bpd", "bpd_se", "recon_bpd", "prior_bpd", "diffusion_bpd", "kl_bpd", "objective_bpd",
@@ -149,6 +150,7 @@ def test_periodic_eval_is_the_cheap_subset(run):
   assert rep["metrics"]["bpd"] != run["report"]["metrics"]["bpd"]
 
 
+@pytest.mark.slow
 def test_eval_mode_is_deterministic(run):
   first = run["report"]
   with np.load(os.path.join(run["workdir"], "latents.npz")) as f:

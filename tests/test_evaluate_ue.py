@@ -11,6 +11,7 @@ from vdmrep import train
 from test_evaluate import eval_config
 
 
+@pytest.mark.slow
 def test_ue_objective_is_flagged_not_a_bound(tmp_path):
   c = eval_config("ue")
   c.training.num_steps, c.training.checkpoint_every, c.training.eval_every = 12, 12, 0

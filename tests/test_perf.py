@@ -91,6 +91,7 @@ def plain():
   return _loss_and_grads(_tiny_config())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [dict(remat=True)])
 def test_fast_variants_leave_loss_and_gradients_unchanged(plain, variant):
   """Remat vs the plain model, same params."""
@@ -100,6 +101,7 @@ def test_fast_variants_leave_loss_and_gradients_unchanged(plain, variant):
   _assert_trees_close(g, g_ref, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_f32_params_and_close_loss(plain):
   """bf16 compute: parameters and gradients stay f32 (master weights), the loss is f32
   and within bf16 rounding of the f32 loss, and the convolutions really run in bf16."""
@@ -133,6 +135,7 @@ def _reference_resnet_block(p, x, cond, film):
   return (dense(p["nin_shortcut"], x) if "nin_shortcut" in p else x) + h
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("c_in,out_ch", [(8, 12), (16, 32), (32, 32)])
 def test_resnet_block_matches_the_textbook_form(c_in, out_ch):
   """A whole ResNet block vs the same block written with flax's ops, random parameters:

@@ -60,6 +60,7 @@ def _digits_ds():
   return data.load(c.data)
 
 
+@pytest.mark.slow
 def test_classifier_learns_digits_and_is_cached(tmp_path):
   ds = _digits_ds()
   kw = dict(workdir=str(tmp_path), steps=200, batch_size=64, lr=3e-3, features=32,

@@ -48,6 +48,7 @@ def test_standin_inception_features_equal_the_network(standin_weights):
   np.testing.assert_allclose(feats, _direct_features(model, images), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sample_quality_section_end_to_end(tmp_path, standin_weights):
   c = config_lib.base_config()
   c.model.vdm, c.model.n_blocks, c.model.channels = "mvdm", 1, 8

@@ -95,6 +95,7 @@ def test_group_of(op_name, group):
   assert trace_step.group_of(op_name) == group
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["auto", "xla"])
 def test_traced_step_is_named_and_sums_to_the_step(tmp_path, backend):
   """Both convolution paths: oneDNN custom calls, and XLA's op (which its runtime may

@@ -25,6 +25,7 @@ def _batch(ds, config, step, mesh):
   return parallel.global_batch(mesh, local)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_on_digits():
   config = tiny_config(**{"training.batch_size": 32})
   ds, model, tx, mesh, state = _setup(config)
@@ -37,6 +38,7 @@ def test_training_lowers_the_loss_on_digits():
   assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
 
 
+@pytest.mark.slow
 def test_checkpoint_roundtrip_gives_identical_params_and_next_loss(tmp_path):
   config = tiny_config()
   ds, model, tx, mesh, state = _setup(config)
@@ -87,6 +89,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_step_on_8_devices_matches_1_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))

@@ -95,6 +95,7 @@ def test_named_size_at_28x28_and_its_resolutions():
                       "mid_attn": (1, 7, 7, 64)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("conditioning", ["additive", "film"])
 def test_identity_at_init_and_conditioning_reaches_the_output(conditioning):
   net = UNet(channels=8, channel_mult=(1, 2), n_blocks=1, conditioning=conditioning)
@@ -125,6 +126,7 @@ def test_indivisible_image_is_refused():
   config_lib.check_image_shape(cfg, (28, 28, 1))
 
 
+@pytest.mark.slow
 def test_config_option_builds_and_trains_through_the_elbo():
   cfg = tiny_config(**{"model.vdm": "unet_s", "model.channel_mult": (1, 2)})
   config_lib.validate(cfg)

@@ -78,6 +78,7 @@ def test_rejects_bad_inputs():
     kernels.attention(q.astype(jnp.bfloat16), k, v)
 
 
+@pytest.mark.slow
 def test_model_attention_blocks_use_the_kernel():
   """backend='cpu': both attention blocks (encoder, score net) call the kernel,
   forward and backward; 'xla': neither does."""

@@ -39,6 +39,7 @@ def _conv(impl, strides, padding):
     ((2, 8, 8, 4), (1, 1, 4, 6), (1, 1), "VALID"),        # 1x1
     ((3, 10, 10, 2), (3, 3, 2, 4), (2, 1), ((1, 0), (2, 1))),  # asymmetric padding
 ])
+@pytest.mark.slow
 def test_matches_xla_values_and_gradients(x_shape, w_shape, strides, padding):
   x = jax.random.normal(jax.random.key(0), x_shape)
   w = jax.random.normal(jax.random.key(1), w_shape) / np.sqrt(np.prod(w_shape[:3]))
@@ -110,6 +111,7 @@ def _model_loss_and_grads(backend, vdm="mvdm", encoder="te"):
   return step(params), step.lower(params).as_text()
 
 
+@pytest.mark.slow
 def test_model_loss_and_gradients_match_xla():
   """The whole VAE-VDM (encoder + score net, every conv on oneDNN, GroupNorms and
   attention on the fused kernels, block outputs materialised): same loss and gradients

@@ -96,6 +96,7 @@ def test_two_parts_match_their_concatenation(split, groups):
                                err_msg=f"argument {i}")
 
 
+@pytest.mark.slow
 def test_resnet_block_on_parts_equals_block_on_concatenation():
   """The U-Net's up block given (h, skip): same parameters (tree, values at init) and
   the same output and gradients as given their concatenation, with no concatenation
@@ -212,6 +213,7 @@ def _hlo(conv_impl):
   return jax.jit(jax.grad(loss)).lower(params).as_text()
 
 
+@pytest.mark.slow
 def test_model_norms_use_the_kernel():
   """With backend='cpu' every GroupNorm of both networks is a kernel call, forward
   and backward (ResNet blocks' two, the attention blocks' and the output norms; the

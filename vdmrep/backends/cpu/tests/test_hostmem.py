@@ -64,6 +64,7 @@ _PROBE = textwrap.dedent("""
     """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc"
                     or hostmem.thp_mode() not in ("always", "madvise"),
                     reason="needs Linux, glibc and transparent huge pages on request")

@@ -21,6 +21,7 @@ def _model(backend):
   return c, model
 
 
+@pytest.mark.slow
 def test_checkpoint_moves_between_backends_with_the_same_eval_loss(tmp_path):
   images = data.load(config_lib.base_config().data).eval_images[:64]
   mesh = parallel.make_mesh()

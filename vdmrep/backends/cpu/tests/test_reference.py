@@ -48,6 +48,7 @@ def test_chunked_attention_stores_no_weight_matrix():
   assert biggest(1) <= b * n * 8  # the chunked form keeps only q, k, v, out, lse
 
 
+@pytest.mark.slow
 def test_chunked_attention_bfloat16_matches_one_shot():
   q, k, v, dout = [jax.random.normal(jax.random.key(i), (4, 32, 8), jnp.bfloat16)
                    for i in range(4)]
@@ -71,6 +72,7 @@ def _flax_group_norm(x, scale, bias, groups, shift=None, film=None, swish=False)
   return nn.swish(y) if swish else y
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shift,film,swish", [(False, False, False), (False, False, True),
                                               (True, False, True), (False, True, True),
                                               (True, True, False)])
@@ -138,6 +140,7 @@ def _reference_resnet_block(p, x, cond, film):
   return (dense(p["nin_shortcut"], x) if "nin_shortcut" in p else x) + h
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("c_in,out_ch", [(8, 12), (16, 32), (32, 32)])
 @needs_kernels
 def test_resnet_block_matches_the_textbook_form(c_in, out_ch):

@@ -64,6 +64,7 @@ _TOLERANCE = {2: 4e-6, 4: 2e-5}
     ((3, 8, 8, 16), 128),
     ((2, 14, 13, 32), 64),  # 14 = 3 F(4x4) tiles and a half
 ])
+@pytest.mark.slow
 def test_matches_xla_values_and_gradients(x_shape, o, tile):
   x, w, dy = _case(x_shape, o)
   conv = lambda x, w: _conv(x, w, tile)
@@ -82,6 +83,7 @@ def test_matches_xla_values_and_gradients(x_shape, o, tile):
     np.testing.assert_allclose(got, want, rtol=0, atol=tol * scale(want))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tile", [None, 2, False])
 def test_bias_and_residual_inside_the_kernel(tile):
   """conv2d(..., bias=b, residual=r) = conv + b + r, and its gradients in x, w, b and r
@@ -161,6 +163,7 @@ np.savez(sys.argv[1], v=np.asarray(v), gx=np.asarray(gx), gw=np.asarray(gw), gb=
 """
 
 
+@pytest.mark.slow
 def test_same_bits_for_any_thread_count(tmp_path):
   """Every output element and every partial filter-gradient sum is computed in a fixed
   order: one thread and two give identical bits, and so do repeated calls."""
