@@ -26,7 +26,7 @@ import common
 import jax
 import ml_collections
 
-from vdmrep import checkpoints, quality, sampling
+from vdmrep import checkpoints, quality, sample_mode, sampling
 from vdmrep import classifier as classifier_lib
 
 
@@ -38,7 +38,7 @@ def load_run(workdir: str):
   with open(path) as fh:
     config = ml_collections.ConfigDict(json.load(fh)["config"])
   try:
-    ds, model, mesh, restored = quality.restore_for_sampling(config, workdir)
+    ds, model, mesh, restored = sample_mode.restore_for_sampling(config, workdir)
   except checkpoints.CheckpointError as e:
     raise SystemExit(str(e))
   return config, ds, model, mesh, restored.ema_params, int(restored.step)

@@ -58,11 +58,11 @@ def main(argv=None):
 
   import jax
   import numpy as np
-  from vdmrep import quality
+  from vdmrep import sample_mode
   from vdmrep.evaluators import elbo as elbo_lib
 
   config = build_config(theirs)
-  ds, model, mesh, restored = quality.restore_for_sampling(config, args.workdir)
+  ds, model, mesh, restored = sample_mode.restore_for_sampling(config, args.workdir)
   images = ds.eval_images if args.max_examples <= 0 else ds.eval_images[:args.max_examples]
   dims = int(np.prod(images.shape[1:]))
   lines = [f"Step {int(restored.step)} of {args.workdir}; {len(images)} eval images; "

@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 
 from vdmrep import classifier as classifier_lib  # noqa: E402
 from vdmrep import data as data_lib  # noqa: E402
-from vdmrep import plots, quality, steering  # noqa: E402
+from vdmrep import plots, quality, sample_mode, steering  # noqa: E402
 
 
 def load_config(path, overrides):
@@ -80,7 +80,7 @@ def main():
   start = time.perf_counter()
   os.makedirs(args.out, exist_ok=True)
   config = load_config(args.config, args.set)
-  ds, model, _, restored = quality.restore_for_sampling(config, args.workdir)
+  ds, model, _, restored = sample_mode.restore_for_sampling(config, args.workdir)
   if not model.num_classes:
     sys.exit(f"error: {args.config} is not class-conditional (config.model.num_classes = 0)")
   params, k = restored.ema_params, model.num_classes

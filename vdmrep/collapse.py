@@ -54,7 +54,7 @@ _ENCODER_TERM_DEFAULTS = {"schedule": "constant", "beta": 1.0, "free_bits": 0.0,
 # -- validation ------------------------------------------------------------------
 def validate(config) -> None:
   """Raises ConfigError naming the first bad `config.collapse.*` key."""
-  from vdmrep.config_lib import ConfigError  # late: config_lib imports this module
+  from vdmrep.errors import ConfigError
 
   c = config.collapse
 

@@ -1,18 +1,19 @@
 """The base experiment config and its validation (run before anything compiles).
 
 `configs/*.py` start from `base_config()` and override a few fields, so each file
-reads like one row of an experiment table. `validate` names the offending key.
+reads like one row of an experiment table. `validate` names the offending key; it calls
+the modules' own checks (collapse, evaluators, reliability, sampling, parallel,
+preflight), imported inside it so that loading a config imports no jax. Those modules
+raise `errors.ConfigError` and never import this one (tests/test_imports.py).
 """
 from __future__ import annotations
 
 import ml_collections
 
+from vdmrep.errors import ConfigError  # noqa: F401  (raised here, and by the modules' checks)
+
 DATA_SOURCES = ("digits", "fashion_mnist", "tfds:", "idx:", "npz:")
 BACKENDS = ("auto", "xla", "cpu")  # config.model.backend (vdmrep/backends)
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work; the message names the key."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -272,12 +273,12 @@ def validate(config, num_devices: int = 1, num_processes: int = 1) -> None:
   for key in ("b1", "b2"):
     if not 0.0 <= o[key] < 1.0:
       raise ConfigError(f"config.optim.{key}={o[key]} must be in [0, 1)")
-  from vdmrep import collapse, evaluators, reliability, sampling  # late: they read names here
+  from vdmrep import collapse, evaluators, reliability, sampling
   collapse.validate(config)
   evaluators.validate(config)
   reliability.validate(config)
   sampling.validate(config, num_devices)
-  from vdmrep import parallel  # late import: parallel raises this module's ConfigError
+  from vdmrep import parallel
   parallel.validate(config)
   from vdmrep import preflight  # every number finite and in its domain
   problem = preflight.config_problem(config)

@@ -22,7 +22,7 @@ SUFFIXES = (".h5", ".keras")
 
 def check_path(path: str, key: str) -> None:
   """Raises ConfigError (naming `key`) unless `path` is an existing .h5/.keras file."""
-  from vdmrep.config_lib import ConfigError
+  from vdmrep.errors import ConfigError
   if not path.endswith(SUFFIXES):
     raise ConfigError(f"{key}={path!r} must be a Keras InceptionV3 weights file (.h5) or a "
                       "saved Keras feature model (.keras)")

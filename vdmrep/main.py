@@ -107,8 +107,8 @@ def main(argv):
       if FLAGS.mode == "train":
         train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
       elif FLAGS.mode == "sample":
-        from vdmrep import quality
-        quality.sample_checkpoint(FLAGS.config, FLAGS.workdir)
+        from vdmrep import sample_mode
+        sample_mode.sample_checkpoint(FLAGS.config, FLAGS.workdir)
       else:
         train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
   except (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError) as err:

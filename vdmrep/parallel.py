@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vdmrep.config_lib import ConfigError
+from vdmrep.errors import ConfigError
 
 DATA_AXIS = "data"
 # Names jax.distributed accepts for `cluster_detection_method` (jax 0.10.2); "" lets JAX

@@ -65,7 +65,7 @@ class Interrupted(BaseException):
 
 
 def validate(config) -> None:
-  from vdmrep.config_lib import ConfigError
+  from vdmrep.errors import ConfigError
   t = config.training
   if t.nan_policy not in NAN_POLICIES:
     raise ConfigError(f"config.training.nan_policy={t.nan_policy!r} is not valid; choose one "

@@ -50,7 +50,7 @@ SAMPLERS = ("ancestral", "ddim")
 
 def validate(config, num_devices: int = 1) -> None:
   """Checks `config.sample`; raises ConfigError naming the key."""
-  from vdmrep.config_lib import ConfigError
+  from vdmrep.errors import ConfigError
   s = config.sample
   for key in ("num_steps", "num_samples", "batch_size", "trajectory_frames", "num_trajectories",
               "grid_size", "num_guided", "num_interpolations", "interpolation_steps",

@@ -17,7 +17,7 @@ Each evaluator is a function `run(ctx: Context) -> Section`:
 what earlier ones leave in `ctx.shared`), `config.eval.periodic_evaluators` those a
 periodic one runs. `config.eval.sample_quality = False` and `config.eval.pictures = False`
 drop `samples` and `pictures`. Adding an evaluator: a module with `run(ctx) -> Section`
-and one line in `REGISTRY`.
+(Context and Section in base.py) and one line in `_registry`.
 
 Shared values (`ctx.shared`), set by the evaluator named in brackets: "per_image"
 (dict of [N] nats per term), "per_image_bpd" ([N] the bound per image), "score_fn"
@@ -27,57 +27,19 @@ Every random draw comes from the eval seed (`config.eval.seed`, -1 = `config.see
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import numpy as np
 
 from vdmrep import console, parallel, report
+from vdmrep.evaluators.base import (  # noqa: F401  (the evaluators' interface)
+    ELBO, FIT, MI, OBJECTIVE, OOD, SAMPLES, USEFUL, Context, Section, _head, _parse,
+    eval_seed)
 
 PERIODIC_DEFAULT = "elbo,baselines,latents"
 FULL_DEFAULT = "elbo,baselines,latents,probes,ood,samples,pictures"
-# fold_in tags of the eval key for each random quantity of an eval
-ELBO, OBJECTIVE, MI, USEFUL, OOD, SAMPLES, FIT = range(7)
-
-
-@dataclasses.dataclass
-class Context:
-  """What every evaluator sees: the model and parameters, data, config and shared results."""
-  model: Any
-  params: Any
-  ds: Any                      # data.Dataset
-  config: Any
-  mesh: Any
-  step: int                    # optimiser steps taken by `params`
-  workdir: str
-  key: Any                     # the eval key (from the eval seed)
-  images: np.ndarray           # uint8 [N, H, W, C] eval images (first max_examples)
-  labels: Optional[np.ndarray]  # [N] or None
-  full: bool
-  writer: Any = None
-  shared: dict = dataclasses.field(default_factory=dict)
-
-  @property
-  def num_dims(self) -> int:
-    return int(np.prod(self.images.shape[1:]))
-
-
-@dataclasses.dataclass
-class Section:
-  """One evaluator's output.
-
-  metrics: flat name -> number (report["metrics"], TensorBoard "eval/<name>").
-  report: top-level report keys this evaluator owns (e.g. "probes": {...}).
-  arrays: name -> array saved into latents.npz by a full eval.
-  pictures: name -> PNG path (absolute); images: name -> RGB uint8 [H, W, 3] for TensorBoard.
-  """
-  metrics: dict = dataclasses.field(default_factory=dict)
-  report: dict = dataclasses.field(default_factory=dict)
-  arrays: dict = dataclasses.field(default_factory=dict)
-  pictures: dict = dataclasses.field(default_factory=dict)
-  images: dict = dataclasses.field(default_factory=dict)
 
 
 def _registry() -> dict:
@@ -90,13 +52,9 @@ def _registry() -> dict:
 NAMES = ("elbo", "baselines", "latents", "probes", "ood", "samples", "pictures")
 
 
-def _parse(text: str) -> list:
-  return [n.strip() for n in text.split(",") if n.strip()]
-
-
 def validate(config) -> None:
   """Raises ConfigError naming the first bad `config.eval` key."""
-  from vdmrep.config_lib import ConfigError
+  from vdmrep.errors import ConfigError
   e = config.eval
   for key in ("evaluators", "periodic_evaluators"):
     names = _parse(e[key])
@@ -147,11 +105,6 @@ def validate(config) -> None:
                       "'npz:<file>'")
 
 
-def eval_seed(config) -> int:
-  """The seed of every random draw of an evaluation: `eval.seed`, or `config.seed` if -1."""
-  return int(config.seed if config.eval.seed < 0 else config.eval.seed)
-
-
 def selected(config, full: bool) -> list:
   """Evaluator names a full (or periodic) evaluation runs, in order."""
   e = config.eval
@@ -161,10 +114,6 @@ def selected(config, full: bool) -> list:
   if not e.pictures:
     names = [n for n in names if n != "pictures"]
   return names
-
-
-def _head(x, n):
-  return x if x is None or not n else x[:n]
 
 
 def run_evaluation(model, params, ds, config, mesh, *, step: int, workdir: str, writer=None,

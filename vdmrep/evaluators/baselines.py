@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from vdmrep.evaluators import Section
+from vdmrep.evaluators.base import Section
 
 
 def _flat(images) -> np.ndarray:

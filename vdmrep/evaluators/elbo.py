@@ -31,7 +31,7 @@ import numpy as np
 
 from vdmrep import collapse, losses, parallel
 from vdmrep import data as data_lib
-from vdmrep.evaluators import ELBO, FIT, OBJECTIVE, Section, _parse, eval_seed
+from vdmrep.evaluators.base import ELBO, FIT, OBJECTIVE, Section, _parse, eval_seed
 from vdmrep.models.vae_vdm import ELBO_TERMS as TERMS
 
 # How w is drawn for the ELBO: the encoder's Gaussian; w = mean (no KL); N(mean, s^2 I).

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from vdmrep import diagnostics, latent_diagnostics
-from vdmrep.evaluators import MI, USEFUL, Section, _head, eval_seed
+from vdmrep.evaluators.base import MI, USEFUL, Section, _head, eval_seed
 
 
 def _gaussian_log_own(mean, logvar, w) -> np.ndarray:

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from vdmrep import data as data_lib
-from vdmrep.evaluators import OOD, Section
+from vdmrep.evaluators.base import OOD, Section
 
 
 def auroc(in_scores, out_scores) -> float:

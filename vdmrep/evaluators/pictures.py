@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from vdmrep import parallel, plots
-from vdmrep.evaluators import Section, _head
+from vdmrep.evaluators.base import Section, _head
 
 
 def run(ctx) -> Section:

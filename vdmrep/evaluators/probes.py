@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from vdmrep import diagnostics
 from vdmrep import probes as probe_lib
-from vdmrep.evaluators import Section, _head, eval_seed
+from vdmrep.evaluators.base import Section, _head, eval_seed
 
 
 def random_encoder_params(model, config, image_shape) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 
 from vdmrep import console, parallel
-from vdmrep.evaluators import SAMPLES, Section
+from vdmrep.evaluators.base import SAMPLES, Section
 
 # Sample-quality numbers copied into the report's flat metrics.
 SAMPLE_METRICS = ("classifier_test_accuracy", "fd_classifier", "fd_classifier_floor_real_halves",
