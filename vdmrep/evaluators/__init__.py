@@ -6,7 +6,8 @@ Each evaluator is a function `run(ctx: Context) -> Section`:
              objective at the last trained step (elbo.py)
   baselines  trivial baselines of the same eval images: per-pixel histogram and uniform
              bpd over the grey levels the data uses (baselines.py)
-  latents    encoder KL, active units, I_q(x; w), usefulness of w (latents.py)
+  latents    the rate (KL), active units, I_q(x; w), aggregate-posterior mismatch, usefulness
+             of w and its per-band saving against the rate (latents.py)
   probes     logistic (standardised, C by cross-validation) and k-NN probes, I(w; label)
              in bits, on encoder means, a random encoder and raw pixels (probes.py)
   ood        AUROC of the per-image ELBO against held-out sets (ood.py)
