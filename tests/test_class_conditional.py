@@ -177,6 +177,7 @@ def _prior_model(prior):
   return model, params
 
 
+@pytest.mark.slow
 def test_interpolation_in_a_flow_prior_runs_through_its_base_space():
   model, params = _prior_model("flow")
   flow, v = model.prior, {"params": params["prior"]}

@@ -63,7 +63,7 @@ print("verbose" if console.verbose() else "quiet")
 """
 
 
-@pytest.mark.parametrize("verbose", [False, True])
+@pytest.mark.parametrize("verbose", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_library_notices_are_off_by_default_and_a_flag_brings_them_back(verbose):
   done = subprocess.run([sys.executable, "-c", _QUIET.format(verbose=verbose)], cwd=ROOT,
                         capture_output=True, text=True, timeout=300,

@@ -30,6 +30,7 @@ def test_categorical_nll_matches_a_direct_sum():
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_uniform_decoder_gives_exactly_8_bits_per_dim_plus_the_kl():
   cfg = _vae_config()
   config_lib.validate(cfg)

@@ -148,6 +148,7 @@ def test_histogram_bpd_on_real_mnist_equals_an_independent_computation():
   assert 1.0 < got["bpd"] < 3.0
 
 
+@pytest.mark.slow
 def test_digits_baselines_state_the_17_levels(tiny, tmp_path):
   rep = _evaluate(tiny, _config(), ["elbo", "baselines"], tmp=tmp_path)
   m = rep["metrics"]
@@ -264,6 +265,7 @@ def test_learned_nnet_residual_starts_small():
 
 
 # 12. K and the eval seed are reported; the eval seed moves the estimate
+@pytest.mark.slow
 def test_eval_seed_and_k_are_reported(tiny, tmp_path):
   c = _config()
   a = _evaluate(tiny, c, ["elbo"], tmp=tmp_path)

@@ -85,6 +85,7 @@ def _png_size(path):
   return struct.unpack(">II", head[16:24])
 
 
+@pytest.mark.slow
 def test_pictures_are_valid_pngs_and_in_tensorboard(run):
   pics = run["report"]["pictures"]
   assert set(pics) == {"latent_maps", "usefulness_of_w"}
@@ -97,6 +98,7 @@ def test_pictures_are_valid_pngs_and_in_tensorboard(run):
   assert b"train/active_units_batch" in blob
 
 
+@pytest.mark.slow
 def test_active_units_kl_and_mi_recomputed_from_latents(run):
   m = run["report"]["metrics"]
   with np.load(os.path.join(run["workdir"], "latents.npz")) as f:
@@ -115,6 +117,7 @@ def test_active_units_kl_and_mi_recomputed_from_latents(run):
   assert m["mi_nats"] <= m["mi_upper_nats"] == pytest.approx(np.log(n))
 
 
+@pytest.mark.slow
 def test_pixel_probe_is_sklearn_logistic_regression(run):
   from sklearn.linear_model import LogisticRegression
   from sklearn.preprocessing import StandardScaler
@@ -142,6 +145,7 @@ def test_pixel_probe_is_sklearn_logistic_regression(run):
   assert 0.0 <= noise["auroc"] <= 1.0
 
 
+@pytest.mark.slow
 def test_periodic_eval_is_the_cheap_subset(run):
   with open(os.path.join(run["workdir"], "reports", "step15.json")) as fh:
     rep = json.load(fh)

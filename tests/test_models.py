@@ -47,6 +47,7 @@ def test_shapes_and_identity_initialisation(channels, conditioning):
     assert v.shape == (3,) and bool(jnp.all(jnp.isfinite(v))), k
 
 
+@pytest.mark.slow
 def test_latent_reaches_the_score_net_in_both_conditionings():
   for conditioning in ("additive", "film"):
     net = ScoreNet(n_blocks=1, channels=8, conditioning=conditioning)

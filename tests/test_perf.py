@@ -21,6 +21,7 @@ def _recon_reference(x, z, g0, vocab=256):
                   axis=(1, 2, 3))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gamma_0", [-13.3, -11.0, 2 * math.log(2 / 256) - 1e-3, -5.0, 0.5,
                                      "per_example"])
 def test_reconstruction_loss_matches_full_softmax(gamma_0):

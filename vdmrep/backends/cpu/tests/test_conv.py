@@ -141,6 +141,7 @@ def test_materialize_is_an_identity_in_both_passes():
   assert grad.lower(x).as_text().count("vdmrep_conv_materialize") == 2
 
 
+@pytest.mark.slow
 def test_model_is_deterministic_with_concurrent_convolutions():
   """XLA runs the encoder's and the score net's convolutions on different threads at
   once; the kernels must not share state between calls (a shared oneDNN scratchpad
