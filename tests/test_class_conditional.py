@@ -193,6 +193,7 @@ def test_interpolation_in_a_flow_prior_runs_through_its_base_space():
   assert np.abs(path - np.asarray(sampling.interpolate(a, b, alphas))).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_interpolation_in_a_mixture_prior_whitens_by_its_moments():
   model, params = _prior_model("mixture")
   a, b = jax.random.normal(jax.random.key(3), (2, 2, 4))

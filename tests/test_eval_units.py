@@ -133,6 +133,7 @@ def _tiny_model_and_params():
   return model, params
 
 
+@pytest.mark.slow
 def test_usefulness_gap_is_zero_exactly_when_the_decoder_ignores_w():
   import jax
   from vdmrep import parallel

@@ -165,7 +165,7 @@ def test_require_cpu_kernels_turns_the_refusal_into_an_error(tmp_path):
   out = _python(PROBE, env)
   assert out.returncode != 0 and not marker.exists()
   last = out.stderr.strip().splitlines()[-1]
-  assert last.startswith("vdmrep.config_lib.ConfigError: model.backend=cpu: the CPU kernels "
+  assert last.startswith("vdmrep.errors.ConfigError: model.backend=cpu: the CPU kernels "
                          f"cannot be loaded (refusing to load the CPU kernels {lib}: it has "
                          "no build manifest"), last
   assert last.endswith("and VDMREP_REQUIRE_CPU_KERNELS=1 forbids falling back to XLA")
