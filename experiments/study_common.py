@@ -9,8 +9,10 @@ import sys
 
 import harness
 
-# Offline MNIST: the real test split, split train/eval by a fixed seed (relative to the repo).
-MNIST_IDX = "idx:../shared/data/mnist"
+# The MNIST studies' data source: tfds's MNIST by default; offline, point it at a
+# directory of MNIST idx files (e.g. VDMREP_MNIST_SOURCE=idx:/data/mnist; a directory with
+# only the test split is split train/eval by a fixed seed).
+MNIST_IDX = os.environ.get("VDMREP_MNIST_SOURCE", "tfds:mnist")
 
 # Report metrics (report.json["metrics"]) shown in every study table.
 def _fmt(x, digits=3):

@@ -132,6 +132,7 @@ def test_latent_diffusion_bound_on_a_2d_gaussian_is_not_below_its_entropy():
 
 
 # -- categorical latent --------------------------------------------------------------
+@pytest.mark.slow  # compile-heavy: the full suite (CI) runs it
 @pytest.mark.parametrize("prior", ["standard", "learned"])
 def test_categorical_kl_is_exact_and_the_code_discrete(prior):
   c = tiny(latent="categorical", latent_dim=3, latent_categories=4, prior=prior)
@@ -193,6 +194,7 @@ def test_per_pixel_losses_with_a_constant_schedule_equal_the_scalar_ones():
                              losses.reconstruction_loss(x, z, g0), rtol=1e-6)
 
 
+@pytest.mark.slow  # compile-heavy: the full suite (CI) runs it
 def test_per_pixel_model_at_initialisation_equals_the_scalar_schedule_model():
   scalar = build_model(tiny(latent_dim=4).model)
   pixel = build_model(tiny(latent_dim=4, gamma_type="per_pixel").model, (8, 8, 1))
@@ -206,6 +208,7 @@ def test_per_pixel_model_at_initialisation_equals_the_scalar_schedule_model():
 
 
 # -- training mechanisms ---------------------------------------------------------------
+@pytest.mark.slow  # compile-heavy: the full suite (CI) runs it
 def test_kl_balancing_keeps_the_value_and_splits_the_gradient():
   c = tiny(latent_dim=4, prior="mixture", prior_components=3)
   model = build_model(c.model)

@@ -183,7 +183,7 @@ def _winograd_ok(x_shape, w_shape, strides, pads) -> bool:
 def _rows(matrix, x, axis):
   """The constant `matrix` [R, K] applied along `axis` (length K -> R), written as
   scaled adds so that XLA fuses a whole transform into one small loop (as einsums they
-  were tiny dots: ~35 ms of a TVDM+TE step)."""
+  were many tiny dots, each its own loop)."""
   parts = [lax.index_in_dim(x, k, axis) for k in range(len(matrix[0]))]
   rows = []
   for row in matrix:
