@@ -2,6 +2,7 @@
 
   python experiments/mitigation.py --out experiments/out/mitigation_digits        # CPU budget
   python experiments/mitigation.py --dataset mnist --steps 3000 --out ...          # MNIST
+  VDMREP_MNIST_SOURCE=idx:DIR python experiments/mitigation.py --dataset mnist ...  # offline
   python experiments/mitigation.py --dataset mnist --only unconditional,elbo,free_bits ...
   python experiments/mitigation.py --full-budget --dataset mnist --out ...         # accelerators
 
