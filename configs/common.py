@@ -77,6 +77,34 @@ def mnist(c, source: str):
   return c
 
 
+def fashion_mnist(c, decoder: str = "mvdm", steps: int = 60_000):
+  """Fashion-MNIST's CPU recipe (study C; configs/fashion_mnist.py): `decoder` (a
+  model.vdm size) + TE encoder, AdamW lr 1e-3 (100 warm-up steps), batch 64, EMA 0.999,
+  no dropout, a fixed linear gamma from -13.3 to 5; the held-out ELBO on the whole test
+  split every 5,000 steps."""
+  c.data.source = "fashion_mnist"
+  c.model.vdm = decoder
+  c.model.encoder = "te"
+  c.model.gamma_type = "fixed"
+  c.model.gamma_min, c.model.gamma_max = -13.3, 5.0
+  c.model.dropout = 0.0
+  c.training.batch_size = 64
+  c.training.num_steps = steps
+  c.training.log_every = 500
+  c.training.checkpoint_every = 2_500
+  c.training.eval_every = 5_000
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 100
+  c.optim.ema_decay = 0.999
+  c.eval.num_time_samples = 4
+  c.eval.probe_max_train = 10_000
+  # Sample quality on a CPU budget; the report records both numbers beside the FD.
+  c.sample.num_samples = 1000
+  c.sample.num_steps = 200
+  c.sample.batch_size = 500
+  return c
+
+
 def digits(c):
   """The CPU-sized job on scikit-learn's 8x8 digits: MVDM + TE.
 

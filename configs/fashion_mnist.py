@@ -27,26 +27,6 @@ def get_config(arg=None):
   if a.remedy not in REMEDIES:
     raise ValueError(f"configs/fashion_mnist.py: remedy={a.remedy!r}; choose one of "
                      f"{list(REMEDIES)}")
-  c = common.base_config()
-  c.data.source = "fashion_mnist"
-  c.model.vdm = a.decoder
-  c.model.encoder = "te"
-  c.model.gamma_type = "fixed"
-  c.model.gamma_min, c.model.gamma_max = -13.3, 5.0
-  c.model.dropout = 0.0
-  c.training.batch_size = 64
-  c.training.num_steps = a.steps
-  c.training.log_every = 500
-  c.training.checkpoint_every = 2_500
-  c.training.eval_every = 5_000
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 100
-  c.optim.ema_decay = 0.999
-  c.eval.num_time_samples = 4
-  c.eval.probe_max_train = 10_000
-  # Sample quality on a CPU budget; the report records both numbers beside the FD.
-  c.sample.num_samples = 1000
-  c.sample.num_steps = 200
-  c.sample.batch_size = 500
+  c = common.fashion_mnist(common.base_config(), a.decoder, a.steps)
   # The capacity ramp lasts half the run.
   return common.apply_remedy(c, a.remedy, capacity=(1.0, 10.0, a.steps // 2))

@@ -3,7 +3,7 @@
   --config configs/latents.py:data=digits,mechanism=vamp
   --config configs/latents.py:data=fashion_mnist,mechanism=categorical
 
-data: digits (8x8, the CPU job) | fashion_mnist (28x28, TVDM + TE, the study's recipe).
+data: digits (8x8, the CPU job) | fashion_mnist (28x28: study C's recipe, `common.fashion_mnist`).
 mechanism:
   standard      N(0, I) prior on the encoder size's latent (the baseline)
   capped        N(0, I) on an 8-dimensional latent
@@ -57,7 +57,7 @@ def get_config(arg=None):
   if a.data == "digits":
     common.digits(c)
   elif a.data == "fashion_mnist":
-    common.mnist(c, source="fashion_mnist")
+    common.fashion_mnist(c)
   else:
     raise ValueError(f"configs/latents.py: data={a.data!r}; use digits or fashion_mnist")
   if a.steps:
