@@ -130,7 +130,9 @@ def _env(num_cpu_devices, extra=None):
 def _launch(name, args, env, tmp_path):
   out = open(tmp_path / f"{name}.out", "w")
   err = open(tmp_path / f"{name}.err", "w")
-  proc = subprocess.Popen([sys.executable, "-m", "vdmrep.main", *TINY, *args], cwd=REPO,
+  # --verbose: the scalars are read back from clu's logging lines (absl INFO, off by default)
+  proc = subprocess.Popen([sys.executable, "-m", "vdmrep.main", "--verbose", *TINY, *args],
+                          cwd=REPO,
                           env=env, stdout=out, stderr=err)
   return name, proc, (out, err)
 
