@@ -51,7 +51,8 @@ def _import_graph(package_dir):
         if node.level:  # relative: from . import x, from ..y import z
           parts = package.split(".")
           stem = ".".join(parts[:len(parts) - node.level + 1] + ([stem] if stem else []))
-        targets = [f"{stem}.{a.name}" for a in node.names]
+        # `from pkg import sub` runs pkg/__init__ first: it imports pkg as well as sub.
+        targets = [stem] + [f"{stem}.{a.name}" for a in node.names]
       else:
         continue
       for t in targets:  # a name imported from a module counts as that module
@@ -102,6 +103,17 @@ def test_the_cycle_finder_sees_a_circle_closed_inside_a_function(tmp_path):
   (pkg / "c.py").write_text("import pkg.a\n")
   (pkg / "d.py").write_text("from . import a\n")  # no circle through d
   assert _cycles(_import_graph(str(pkg))) == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+def test_the_cycle_finder_sees_a_circle_through_a_package_init(tmp_path):
+  sub = tmp_path / "pkg" / "sub"
+  sub.mkdir(parents=True)
+  (tmp_path / "pkg" / "__init__.py").write_text("")
+  (sub / "__init__.py").write_text("from pkg.sub.e import E\n")
+  (sub / "e.py").write_text("from pkg.sub import f\nE = 1\n")  # runs sub/__init__ first
+  (sub / "f.py").write_text("")
+  (sub / "g.py").write_text("import pkg.sub.f as f\n")  # the module alone: no circle
+  assert _cycles(_import_graph(str(tmp_path / "pkg"))) == [["pkg.sub", "pkg.sub.e"]]
 
 
 def test_no_import_cycles_in_vdmrep_counting_imports_inside_functions():

@@ -282,9 +282,9 @@ class LatentDiffusion(nn.Module):
 
   def sample(self, rng, n, encode=None):
     """Ancestral sampling from z_1 ~ N(0, I) over `num_sample_steps` steps, then w = z_0 / alpha_0."""
-    k_z, k_loop = jax.random.split(rng)
-    z = jax.random.normal(k_z, (n, self.latent))
     steps = self.num_sample_steps
+    k_z, *k_steps = jax.random.split(rng, steps + 1)
+    z = jax.random.normal(k_z, (n, self.latent))
 
     def body(i, z):
       t, s = (steps - i) / steps, (steps - i - 1) / steps
@@ -293,7 +293,7 @@ class LatentDiffusion(nn.Module):
       c = -jnp.expm1(g_s - g_t)
       mean = jnp.sqrt(jax.nn.sigmoid(-g_s) / jax.nn.sigmoid(-g_t)) * (
           z - c * jnp.sqrt(jax.nn.sigmoid(g_t)) * eps_hat)
-      noise = jax.random.normal(jax.random.fold_in(k_loop, i), z.shape)
+      noise = jax.random.normal(k_steps[i], z.shape)
       return mean + jnp.sqrt(c * jax.nn.sigmoid(g_s)) * noise
 
     # A python loop: flax submodules cannot be called inside lax.fori_loop bodies

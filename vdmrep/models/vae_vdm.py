@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from vdmrep import losses
-from vdmrep.models import priors
+import vdmrep.models.priors as priors  # the module, not the package: models/__init__ imports this one
 from vdmrep.models.encoder import Encoder
 from vdmrep.models.schedules import PerPixel, gamma_and_derivative
 from vdmrep.models.score_net import ScoreNet
@@ -259,7 +259,7 @@ class VAEVDM:
 
   def _latent(self, params, x_int, rng, *, train, w, deterministic_encoder, kl_balance, y):
     """w and the KL term: dict of ELBOTerms fields."""
-    k_w, k_p = rng, jax.random.fold_in(rng, 1)  # k_w as before priors existed: same w
+    k_w, k_p = jax.random.split(rng)  # w's draw; a learned prior's Monte Carlo log p(w)
     if self.latent_kind == "categorical":
       return self._categorical_latent(params, x_int, k_w, train=train, w=w,
                                       kl_balance=kl_balance, y=y)
@@ -325,8 +325,8 @@ class VAEVDM:
         is alpha * grad KL(sg(q) || p) + (1 - alpha) * grad KL(q || sg(p)) (Hafner et
         al. 2021, DreamerV2).
       y: optional [B] int labels of a class-conditional model (None: its unconditional
-        path); with `train`, label dropout applies (its key is fold_in(rng, 7), so
-        models without labels draw exactly what they drew before).
+        path); with `train`, label dropout applies (its key is split off k_w only
+        when there are labels, so models without labels draw the same w).
     Returns:
       `ELBOTerms` ([B] nats per image; see its docstring).
     """
@@ -336,7 +336,8 @@ class VAEVDM:
     if not self.num_classes:
       y = None
     elif train:
-      y = self.drop_labels(jax.random.fold_in(rng, 7), y)
+      k_w, k_y = jax.random.split(k_w)
+      y = self.drop_labels(k_y, y)
     if self.conditional:
       latent = self._latent(params, x_int, k_w, train=train, w=w,
                             deterministic_encoder=deterministic_encoder,
