@@ -152,7 +152,7 @@ def _out_shape(x_shape, w_shape, strides, pads):
 # convolution. The filter transforms U = G w G^T and dw = G^T dU G are done here.
 WINOGRAD_CHANNELS = (16, 32, 64, 128)
 WINOGRAD_TILES = (2, 4)
-WINOGRAD_DEFAULT_TILE = 4  # measured faster than 2 at every channel count (README.md here)
+WINOGRAD_DEFAULT_TILE = 4  # faster than 2 in the whole train step (README.md here)
 
 # G [M + 2, 3] of F(M x M, 3x3): F(2x2) from points 0, +-1, infinity; F(4x4) from 0,
 # +-1, +-2, infinity (Lavin & Gray 2016), as in winograd.cc's B^T and A^T.

@@ -2,7 +2,7 @@
 
 Each class has the constructor fields and the parameters (names, shapes, float32,
 initialisers) of the plain block it replaces, so a checkpoint written with either loads
-into the other (tests/test_backend.py). What changes is how the block is computed:
+into the other (tests/test_portability.py). What changes is how the block is computed:
 
 * `GroupNorm` (for nn.GroupNorm): the whole norm, with a ResNet block's conditioning
   shift, FiLM and swish, as one affine map per (example, channel), in float32 through

@@ -1,5 +1,5 @@
 """One 3x3 SAME convolution, seven exact forms: XLA's convolution, oneDNN's direct one
-(a custom call of vdmrep/kernels), the Winograd kernels of vdmrep/kernels, F(4x4, 3x3)
+(a custom call of kernels.py), the Winograd kernels of kernels.py, F(4x4, 3x3)
 (1/4 of the multiply-adds; the model's choice on CPU where it applies) and F(2x2, 3x3)
 (4/9), im2col + one matmul, 9 shifted matmuls, and Winograd F(2x2, 3x3) written in XLA. Forward, input
 gradient and filter gradient timed alone; GFLOP/s counts the direct form's FLOPs.

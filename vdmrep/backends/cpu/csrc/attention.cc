@@ -1,15 +1,15 @@
 // Single-head softmax attention, forward and backward, as two XLA FFI custom calls.
 //
 // Why: at 28x28 the score net and encoder attend over N = 784 positions with only
-// C = 16..32 channels, so XLA's form (even one example at a time, layers.attention)
+// C = 16..32 channels, so XLA's form (even one example at a time, reference.attention)
 // spends most of its time writing and re-reading [N, N] logits, weights and their
 // gradients (2.4 MB per example: past L2). Here the [N, N] matrices exist only as
 // [T, N] row tiles (T = 64 queries, 200 KB) that stay in L2 between the products and
 // the softmax; the backward pass recomputes each tile from q, k and the forward's
 // log-normaliser instead of storing the weights. The products are register-blocked
 // loops (`Product`, single-threaded inside the OpenMP loop); oneDNN's sgemm, which
-// packs its operands on every call, was 12-15% slower at C = 16 and equal at C = 32
-// (benchmarks/README.md). The forward pass shares (example, row
+// packs its operands on every call, was slower at C = 16 and no faster at C = 32
+// (the backend's README.md, "Attention alone"). The forward pass shares (example, row
 // tile) pairs out over the threads; the backward pass whole examples, so each
 // example's dk / dv accumulators belong to one thread. Either way every output element
 // is computed by one thread in a fixed order: results do not depend on thread count.

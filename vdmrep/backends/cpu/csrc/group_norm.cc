@@ -2,12 +2,12 @@
 // after it, swish last), forward and backward, as XLA FFI custom calls: one pair for an
 // input tensor, one for an input given as two channel parts (see `Input`).
 //
-// Why: XLA computes the folded norm (layers.group_norm) as a reduction pass and an
+// Why: XLA computes the folded norm (reference.group_norm) as a reduction pass and an
 // elementwise pass over the whole [B, H, W, C] tensor, and its backward as two more;
-// at batch 64 each pass streams 3-13 MB from main memory (benchmarks/README.md, "Where
-// the step's time goes"). Here each example (H W C floats: 50-200 KB at 28x28, in L2)
-// is read from memory once: its statistics, the group arithmetic and the output (or,
-// backward, the reductions and dx) are all computed while it is in cache. Examples are
+// at batch 64 each pass streams 3-13 MB from main memory (the backend's README.md).
+// Here each example (H W C floats: 50-200 KB at 28x28, in L2) is read from memory
+// once: its statistics, the group arithmetic and the output (or, backward, the
+// reductions and dx) are all computed while it is in cache. Examples are
 // shared out over the OpenMP threads; each output element is computed by one thread
 // in a fixed order, so results do not depend on the thread count. Statistics are
 // accumulated in double, two-pass (mean, then centred squares).
@@ -21,7 +21,7 @@
 //             k_c = scale_c (1 + fs_c),  S1_g = sum_g k_c A_c,  S2_g = sum_g k_c Bh_c,
 //             dx = r_g (k_c dz - (S1_g + xhat S2_g) / (n G)),  dshift_c = sum_n dx.
 //   The parameter gradients are [B, C] arithmetic on A and Bh, left to JAX
-//   (vdmrep.kernels.onednn.group_norm).
+//   (kernels.group_norm).
 
 #include <algorithm>
 #include <cmath>
@@ -68,7 +68,7 @@ ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> vec,
 
 // Per-example bodies, templated on the channel count: with C a compile-time constant
 // (16, 32, 64, 128: the models' widths) GCC drops the vector loops' remainder handling,
-// which at C = 16 is one vector per position (measured 2.5x faster than a runtime C).
+// which at C = 16 is one vector per position and dominated the runtime-C loops.
 // kC = 0 is the general case.
 template <int64_t kC>
 void ForwardExample(const Shape& s, const float* __restrict__ xe,

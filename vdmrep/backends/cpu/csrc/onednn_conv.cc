@@ -1,8 +1,8 @@
 // 2-D convolution (NHWC activations, HWIO filters, f32) as three XLA FFI custom calls
 // into oneDNN: forward, gradient w.r.t. the input, gradient w.r.t. the filter.
 //
-// Why: XLA's CPU convolution runs a 3x3 32->32 convolution at ~40% of this machine's
-// matmul rate; oneDNN's brgemm/jit kernels run the same one at ~95% (see
+// Why: XLA's CPU convolution runs the score net's 3x3 convolutions far below the
+// machine's matmul rate; oneDNN's brgemm/jit kernels run them near it (the backend's
 // benchmarks/conv_forms.py). The score net is ~45 such convolutions and little else.
 //
 // Activations stay in XLA's row-major NHWC buffers (oneDNN's `nhwc` tag, zero copies).
@@ -17,7 +17,7 @@
 // Each call already uses all cores through OpenMP, so little is lost.
 //
 // A fourth handler, an identity custom call, forces XLA to hold a value in memory
-// (vdmrep.kernels.onednn.materialize says why).
+// (kernels.materialize says why).
 
 #include <array>
 #include <cstring>
@@ -200,7 +200,7 @@ ffi::Error ConvFilterGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
   });
 }
 
-// Identity whose result XLA must hold in memory (see vdmrep.kernels.onednn.materialize).
+// Identity whose result XLA must hold in memory (see kernels.materialize).
 // The result is declared to alias the operand, so usually there is nothing to copy.
 ffi::Error MaterializeImpl(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
   if (y->untyped_data() != x.untyped_data()) {

@@ -11,7 +11,7 @@ namespace vdmrep {
 // in Horner form): relative error <= 2.3e-7 over [-87, 0] against double-precision exp
 // (every 16th float checked; f32 round-off is 6e-8). Written so that GCC vectorises it
 // inside `omp simd` loops without -ffast-math: libm's expf, std::floor and std::max
-// each kept those loops scalar (10x slower). Adding 1.5 * 2^23 rounds x log2(e) to
+// each kept those loops scalar. Adding 1.5 * 2^23 rounds x log2(e) to
 // the nearest integer n and leaves n in the low mantissa bits. Inputs below -87.3
 // give ~2^-126 instead of a denormal.
 inline float ExpNonPositive(float x) {

@@ -1,25 +1,25 @@
 // 3x3 convolutions (stride 1, one pixel of zero padding: the score net's) by Winograd's
 // minimal filtering F(M x M, 3x3), M = 4 or 2, forward and filter gradient, as XLA FFI
 // custom calls. The input gradient is the forward of the output gradient with the
-// filter rotated by 180 degrees and its channels swapped (vdmrep.kernels.onednn.conv2d).
+// filter rotated by 180 degrees and its channels swapped (kernels.conv2d).
 //
-// Why: oneDNN's direct convolution already runs at the machine's matmul rate
-// (benchmarks/README.md), so the only way to make it faster is fewer multiply-adds.
+// Why: oneDNN's direct convolution already runs near the machine's matmul rate
+// (the backend's README.md), so the only way to make it faster is fewer multiply-adds.
 // F(M x M, 3x3) computes an M x M output tile from a kA x kA input tile (kA = M + 2)
 // with kA^2 products per (input, output) channel pair where the direct form takes 9 M^2:
 // 4/9 of the arithmetic for M = 2, 1/4 for M = 4, as kA^2 small matrix products.
 // Winograd's transforms are additions (and, for M = 4, multiplications by 2, 4, 5, 8),
 // done here while a chunk of tiles is in L1/L2, so the activations cross memory once
-// as in the direct form (in XLA the transforms were separate passes and the whole was
-// 4.7x slower). M = 4 is the faster (benchmarks/README.md) and the default; M = 2 has
-// about a tenth of its round-off.
+// as in the direct form (in XLA the transforms were separate passes over memory and the
+// whole was slower than the direct form). M = 4 is the faster in a train step (the
+// backend's README.md) and the default; M = 2 has about a tenth of its round-off.
 //
 // Mathematics (Lavin & Gray 2016), one tile, per channel, d the kA x kA input tile
 // (zero outside the image), g the 3x3 filter, Y the M x M output tile:
 //   U = G g G^T, V = B^T d B, M[k] = sum_c V[k, c] U[k, c, :] (k = kA^2 tile positions),
-//   Y = A^T M A, with B^T, A^T in `Tile<M>` below and G in onednn.py (U and G^T dU G are
+//   Y = A^T M A, with B^T, A^T in `Tile<M>` below and G in kernels.py (U and G^T dU G are
 //   computed in JAX). This equals the cross-correlation exactly in real arithmetic; in
-//   float32 it differs by round-off (tests/test_onednn_winograd.py bounds it against a
+//   float32 it differs by round-off (tests/test_winograd.py bounds it against a
 //   float64 reference).
 // Filter gradient: dU[k, c, o] = sum over examples and tiles V[k, c] dM[k, o] with
 // dM = A dY A^T, the transpose of the output transform. The forward pass also adds a
@@ -145,8 +145,7 @@ struct Tile<4> {
 // of an image with `ch` channels; zeros outside the image. Two paths: a block inside the
 // image loads at fixed offsets; one on the border (half the tiles of a 28x28 image)
 // loads with a zero mask where a pixel is outside, from clamped coordinates (always a
-// valid address), so neither tests each pixel (measured: no change at 32 and 64
-// channels, the forward at 16 a little faster; benchmarks/README.md).
+// valid address), so neither tests each pixel (measured no slower than a test per pixel).
 template <int kA>
 inline void LoadBlock(const Geometry& g, const float* __restrict__ e, int64_t ch, int64_t y0,
                       int64_t x0, int c, __m512 (&d)[kA][kA]) {
@@ -332,10 +331,8 @@ inline void TileProductTN(const float* __restrict__ v, const float* __restrict__
 // Cache lines of up to four contiguous ranges, fetched into L2 a few at a time (`Issue`)
 // while the products, which touch no memory outside the chunk buffers, run: the next
 // chunk's pixels and this chunk's residuals and output arrive from DRAM in the shadow of
-// the arithmetic rather than stalling the transforms. Measured with operands cold, as in
-// a train step (C++ harness, batch 64, 28x28): forward 32 -> 32 channels 2.1-2.4 ->
-// 1.7-1.9 ms, 16 -> 16 1.0 -> 0.55 ms, filter gradient 32 -> 32 2.3-2.6 -> 1.8-2.3 ms,
-// 16 -> 16 1.1 -> 0.6 ms; same bits (benchmarks/README.md, "Prefetching").
+// the arithmetic rather than stalling the transforms. Same bits as without; figures with
+// operands cold, as in a train step, in the backend's README.md.
 struct Lines {
   const char* start[4];
   int64_t lines[4];
@@ -372,8 +369,8 @@ inline void AddRows(Lines& l, const Geometry& g, const float* image, int64_t ch,
 }
 
 // Chunk sizes (tiles whose V and M share the cache at once), measured best; F(4x4)'s 7
-// also divides a 28x28 image's 49 tiles (with 6, 5 of 54 row products were padding:
-// 6% slower at 32 and 64 channels; benchmarks/README.md, "7-tile chunks").
+// also divides a 28x28 image's 49 tiles (with 6, 5 of 54 row products were padding;
+// the backend's README.md, "Convolutions alone").
 template <int M, int O>
 constexpr int ForwardRows() {
   return M == 4 ? 7 : (O >= 32 ? 12 : 24);

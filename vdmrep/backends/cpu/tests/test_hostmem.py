@@ -1,4 +1,4 @@
-"""vdmrep.hostmem: the glibc tunables are composed correctly, and re-executing with them
+"""hostmem.py: the glibc tunables are composed correctly, and re-executing with them
 really turns a large malloc's 4 KiB page faults into huge-page faults and lets a thread
 that frees and mallocs the same size again reuse the pages (no faults the second time)."""
 import os
