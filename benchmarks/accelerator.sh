@@ -37,12 +37,12 @@ step device bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clo
   --format=csv 2>/dev/null; $py -c 'import jax, flax, optax, orbax.checkpoint as o; \
 print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__, \
 \"orbax\", o.__version__, jax.devices())'"
-step train_b64 $py benchmarks/train_step.py --sweep accelerator --batch 64 --image 28 --repeats 30
-step train_b512 $py benchmarks/train_step.py --sweep accelerator --batch 512 --image 28 --repeats 30
-step train_cifar_shape $py benchmarks/train_step.py --sweep accelerator --batch 128 --image 32 \
+step train_b64 $py -m benchmarks.train_step --sweep accelerator --batch 64 --image 28 --repeats 30
+step train_b512 $py -m benchmarks.train_step --sweep accelerator --batch 512 --image 28 --repeats 30
+step train_cifar_shape $py -m benchmarks.train_step --sweep accelerator --batch 128 --image 32 \
   --channels 3 --repeats 30
-step sampling_svdm_oe $py benchmarks/sampling.py --vdm svdm --encoder oe --num 64 --steps 1000 \
+step sampling_svdm_oe $py -m benchmarks.sampling --vdm svdm --encoder oe --num 64 --steps 1000 \
   --ref-steps 100
-step sampling_tvdm_te $py benchmarks/sampling.py --vdm tvdm --encoder te --num 64 --steps 1000 \
+step sampling_tvdm_te $py -m benchmarks.sampling --vdm tvdm --encoder te --num 64 --steps 1000 \
   --ref-steps 100
-step precision $py benchmarks/precision.py --vdm svdm --encoder oe --batch 64
+step precision $py -m benchmarks.precision --vdm svdm --encoder oe --batch 64

@@ -16,8 +16,8 @@ the launches so far, so the K kills spread over the run (expected progress per l
 at most its share). A kill can land anywhere: compiling, restoring, training, saving,
 evaluating.
 
-  python benchmarks/chaos.py --kills 12 --steps 300 --out /tmp/chaos
-  python benchmarks/chaos.py --kills 2 --steps 30 --json /tmp/chaos.json  # short
+  python -m benchmarks.chaos --kills 12 --steps 300 --out /tmp/chaos
+  python -m benchmarks.chaos --kills 2 --steps 30 --json /tmp/chaos.json  # short
 
 Exit status 0 iff the final parameters and metrics are bitwise equal and no
 checkpoint was lost. Extra `--config.*` flags are passed to the CLI.
@@ -154,6 +154,9 @@ def main():
   shutil.rmtree(args.out, ignore_errors=True)
   os.makedirs(args.out)
   env = dict(os.environ)
+  for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
+    env.pop(name, None)  # this run's own cache, or none
   if not args.no_compile_cache:  # restarts load the step instead of recompiling it
     env.update(JAX_COMPILATION_CACHE_DIR=os.path.join(args.out, "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -1,6 +1,6 @@
 """Counts the cross-device ops in the compiled data-parallel train step.
 
-  python benchmarks/collectives.py --devices 8 [--vdm mvdm --encoder te --batch 16 --image 8]
+  python -m benchmarks.collectives --devices 8 [--vdm mvdm --encoder te --batch 16 --image 8]
 
 Runs itself in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=N
 (the flag must be set before jax starts) and prints, from the compiled HLO text, how
@@ -87,14 +87,13 @@ def run_in_subprocess(devices: int, vdm="mvdm", encoder="te", batch=16, image=8,
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  code = ("import json, sys; sys.path.insert(0, %r); sys.path.insert(0, %r)\n"
-          "from collectives import step_hlo, count_collectives\n"
+  code = ("import json\n"
           "import jax\n"
-          "from collectives import all_reduce_sizes\n"
+          "from benchmarks.collectives import all_reduce_sizes, count_collectives, step_hlo\n"
           "hlo, n = step_hlo(%r, %r, %d, %d, %r)\n"
           "print('RESULT' + json.dumps(dict(devices=jax.device_count(), num_params=n, "
           "counts=count_collectives(hlo), all_reduce_sizes=all_reduce_sizes(hlo))))\n") % (
-              root, os.path.join(root, "benchmarks"), vdm, encoder, batch, image, overrides or {})
+              vdm, encoder, batch, image, overrides or {})
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        cwd=root)
   for line in out.stdout.splitlines():

@@ -17,9 +17,6 @@ import subprocess
 import sys
 import time
 
-# Run from the repository root or from benchmarks/: make `vdmrep` importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 # A benchmark run as a script gets glibc's malloc settings for XLA's per-step buffers
 # (huge pages, memory kept between steps; vdmrep/backends/cpu/hostmem.py). Not when
 # imported by anything else (pytest): re-executing would replace that process.
@@ -29,6 +26,8 @@ if os.path.dirname(os.path.abspath(sys.argv[0])) == os.path.dirname(os.path.absp
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def block(x):
@@ -85,8 +84,8 @@ def lowered_flops(lowered) -> float:
   return _cost_flops(lowered)
 
 
-def flops_on_cpu(script: str, args: list[str]) -> float:
-  """Runs `python script *args` on the CPU backend alone and returns the number it
+def flops_on_cpu(module: str, args: list[str]) -> float:
+  """Runs `python -m module *args` (from the repository root) on the CPU backend alone and returns the number it
   prints on a line `flops=N` (nan if none).
 
   For accelerators whose plugin cannot analyse a lowered module (jax 0.11.2's CUDA
@@ -96,12 +95,12 @@ def flops_on_cpu(script: str, args: list[str]) -> float:
   compiles or runs.
   """
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  done = subprocess.run([sys.executable, script, *args], env=env, capture_output=True,
-                        text=True, check=False)
+  done = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True,
+                        text=True, check=False, cwd=ROOT)
   for line in reversed(done.stdout.splitlines()):
     if line.startswith("flops="):
       return float(line.split("=", 1)[1])
-  print(f"flops_on_cpu: no count from {script} (exit {done.returncode}):\n{done.stderr[-2000:]}")
+  print(f"flops_on_cpu: no count from {module} (exit {done.returncode}):\n{done.stderr[-2000:]}")
   return float("nan")
 
 
@@ -206,8 +205,8 @@ def load_note(window_s: float = 1.0) -> str:
 
 def step_parser(doc: str) -> argparse.ArgumentParser:
   """An argument parser (description: doc's first line) with the model and batch every
-  train-step benchmark takes: --vdm, --encoder, --batch, --image (defaults: issue 8's
-  TVDM + TE, 64 images of 28x28)."""
+  train-step benchmark takes: --vdm, --encoder, --batch, --image (defaults: TVDM + TE,
+  64 images of 28x28, the CPU speed target's shape)."""
   p = argparse.ArgumentParser(description=doc.splitlines()[0])
   p.add_argument("--vdm", default="tvdm")
   p.add_argument("--encoder", default="te")

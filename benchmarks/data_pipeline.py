@@ -1,6 +1,6 @@
 """The data pipeline alone: global training batches per second, with and without prefetch.
 
-  python benchmarks/data_pipeline.py --source idx:../shared/data/mnist --batch 64
+  python -m benchmarks.data_pipeline --source idx:../shared/data/mnist --batch 64
 
 Times `data.train_batch` (index permutation + gather, a pure function of (seed, step))
 plus `parallel.global_batch` (host -> device array) for `--steps` consecutive steps,
@@ -15,7 +15,7 @@ import functools
 import os
 import time
 
-import common
+from benchmarks import common
 
 import jax
 import ml_collections

@@ -1,8 +1,8 @@
 """Seconds per train step of each decoder at one batch and image size, side by side, and
 (--sample-steps) seconds per generated image.
 
-  python benchmarks/decoder_step.py --batch 64 --image 28 --decoders mvdm,tvdm,unet_s,unet
-  python benchmarks/decoder_step.py --decoders mvdm,unet_s,conv_vae --sample-steps 100,1000
+  python -m benchmarks.decoder_step --batch 64 --image 28 --decoders mvdm,tvdm,unet_s,unet
+  python -m benchmarks.decoder_step --decoders mvdm,unet_s,conv_vae --sample-steps 100,1000
 
 Unconditional (no encoder) steps, as the recipe trains them: the full jitted step
 (forward + backward + clip + AdamW + EMA) after compilation, `--repeats` times, one
@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 
-import common
-from common import fmt_s
+from benchmarks import common
+from benchmarks.common import fmt_s
 
 import jax
 import jax.numpy as jnp
 
-import train_step as ts
+from benchmarks import train_step as ts
 from vdmrep import config_lib, sampling
 from vdmrep.backends import build_model
 

@@ -1,6 +1,6 @@
 """Test-set ELBO throughput: images/s of the jitted evaluation batch (K draws each).
 
-  python benchmarks/eval_elbo.py --vdm tvdm --encoder te --batch 256 --samples 4 --image 28
+  python -m benchmarks.eval_elbo --vdm tvdm --encoder te --batch 256 --samples 4 --image 28
 
 Times `evaluators.elbo.make_eval_fn` (the function the ELBO evaluator runs per batch) after
 compilation and prints a markdown row: median (min..max) seconds per batch, images/s,
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-import common
-from common import fmt_s
+from benchmarks import common
+from benchmarks.common import fmt_s
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,6 @@
 """Effect of bf16 compute on the loss: the same parameters and batch, f32 vs bf16.
 
-  python benchmarks/precision.py --vdm tvdm --encoder te --batch 64 --image 28
+  python -m benchmarks.precision --vdm tvdm --encoder te --batch 64 --image 28
 
 Parameters are the initialisation plus N(0, 0.02^2) noise (so the zero-initialised
 output layers do something), the batch is MNIST (idx source) if present, else
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 
-import common
+from benchmarks import common
 
 import jax
 import jax.numpy as jnp

@@ -1,6 +1,6 @@
 """Where the train step's time goes: each part of the loss timed alone (fwd + bwd).
 
-  python benchmarks/profile_step.py --vdm tvdm --encoder te --batch 64 --image 28
+  python -m benchmarks.profile_step --vdm tvdm --encoder te --batch 64 --image 28
 
 Prints a markdown table: part, median ms (min..max), GFLOP (XLA cost analysis; a loop
 body such as chunked attention counts once), GFLOP/s.
@@ -10,8 +10,8 @@ update (clip + AdamW + EMA) alone.
 """
 from __future__ import annotations
 
-import common
-from common import fmt_s
+from benchmarks import common
+from benchmarks.common import fmt_s
 
 import jax
 import jax.numpy as jnp

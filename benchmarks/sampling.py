@@ -1,6 +1,6 @@
 """Sampling speed: N-step ancestral sampling as one compiled loop vs N separate forwards.
 
-  python benchmarks/sampling.py --vdm tvdm --encoder te --num 64 --steps 1000 --image 28
+  python -m benchmarks.sampling --vdm tvdm --encoder te --num 64 --steps 1000 --image 28
 
 Times `sampling.run_mode` (unconditional: w from the prior, z_1 ~ N(0, I), N updates in
 one `fori_loop`, then the discretised decoder) after compilation, and, for reference,
@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import time
 
-import common
-from common import fmt_s
+from benchmarks import common
+from benchmarks.common import fmt_s
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +58,7 @@ def main():
     print(f"flops={flops!r}")
     return
   if np.isnan(flops) and jax.default_backend() != "cpu":
-    flops = common.flops_on_cpu(__file__, [
+    flops = common.flops_on_cpu("benchmarks.sampling", [
         "--count-flops", f"--vdm={args.vdm}", f"--encoder={args.encoder}",
         f"--num={args.num}", f"--steps={args.steps}", f"--image={args.image}",
         f"--dtype={args.dtype}"])

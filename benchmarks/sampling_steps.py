@@ -1,6 +1,6 @@
-"""Sample quality vs number of ancestral steps, for a trained run (issue 8, item 3).
+"""Sample quality vs number of ancestral steps, for a trained run.
 
-  python benchmarks/sampling_steps.py --workdir RUN --steps 10,25,50,100,250,1000 --num 500
+  python -m benchmarks.sampling_steps --workdir RUN --steps 10,25,50,100,250,1000 --num 500
 
 RUN is a finished `vdmrep.main` work directory: its config is read back from
 `report.json` and its latest checkpoint's EMA parameters are sampled. The VDM update
@@ -21,7 +21,7 @@ import json
 import os
 import time
 
-import common
+from benchmarks import common
 
 import jax
 import ml_collections

@@ -1,6 +1,6 @@
 """Where the compiled train step's time goes, op by op (CPU backend).
 
-  python benchmarks/trace_step.py --vdm tvdm --encoder te --batch 64 --image 28 --steps 3
+  python -m benchmarks.trace_step --vdm tvdm --encoder te --batch 64 --image 28 --steps 3
 
 Traces a few steps of the compiled train step with `jax.profiler`, reads the time of
 every op XLA's CPU runtime executed (one trace event per op on XLA's threads), names
@@ -34,8 +34,8 @@ import re
 import tempfile
 import time
 
-import common
-import train_step
+from benchmarks import common
+from benchmarks import train_step
 
 import jax
 

@@ -1,11 +1,11 @@
 """Seconds per train step, images/s, FLOPs and memory for a named VDM x encoder size.
 
-  python benchmarks/train_step.py --vdm tvdm --encoder te --batch 64 --image 28
-  python benchmarks/train_step.py --sweep batch   # step time vs batch size (mvdm+te)
-  python benchmarks/train_step.py --sweep image   # step time vs image size (mvdm+te)
-  python benchmarks/train_step.py --sweep variants  # backend xla, default, bf16, remat
-  python benchmarks/train_step.py --backend xla  # the plain flax blocks on XLA
-  python benchmarks/train_step.py --sweep accelerator  # SVDM+OE, f32 and bf16 (for a GPU)
+  python -m benchmarks.train_step --vdm tvdm --encoder te --batch 64 --image 28
+  python -m benchmarks.train_step --sweep batch   # step time vs batch size (mvdm+te)
+  python -m benchmarks.train_step --sweep image   # step time vs image size (mvdm+te)
+  python -m benchmarks.train_step --sweep variants  # backend xla, default, bf16, remat
+  python -m benchmarks.train_step --backend xla  # the plain flax blocks on XLA
+  python -m benchmarks.train_step --sweep accelerator  # SVDM+OE, f32 and bf16 (for a GPU)
 
 Times the full jitted step (forward + backward + clip + AdamW + EMA, buffers donated)
 after compilation, `--repeats` times, and prints one markdown table row per setting:
@@ -20,8 +20,8 @@ from __future__ import annotations
 import functools
 import resource
 
-import common  # noqa: F401  (sets sys.path)
-from common import fmt_s
+from benchmarks import common
+from benchmarks.common import fmt_s
 
 import jax
 import jax.numpy as jnp
@@ -86,7 +86,7 @@ def bench(vdm, encoder, batch, image, channels=1, dtype="float32", remat=False,
                                          backend)
   flops = _model_flops(vdm, encoder, batch, dtype, state, x, key)
   if np.isnan(flops) and jax.default_backend() != "cpu":
-    flops = common.flops_on_cpu(__file__, [
+    flops = common.flops_on_cpu("benchmarks.train_step", [
         "--count-flops", f"--vdm={vdm}", f"--encoder={encoder}", f"--batch={batch}",
         f"--image={image}", f"--channels={channels}", f"--dtype={dtype}"])
   mem = common.memory_of(compiled)

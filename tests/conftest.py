@@ -1,13 +1,10 @@
 """Shared fixtures: tiny configs and paths. Tests run on CPU in seconds each."""
 import os
-import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST_DIR = os.path.join(os.path.dirname(ROOT), "shared", "data", "mnist")
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 
 def tiny_config(**overrides):

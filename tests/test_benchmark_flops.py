@@ -1,20 +1,17 @@
 """The FLOP count the benchmarks use on accelerators (a CPU-only subprocess) is the
 in-process count of the same loop-free train step: MFU on a GPU rests on it."""
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-import common  # noqa: E402
-import train_step  # noqa: E402
-from vdmrep import parallel  # noqa: E402
-from vdmrep import train as train_lib  # noqa: E402
-from vdmrep.models import build_model  # noqa: E402
+from benchmarks import common, train_step
+from vdmrep import parallel
+from vdmrep import train as train_lib
+from vdmrep.models import build_model
 
 
 def _in_process(vdm, encoder, batch, image):
@@ -31,7 +28,7 @@ def _in_process(vdm, encoder, batch, image):
 @pytest.mark.slow
 def test_flops_on_cpu_subprocess_equals_in_process_count():
   here = _in_process("mvdm", "te", 2, 8)
-  there = common.flops_on_cpu(os.path.join(ROOT, "benchmarks", "train_step.py"), [
+  there = common.flops_on_cpu("benchmarks.train_step", [
       "--count-flops", "--vdm=mvdm", "--encoder=te", "--batch=2", "--image=8",
       "--channels=1", "--dtype=float32"])
   assert here > 1e6  # a real count, not nan or zero

@@ -10,8 +10,7 @@ import time
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-import chaos  # noqa: E402
+from benchmarks import chaos
 
 
 @pytest.mark.slow
@@ -19,7 +18,7 @@ def test_short_chaos_run_is_bitwise_identical(tmp_path):
   """Two SIGKILLs at seeded random moments; every launch recompiles (no cache)."""
   report = tmp_path / "findings.json"
   proc = subprocess.run(
-      [sys.executable, "benchmarks/chaos.py", "--kills", "2", "--steps", "20",
+      [sys.executable, "-m", "benchmarks.chaos", "--kills", "2", "--steps", "20",
        "--out", str(tmp_path / "out"), "--json", str(report), "--no-compile-cache"],
       cwd=REPO, capture_output=True, text=True, timeout=1800)
   r = json.loads(report.read_text())

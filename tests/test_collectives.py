@@ -7,9 +7,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-from collectives import all_reduce_sizes, count_collectives, run_in_subprocess  # noqa: E402
+from benchmarks.collectives import all_reduce_sizes, count_collectives, run_in_subprocess
 
 
 def test_count_collectives_reads_hlo_text():

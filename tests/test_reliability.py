@@ -21,10 +21,8 @@ import pytest
 from vdmrep import checkpoints, config_lib, data, preflight, reliability
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import chaos  # noqa: E402  (TINY flags, steps_on_disk)
-from test_checkpoints import FP, STATE, make  # noqa: E402
+from benchmarks import chaos  # TINY flags, steps_on_disk
+from test_checkpoints import FP, STATE, make
 
 
 def one_line(err) -> str:

@@ -13,8 +13,7 @@ import pytest
 from vdmrep import checkpoints, config_lib, parallel, reliability, train
 from vdmrep.models.vae_vdm import VAEVDM
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-import chaos  # noqa: E402  (read_scalars, final_state)
+from benchmarks import chaos  # read_scalars, final_state
 
 STEPS = 12
 pytestmark = pytest.mark.slow  # five tiny in-process trainings (each compiles its step)

@@ -8,10 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-import trace_step  # noqa: E402
-import train_step  # noqa: E402
+from benchmarks import trace_step, train_step
 
 
 def test_ops_inside_a_loop_body_inherit_the_loops_name():

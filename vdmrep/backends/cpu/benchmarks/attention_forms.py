@@ -2,9 +2,9 @@
 example-chunked (`reference.attention`'s custom VJP) and the fused CPU kernel
 (`kernels.attention`, what the CPU backend runs), forward and forward + backward.
 
-  python vdmrep/backends/cpu/benchmarks/attention_forms.py --batch 64 --positions 784 --channels 16,32 --chunks 0,1,2,4,kernel
+  python -m vdmrep.backends.cpu.benchmarks.attention_forms --batch 64 --positions 784 --channels 16,32 --chunks 0,1,2,4,kernel
   git show REV:vdmrep/models/layers.py > /tmp/old_layers.py
-  python vdmrep/backends/cpu/benchmarks/attention_forms.py --chunks 1 --against /tmp/old_layers.py
+  python -m vdmrep.backends.cpu.benchmarks.attention_forms --chunks 1 --against /tmp/old_layers.py
 
 `--against FILE` times another version of vdmrep/models/layers.py beside the current
 one, alternating call by call in one process: on a noisy VM, differences of ~10% are
@@ -26,9 +26,7 @@ import sys
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[".."] * 4,
-                                "benchmarks"))
-import common  # noqa: E402  (the repository's benchmarks/)
+from benchmarks import common  # the repository's benchmarks/ (run from its root)
 
 import jax
 import jax.numpy as jnp

@@ -4,7 +4,7 @@
 (4/9), im2col + one matmul, 9 shifted matmuls, and Winograd F(2x2, 3x3) written in XLA. Forward, input
 gradient and filter gradient timed alone; GFLOP/s counts the direct form's FLOPs.
 
-  python vdmrep/backends/cpu/benchmarks/conv_forms.py --batch 64 --image 28 --channels 16:16,32:32,64:32
+  python -m vdmrep.backends.cpu.benchmarks.conv_forms --batch 64 --image 28 --channels 16:16,32:32,64:32
 
 Why it exists: the score network is almost only such convolutions, and this is the
 evidence for which form the model uses (the Winograd kernel or oneDNN's on CPU, else
@@ -18,9 +18,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[".."] * 4,
-                                "benchmarks"))
-import common  # noqa: E402  (the repository's benchmarks/)
+from benchmarks import common  # the repository's benchmarks/ (run from its root)
 
 import jax
 import jax.numpy as jnp

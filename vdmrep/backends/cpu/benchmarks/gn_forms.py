@@ -3,7 +3,7 @@ nn.GroupNorm with separate ops (the plain model), the folded `reference.group_no
 XLA and the fused kernel (the CPU backend's GroupNorm). Forward and
 forward + backward (gradients for x, scale, bias, shift) timed alone.
 
-  python vdmrep/backends/cpu/benchmarks/gn_forms.py --batch 64 --image 28 --channels 32,64
+  python -m vdmrep.backends.cpu.benchmarks.gn_forms --batch 64 --image 28 --channels 32,64
 
 Why it exists: after the oneDNN convolutions, GroupNorm / swish / add fusions were
 about half of a ResNet block's time (figures: the backend's README.md); this is the
@@ -18,9 +18,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[".."] * 4,
-                                "benchmarks"))
-import common  # noqa: E402  (the repository's benchmarks/)
+from benchmarks import common  # the repository's benchmarks/ (run from its root)
 
 import flax.linen as nn
 import jax

@@ -1,12 +1,12 @@
 """Whole train step with one fused CPU kernel vs the XLA form it replaced, A/B.
 
-  python vdmrep/backends/cpu/benchmarks/kernel_ab.py --kernel attention --vdm mvdm --encoder te --repeats 11
-  python vdmrep/backends/cpu/benchmarks/kernel_ab.py --kernel group_norm --vdm tvdm --encoder te
-  python vdmrep/backends/cpu/benchmarks/kernel_ab.py --kernel parts --vdm tvdm --encoder te
-  python vdmrep/backends/cpu/benchmarks/kernel_ab.py --kernel winograd --vdm tvdm --encoder te
-  python vdmrep/backends/cpu/benchmarks/kernel_ab.py --kernel dense --vdm tvdm --encoder te
-  python vdmrep/backends/cpu/benchmarks/kernel_ab.py --kernel winograd4 --vdm tvdm --encoder te
-  python vdmrep/backends/cpu/benchmarks/kernel_ab.py --kernel conv_adds --vdm tvdm --encoder te
+  python -m vdmrep.backends.cpu.benchmarks.kernel_ab --kernel attention --vdm mvdm --encoder te --repeats 11
+  python -m vdmrep.backends.cpu.benchmarks.kernel_ab --kernel group_norm --vdm tvdm --encoder te
+  python -m vdmrep.backends.cpu.benchmarks.kernel_ab --kernel parts --vdm tvdm --encoder te
+  python -m vdmrep.backends.cpu.benchmarks.kernel_ab --kernel winograd --vdm tvdm --encoder te
+  python -m vdmrep.backends.cpu.benchmarks.kernel_ab --kernel dense --vdm tvdm --encoder te
+  python -m vdmrep.backends.cpu.benchmarks.kernel_ab --kernel winograd4 --vdm tvdm --encoder te
+  python -m vdmrep.backends.cpu.benchmarks.kernel_ab --kernel conv_adds --vdm tvdm --encoder te
 
 Both programs use the CPU backend (model.backend='cpu'); the second is built with
 the kernel replaced while it is traced: `kernels.attention` by `reference.attention(q,
@@ -32,10 +32,8 @@ import time
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), *[".."] * 4,
-                                "benchmarks"))
-import common  # noqa: E402  (the repository's benchmarks/)
-import train_step  # noqa: E402
+from benchmarks import common  # the repository's benchmarks/ (run from its root)
+from benchmarks import train_step
 
 import flax.linen as nn
 import jax
