@@ -44,7 +44,9 @@ TINY = ["--config.model.n_blocks=1", "--config.model.channels=8",
         "--config.training.batch_size=16", "--config.training.log_every=5",
         "--config.training.checkpoint_every=5", "--config.training.eval_every=0",
         "--config.eval.max_examples=32", "--config.eval.batch_size=32",
-        "--config.eval.num_time_samples=1", "--config.eval.sample_quality=False"]
+        "--config.eval.num_time_samples=1", "--config.eval.sample_quality=False",
+        "--config.eval.probe_max_train=256", "--config.eval.probe_cs=0.1,10",
+        "--config.eval.probe_cv_folds=2"]
 WALL_CLOCK_TAGS = ("steps_per_sec", "uptime")
 LOG_LINE = re.compile(r"\] \[(\d+)\] train/")  # clu's logging writer
 

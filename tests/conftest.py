@@ -5,6 +5,15 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST_DIR = os.path.join(os.path.dirname(ROOT), "shared", "data", "mnist")
+# The tests compile the same tiny programs many times, here and in the training processes
+# they launch: XLA's persistent cache (keyed by the program, the compiler and its flags)
+# compiles each once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Probes of a tiny model: 256 training images and two C values instead of up to 10,000
+# images and six (the probes' own tests use the full settings).
+TINY_PROBES = {"probe_max_train": 256, "probe_cs": "0.1,10", "probe_cv_folds": 2}
+TINY_PROBE_FLAGS = [f"--config.eval.{k}={v}" for k, v in TINY_PROBES.items()]
 
 
 def tiny_config(**overrides):
@@ -26,6 +35,7 @@ def tiny_config(**overrides):
   c.eval.num_time_samples = 1
   c.eval.max_examples = 64
   c.eval.sample_quality = False  # tested on its own (test_sample_section.py, test_cli.py)
+  c.eval.update(TINY_PROBES)
   c.sample.num_samples = 16
   c.sample.num_steps = 8
   c.sample.num_guided = 8

@@ -9,13 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, TINY_PROBE_FLAGS
 
 TINY = ["--config.model.vdm=mvdm", "--config.model.encoder=te", "--config.model.n_blocks=1",
         "--config.model.channels=8", "--config.training.batch_size=16",
         "--config.training.log_every=2", "--config.training.checkpoint_every=2",
         "--config.eval.max_examples=64", "--config.eval.num_time_samples=1",
-        "--config.eval.sample_quality=False"]
+        "--config.eval.sample_quality=False", *TINY_PROBE_FLAGS]
 SAMPLES = ["--config.eval.sample_quality=True", "--config.sample.num_samples=32",
            "--config.sample.num_steps=10", "--config.sample.num_guided=16",
            "--config.sample.grid_size=16", "--config.sample.classifier_steps=30",

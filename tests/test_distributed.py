@@ -17,6 +17,7 @@ import types
 import numpy as np
 import pytest
 
+from conftest import TINY_PROBE_FLAGS
 from vdmrep import config_lib, parallel
 from vdmrep import data as data_lib
 
@@ -27,7 +28,7 @@ TINY = ["--config", "configs/digits.py", "--config.model.n_blocks=1",
         "--config.training.log_every=1", "--config.training.batch_size=8",
         "--config.optim.warmup_steps=1", "--config.eval.batch_size=16",
         "--config.eval.max_examples=32", "--config.eval.num_time_samples=1",
-        "--config.eval.sample_quality=False"]
+        "--config.eval.sample_quality=False", *TINY_PROBE_FLAGS]
 
 
 def _dist(**kw):

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, TINY_PROBE_FLAGS
 
 TINY = ["--config.model.vdm=mvdm", "--config.model.encoder=te", "--config.model.n_blocks=1",
         "--config.model.channels=8", "--config.training.batch_size=16",
@@ -16,7 +16,8 @@ TINY = ["--config.model.vdm=mvdm", "--config.model.encoder=te", "--config.model.
         "--config.sample.batch_size=8", "--config.sample.num_guided=6",
         "--config.sample.grid_size=9", "--config.sample.trajectory_frames=3",
         "--config.sample.num_trajectories=2", "--config.sample.num_interpolations=2",
-        "--config.sample.interpolation_steps=3", "--config.sample.classifier_steps=30"]
+        "--config.sample.interpolation_steps=3", "--config.sample.classifier_steps=30",
+        *TINY_PROBE_FLAGS]
 
 
 def _run(workdir, *flags):

@@ -3,8 +3,8 @@ example-chunked (`reference.attention`'s custom VJP) and the fused CPU kernel
 (`kernels.attention`, what the CPU backend runs), forward and forward + backward.
 
   python -m vdmrep.backends.cpu.benchmarks.attention_forms --batch 64 --positions 784 --channels 16,32 --chunks 0,1,2,4,kernel
-  git show REV:vdmrep/models/layers.py > /tmp/old_layers.py
-  python -m vdmrep.backends.cpu.benchmarks.attention_forms --chunks 1 --against /tmp/old_layers.py
+  git show REV:vdmrep/models/layers.py > old_layers.py
+  python -m vdmrep.backends.cpu.benchmarks.attention_forms --chunks 1 --against old_layers.py
 
 `--against FILE` times another version of vdmrep/models/layers.py beside the current
 one, alternating call by call in one process: on a noisy VM, differences of ~10% are
