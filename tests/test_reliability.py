@@ -624,3 +624,33 @@ def test_eval_writer_on_an_unwritable_disk_is_one_line(tmp_path, errno_, why):
   assert error_lines(proc.stderr) == [
       f"error: {tmp_path}/report.json: {why} (while writing results); checkpoints already "
       "saved are intact"]
+
+
+LOST_IN_GC = """
+import gc, signal, sys, time
+from vdmrep import main
+sys.unraisablehook = main.resend_lost_interrupt
+signal.signal(signal.SIGINT, main._interrupted_during_start_up)
+fired = []
+def callback(phase, info):  # the signal arrives while the collector runs a callback
+  if phase == "start" and not fired:
+    fired.append(1)
+    signal.raise_signal(signal.SIGINT)
+gc.callbacks.append(callback)
+gc.collect()
+deadline = time.time() + 20
+while time.time() < deadline:
+  time.sleep(0.01)
+print("the interrupt was lost")
+"""
+
+
+def test_an_interrupt_raised_inside_a_gc_callback_is_not_lost():
+  """A signal handler's exit raised inside a gc callback (jax registers one) is dropped by
+  Python as unraisable; the process then ran on, training for hours after a Ctrl-C."""
+  proc = subprocess.run([sys.executable, "-c", LOST_IN_GC], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert "the interrupt was lost" not in proc.stdout
+  assert proc.returncode == 130, proc.stderr[-2000:]
+  assert "interrupted by SIGINT during start-up" in proc.stderr
+  assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr

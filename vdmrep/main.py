@@ -5,6 +5,7 @@ import errno
 import os
 import signal
 import sys
+import threading
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -95,6 +96,22 @@ def _interrupted_during_start_up(signum, frame):
   sys.exit(128 + signum)
 
 
+def resend_lost_interrupt(unraisable, default=sys.unraisablehook):
+  """`sys.unraisablehook`: an interrupt raised while Python ran code it cannot propagate
+  from (a gc callback such as jax's, a `__del__`) is reported as unraisable and dropped,
+  and the run would carry on as if no signal had come. Send the signal again from a
+  helper thread instead: the main thread takes it once out of that callback."""
+  exc = unraisable.exc_value
+  signum = getattr(exc, "signum", None)  # reliability.Interrupted
+  if isinstance(exc, KeyboardInterrupt):
+    signum = signal.SIGINT
+  elif isinstance(exc, SystemExit) and isinstance(exc.code, int) and exc.code > 128:
+    signum = exc.code - 128  # _interrupted_during_start_up
+  if signum is None:
+    return default(unraisable)
+  threading.Timer(0.01, signal.raise_signal, (signum,)).start()
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]}")
@@ -133,6 +150,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  sys.unraisablehook = resend_lost_interrupt
   for _sig in (signal.SIGTERM, signal.SIGINT):
     signal.signal(_sig, _interrupted_during_start_up)
   app.run(main, flags_parser=parse_flags)
