@@ -84,7 +84,8 @@ def step_hlo(vdm, encoder, batch, image, config_overrides=None) -> str:
 def run_in_subprocess(devices: int, vdm="mvdm", encoder="te", batch=16, image=8,
                       overrides=None) -> dict:
   """Counts for the step compiled on `devices` simulated CPU devices (fresh process)."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+             + f" --xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   code = ("import json\n"

@@ -91,7 +91,8 @@ SHARDED = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_step_on_8_devices_matches_1_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+  flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  env = dict(os.environ, XLA_FLAGS=flags,
              PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
   proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True,
                         text=True, timeout=600, cwd=ROOT)

@@ -191,7 +191,7 @@ def test_falls_back_when_kernels_are_not_built_or_devices_are_many(tmp_path):
   assert lines == ["model.backend=cpu: using XLA (CPU kernels not built "
                    "(python -m vdmrep.backends.cpu.build))"], out.stderr[-2000:]
   assert not any(tmp_path.iterdir())  # nothing was compiled
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2")
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-2000:]
   assert "2 devices" in out.stderr
