@@ -198,7 +198,18 @@ def _metric(reports, key):
   return [r["metrics"].get(key) for r in reports if r["metrics"].get(key) is not None]
 
 
+def merge_rows(rows) -> list:
+  """One (Row, seeds) per row name, in first-seen order: `--rows a:0 b:0 a:1,2` runs a's
+  seed 0 first and its later seeds last, but tabulates a once with seeds 0, 1, 2."""
+  merged = {}
+  for row, seeds in rows:
+    merged.setdefault(row.name, (row, []))[1].extend(s for s in seeds
+                                                     if s not in merged[row.name][1])
+  return list(merged.values())
+
+
 def table(out: str, rows, budget) -> str:
+  rows = merge_rows(rows)
   reports = {}
   for row, seeds in rows:
     for s in seeds:

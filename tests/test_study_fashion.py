@@ -138,3 +138,10 @@ def test_tiny_study_runs_resumes_and_prints(tmp_path, capsys):
   assert "1/1" in rows["unconditional VDM"] and "1/1" in rows["classic VAE (conv decoder)"]
   stdout = open(os.path.join(out, "runs", "vae", "stdout.log")).read()
   assert "resumed from checkpoint at step 4" in stdout
+
+
+def test_a_row_named_twice_is_tabulated_once_with_all_its_seeds():
+  rows = sf.parse_rows(["unconditional:0,1", "elbo:0", "unconditional:2", "elbo:1,0"])
+  assert [r.name for r, _ in rows] == ["unconditional", "elbo", "unconditional", "elbo"]
+  merged = sf.merge_rows(rows)
+  assert [(r.name, s) for r, s in merged] == [("unconditional", [0, 1, 2]), ("elbo", [0, 1])]
