@@ -203,8 +203,8 @@ def merge_rows(rows) -> list:
   seed 0 first and its later seeds last, but tabulates a once with seeds 0, 1, 2."""
   merged = {}
   for row, seeds in rows:
-    merged.setdefault(row.name, (row, []))[1].extend(s for s in seeds
-                                                     if s not in merged[row.name][1])
+    _, have = merged.setdefault(row.name, (row, []))
+    have += [s for s in seeds if s not in have]
   return list(merged.values())
 
 
