@@ -151,7 +151,7 @@ def main():
                        "trained, c = a quarter of the reference's compile time, as restarts "
                        "load the compiled step from the cache)")
   ap.add_argument("--no-compile-cache", action="store_true",
-                  help="recompile in every launch (slower; the short test does this)")
+                  help="recompile in every launch (slower: kills land in compilation more often)")
   args, extra = ap.parse_known_args()
   shutil.rmtree(args.out, ignore_errors=True)
   os.makedirs(args.out)

@@ -63,7 +63,7 @@ def _digits_ds():
 @pytest.mark.slow
 def test_classifier_learns_digits_and_is_cached(tmp_path):
   ds = _digits_ds()
-  kw = dict(workdir=str(tmp_path), steps=200, batch_size=64, lr=3e-3, features=32,
+  kw = dict(workdir=str(tmp_path), steps=60, batch_size=64, lr=1e-2, features=32,
             log=lambda *_: None)
   clf = classifier_lib.get_classifier(ds, jax.random.key(0), **kw)
   assert not clf.meta["cached"]

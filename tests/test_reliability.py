@@ -158,6 +158,10 @@ def test_training_pid_probe_sees_a_live_trainer_only(tmp_path):
     pass
 
 
+# Evaluators enough for a report (what these process tests check), not every one.
+SHORT_EVAL = ["--config.eval.evaluators=elbo,baselines,latents"]
+
+
 @pytest.mark.slow
 def test_eval_during_training_leaves_the_trainer_alone(tmp_path):
   """--mode eval twice while a trainer saves every 5 steps (and deletes all but the last
@@ -166,7 +170,7 @@ def test_eval_during_training_leaves_the_trainer_alone(tmp_path):
   workdir = str(tmp_path / "w")
   trainer = subprocess.Popen(
       [sys.executable, "-m", "vdmrep.main", "--config", "configs/digits.py", "--workdir",
-       workdir, "--config.training.num_steps=60"] + chaos.TINY, cwd=REPO,
+       workdir, "--config.training.num_steps=60"] + chaos.TINY + SHORT_EVAL, cwd=REPO,
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 900
   while not chaos.steps_on_disk(workdir)[0] and time.time() < deadline:
@@ -174,7 +178,7 @@ def test_eval_during_training_leaves_the_trainer_alone(tmp_path):
   evals = []
   for _ in range(2):
     if trainer.poll() is None:
-      evals.append(cli(workdir, "--mode", "eval", *chaos.TINY, timeout=1200))
+      evals.append(cli(workdir, "--mode", "eval", *chaos.TINY, *SHORT_EVAL, timeout=1200))
   out, _ = trainer.communicate(timeout=1800)
   assert trainer.returncode == 0, out[-3000:]
   assert "saving checkpoint" not in out and "Traceback" not in out

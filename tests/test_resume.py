@@ -23,7 +23,8 @@ def tiny(**training):
   c = config_lib.base_config()
   c.model.vdm, c.model.n_blocks, c.model.channels = "mvdm", 1, 8
   c.training.update(batch_size=8, num_steps=STEPS, log_every=5, checkpoint_every=5, **training)
-  c.eval.update(max_examples=16, batch_size=16, num_time_samples=1, sample_quality=False)
+  c.eval.update(max_examples=16, batch_size=16, num_time_samples=1, sample_quality=False,
+                evaluators="elbo,baselines,latents")
   c.optim.warmup_steps = 2
   return c
 

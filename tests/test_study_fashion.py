@@ -123,6 +123,7 @@ def test_tiny_study_runs_resumes_and_prints(tmp_path, capsys):
           "--extra=--config.model.n_blocks=1", "--extra=--config.training.batch_size=16",
           "--extra=--config.eval.max_examples=64", "--extra=--config.eval.sample_quality=False",
           "--extra=--config.eval.pictures=False", "--extra=--config.eval.probe_max_train=200",
+          "--extra=--config.eval.probe_cs=0.1,10", "--extra=--config.eval.probe_cv_folds=2",
           "--extra=--config.eval.num_time_samples=1", "--extra=--config.training.log_every=2"]
   argv = ["--out", out, "--rows", "unconditional", "vae", "--steps", "4", "--parallel", "1"]
   sf.main(argv + tiny)
