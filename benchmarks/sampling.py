@@ -8,6 +8,10 @@ N calls of the jitted score network alone dispatched one by one from Python (how
 PyTorch-style loop runs the same N forward passes; `--ref-steps` of them are timed and
 scaled to N). Prints a markdown row: seconds median (min..max), images/s, model GFLOP
 (N x one score-net forward, XLA cost analysis), GFLOP/s, % of the f32 matmul peak.
+
+`--decoder conv_vae` times the classic VAE of the same encoder instead (w from the prior,
+one decoder pass, categorical pixels): the generation time a diffusion decoder's N steps
+are weighed against.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from vdmrep.backends import build_model
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--vdm", default="tvdm")
+  p.add_argument("--decoder", default="vdm", choices=("vdm", "conv_vae"))
   p.add_argument("--encoder", default="te")
   p.add_argument("--num", type=int, default=64)
   p.add_argument("--steps", type=int, default=1000)
@@ -44,8 +49,11 @@ def main():
   config.model.vdm, config.model.encoder = args.vdm, args.encoder
   config.model.compute_dtype = args.dtype
   config.model.backend = args.backend
+  config.model.decoder = args.decoder
   model = build_model(config.model)
   shape = (args.num, args.image, args.image, 1)
+  if args.decoder == "conv_vae":
+    return time_vae(args, model, shape)
   params = model.init(jax.random.key(0), shape[1:])
   w = jnp.zeros((args.num, model.encoder.latent)) if model.conditional else None
   z, g = jnp.zeros(shape), jnp.full((args.num,), -1.0)
@@ -88,6 +96,21 @@ def main():
         f"{fmt_s(med)} ({fmt_s(lo)}..{fmt_s(hi)}) | {args.num / med:.2f} | {flops / 1e9:.0f} | "
         f"{flops / med / 1e9:.1f} | {100 * flops / med / peak:.0f}% | {fmt_s(ref)} | "
         f"{med / ref:.2f} |")
+
+
+def time_vae(args, model, shape):
+  """The classic VAE's unconditional generation: one compiled call per batch."""
+  params = model.init(jax.random.key(0), shape[1:])
+  x, key = jnp.zeros(shape, jnp.uint8), jax.random.key(1)
+  run = jax.jit(lambda p, k, x: sampling.run_mode(model, p, k, x, mode="unconditional",
+                                                  num_steps=1)[0])
+  compiled = run.lower(params, key, x).compile()
+  med, lo, hi = common.summary(common.time_fn(compiled, params, key, x, repeats=args.repeats))
+  print(f"hardware: {common.hardware()}; {common.load_note()}\n")
+  print("| decoder | encoder | images | s median (min..max) | images/s | ms per image |")
+  print("|---|---|---|---|---|---|")
+  print(f"| conv_vae | {args.encoder} | {args.num} | {fmt_s(med)} ({fmt_s(lo)}..{fmt_s(hi)}) | "
+        f"{args.num / med:.1f} | {1e3 * med / args.num:.3f} |")
 
 
 if __name__ == "__main__":
