@@ -17,8 +17,10 @@ its validation refuses) are listed as skipped, with the reason, and never run.
 
 The table (OUT/study_c.md, also printed): held-out negative ELBO (bits/dim, +- standard
 error over test images; mean +- sd over seeds when there are several) beside the per-pixel
-histogram baseline, the difference from the unconditional VDM paired by seed (mean +- sd),
-the encoder KL (nats/image), the per-band saving and net where the run reports them,
+histogram baseline, the difference from the unconditional VDM paired by seed (mean +- sd
+over seeds; with one seed, +- the standard error over the shared test images), the encoder
+KL (nats/image), the saving (diffusion-loss rise when w is swapped, summed over the t
+bands) and net (saving - KL) in nats/image where the run reports them,
 I(w; label) in bits, active units, logistic and k-NN probe accuracies on w / a random
 encoder / pixels, the Frechet distance of samples against the eval-vs-train floor, and the
 class match of guided samples.
@@ -35,6 +37,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+
+from vdmrep import report as report_lib  # noqa: E402
 
 CONFIG = "configs/fashion_mnist.py"
 BASELINE = "unconditional"
@@ -185,6 +189,25 @@ def paired_differences(mine: dict, base: dict) -> list:
   return [mine[s] - base[s] for s in sorted(mine) if s in base]
 
 
+def paired_column(mine: dict, base: dict) -> str:
+  """The row's bpd minus the unconditional VDM's, paired by training seed: mean +- sd over
+  the seeds both have. With one seed the sd is unknown; the +- is then the standard error
+  over the shared test images (eval noise only, report.paired_difference), when both
+  reports carry per-image values for the same images. {seed: report} x2 -> cell text."""
+  diffs = paired_differences({s: r["metrics"]["bpd"] for s, r in mine.items()},
+                             {s: r["metrics"]["bpd"] for s, r in base.items()})
+  if not diffs:
+    return "-"
+  if len(diffs) > 1:
+    return f"{statistics.mean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} (sd, n={len(diffs)} seeds)"
+  seed = next(s for s in sorted(mine) if s in base)
+  try:
+    p = report_lib.paired_difference(mine[seed], base[seed])
+  except ValueError:
+    return f"{diffs[0]:+.4f} (n=1 seed)"
+  return f"{p['diff']:+.4f} ± {p['se']:.4f} (n=1 seed; s.e. over images)"
+
+
 def histogram_baseline(reports) -> str:
   """The per-pixel histogram's bpd on the same test images, from the reports."""
   for rep in reports:
@@ -218,7 +241,7 @@ def table(out: str, rows, budget) -> str:
         reports.setdefault(row.name, {})[s] = rep
   base_bpd = {s: r["metrics"]["bpd"] for s, r in reports.get(BASELINE, {}).items()}
   header = ["row", "seeds done", "ELBO bpd", "histogram bpd", "bpd - unconditional (paired)",
-            "KL nats", "band saving / net bpd", "I(w; label) bits", "active units",
+            "KL nats", "band saving / net nats", "I(w; label) bits", "active units",
             "logistic probe: w / random / pixels", "kNN probe: w / random / pixels",
             "FD (eval-vs-train floor)", "guided class match", "wall min"]
   lines = []
@@ -235,17 +258,14 @@ def table(out: str, rows, budget) -> str:
     m0 = reps[0]["metrics"]
     bpd = (f"{_f(m0.get('bpd'))} ± {_f(m0.get('bpd_se'))}" if len(reps) == 1
            else _mean_sd(_metric(reps, "bpd")) + " (sd over seeds)")
-    diffs = paired_differences({s: r["metrics"]["bpd"] for s, r in done.items()}, base_bpd)
-    paired = ("-" if row.name == BASELINE or not diffs
-              else f"{_mean_sd(diffs)} (n={len(diffs)})")
+    paired = "-" if row.name == BASELINE else paired_column(done, reports.get(BASELINE, {}))
     probe = lambda kind: " / ".join(_mean_sd(_metric(reps, f"{f}_{kind}_acc"))
                                     for f in ("encoder", "random_encoder", "pixels"))
     au = _metric(reps, "active_units")
     lines.append([
         row.label, f"{len(reps)}/{len(seeds)}", bpd, histogram_baseline(reps), paired,
         _mean_sd(_metric(reps, "kl_nats"), 2),
-        f"{_mean_sd(_metric(reps, 'band_saving_bpd'), 4)} / "
-        f"{_mean_sd(_metric(reps, 'band_net_bpd'), 4)}",
+        f"{_mean_sd(_metric(reps, 'saving_nats'), 1)} / {_mean_sd(_metric(reps, 'net_nats'), 1)}",
         _mean_sd(_metric(reps, "encoder_label_info_bits"), 2),
         "-" if not au else f"{_mean_sd(au, 1)}/{m0.get('latent_dim', '?')}",
         probe("logreg"), probe("knn"),
@@ -316,8 +336,13 @@ def main(argv=None):
       "ELBO bpd: held-out negative ELBO at beta = 1 (bits/dim, ± standard error over test "
       "images; with several seeds the mean ± sd over seeds). histogram: an independent "
       "categorical per pixel fitted on the training split, on the same images. Paired: "
-      "bpd minus the unconditional VDM's with the same seed (mean ± sd over seeds). KL: "
-      "nats/image. Probes: accuracy on the test split of a logistic regression / k-NN fit "
+      "bpd minus the unconditional VDM's with the same seed (mean ± sd over seeds; with "
+      "one seed, ± the standard error over the shared test images, eval noise only: a row "
+      "and the unconditional VDM of one seed share the batch order and the decoder's "
+      "initial values but for the layer that reads w, so this s.e. omits the spread "
+      "between seeds). KL: nats/image. Band "
+      "saving: the rise of the diffusion loss when each image gets another image's w, "
+      "summed over the t bands; net: saving minus KL (nats/image). Probes: accuracy on the test split of a logistic regression / k-NN fit "
       "on training-split features. FD: Frechet distance of samples in the classifier's "
       "feature space, beside the same distance between test and training images.", ""])
   os.makedirs(args.out, exist_ok=True)

@@ -82,7 +82,7 @@ def test_table_pairs_seeds_and_marks_skipped_and_unfinished_rows(tmp_path, capsy
   assert film[0] == "3/3"
   assert film[1] == "3.067 ± 0.086 (sd over seeds)"
   # Paired by seed: -0.05, -0.04, -0.01 -> mean -0.033, sd 0.021.
-  assert film[3] == "-0.033 ± 0.021 (n=3)"
+  assert film[3] == "-0.0333 ± 0.0208 (sd, n=3 seeds)"
   assert film[4] == "6.00 ± 1.00" and film[6] == "1.50 ± 0.00" and film[7] == "11.0 ± 1.0/128"
   assert film[8] == "0.800 ± 0.000 / 0.700 ± 0.000 / 0.840 ± 0.000"
   assert rows["unconditional VDM"][2] == "4.588 ± 0.010" and rows["unconditional VDM"][3] == "-"
@@ -90,6 +90,34 @@ def test_table_pairs_seeds_and_marks_skipped_and_unfinished_rows(tmp_path, capsy
   assert rows["a row whose key is missing"][0].startswith(
       "skipped: config key training.no_such_key")
   assert open(os.path.join(out, "study_c.md")).read().count("| ") >= 5
+
+
+def test_one_seed_pairs_over_images_and_band_columns_are_filled(tmp_path, capsys):
+  out = str(tmp_path)
+  key = {"source": "fashion_mnist", "num_images": 4}
+  for name, per_image, extra in [
+      ("unconditional", [3.0, 3.2, 2.9, 3.1], {}),
+      ("elbo", [3.1, 3.25, 2.9, 3.35], {"saving_nats": 71.11, "net_nats": 66.86})]:
+    d = os.path.join(out, "runs", name)
+    os.makedirs(d)
+    with open(os.path.join(d, "report.json"), "w") as fh:
+      json.dump({"step": 10, "eval_key": key, "per_image": {"bpd": per_image},
+                 "metrics": {"bpd": sum(per_image) / 4, "bpd_se": 0.05, **extra}}, fh)
+  sf.main(["--out", out, "--table-only", "--rows", "unconditional", "elbo"])
+  rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
+          for l in capsys.readouterr().out.splitlines() if l.startswith("| ")}
+  elbo = rows["ELBO (beta = 1), additive"]
+  # Differences 0.1, 0.05, 0, 0.25: mean 0.1, sd 0.108, s.e. 0.054.
+  assert elbo[3] == "+0.1000 ± 0.0540 (n=1 seed; s.e. over images)"
+  assert elbo[5] == "71.1 / 66.9"
+  # Different eval images cannot be paired over images: the bare difference only.
+  with open(os.path.join(out, "runs", "elbo", "report.json")) as fh:
+    rep = json.load(fh)
+  rep["eval_key"] = {**key, "num_images": 3}
+  with open(os.path.join(out, "runs", "elbo", "report.json"), "w") as fh:
+    json.dump(rep, fh)
+  sf.main(["--out", out, "--table-only", "--rows", "unconditional", "elbo"])
+  assert "| +0.1000 (n=1 seed) |" in capsys.readouterr().out
 
 
 def test_learning_curves_from_reports_and_events(tmp_path, capsys):
