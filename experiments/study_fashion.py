@@ -5,7 +5,8 @@ and the classic VAE, at one decoder and budget. One command per table; re-runnin
   python experiments/study_fashion.py --out experiments/out/study_c --detach    # background
   python experiments/study_fashion.py --out experiments/out/study_c \\
       --rows unconditional:0,1,2 free_bits:0,1,2 film:0,1,2 --detach             # 3 seeds
-  python experiments/study_fashion.py --out experiments/out/study_c --table-only
+  python experiments/study_fashion.py --out experiments/out/study_c --table-only \\
+      --figure experiments/figures/study_c.png                                  # + accounting
 
 Each row is a variant of configs/fashion_mnist.py plus overrides, trained once per seed
 (`--rows NAME:SEEDS ...`; default every row, seed 0) into OUT/runs/<name>[_seed<s>]/ by
@@ -231,14 +232,20 @@ def merge_rows(rows) -> list:
   return list(merged.values())
 
 
-def table(out: str, rows, budget) -> str:
-  rows = merge_rows(rows)
+def load_reports(out: str, rows, budget) -> dict:
+  """{row name: {seed: report}} for the finished runs among `rows` (merged)."""
   reports = {}
   for row, seeds in rows:
     for s in seeds:
       rep = harness.load_report(out, run_of(row, s, budget))
       if rep is not None:
         reports.setdefault(row.name, {})[s] = rep
+  return reports
+
+
+def table(out: str, rows, budget) -> str:
+  rows = merge_rows(rows)
+  reports = load_reports(out, rows, budget)
   base_bpd = {s: r["metrics"]["bpd"] for s, r in reports.get(BASELINE, {}).items()}
   header = ["row", "seeds done", "ELBO bpd", "histogram bpd", "bpd - unconditional (paired)",
             "KL nats", "band saving / net nats", "I(w; label) bits", "active units",
@@ -276,6 +283,70 @@ def table(out: str, rows, budget) -> str:
   return harness.markdown_table(header, lines)
 
 
+def figure(out: str, rows, budget, path: str) -> list:
+  """The accounting of each finished latent row, as a PNG at `path`: (a) its ELBO minus the
+  unconditional VDM's, paired by seed (bits/dim; bars: sd over seeds, or with one seed the
+  s.e. over images); (b) rate against what w saves the decoder, both in nats/image (saving =
+  KL - paired difference): above the diagonal the latent pays at the ELBO; (c) logistic
+  probe accuracy on w beside the random encoder's and the pixels'. Returns the rows drawn."""
+  from vdmrep import plots
+  rows = merge_rows(rows)
+  reports = load_reports(out, rows, budget)
+  base = reports.get(BASELINE, {})
+  drawn = []
+  for row, _ in rows:
+    done = reports.get(row.name, {})
+    seeds = [s for s in sorted(done) if s in base]
+    if row.name == BASELINE or not seeds or done[seeds[0]]["metrics"].get("kl_nats") is None:
+      continue
+    diffs = [done[s]["metrics"]["bpd"] - base[s]["metrics"]["bpd"] for s in seeds]
+    if len(diffs) > 1:
+      err = statistics.stdev(diffs)
+    else:
+      try:
+        err = report_lib.paired_difference(done[seeds[0]], base[seeds[0]])["se"]
+      except ValueError:
+        err = float("nan")
+    m = [done[s]["metrics"] for s in seeds]
+    dims = m[0]["kl_nats"] / m[0]["kl_bpd"] / math.log(2) if m[0].get("kl_bpd") else float("nan")
+    mean = lambda k: statistics.mean(x[k] for x in m) if all(x.get(k) is not None for x in m) \
+        else float("nan")
+    diff = statistics.mean(diffs)
+    drawn.append(dict(label=f"{row.label} (n={len(seeds)})", diff=diff, err=err,
+                      kl=mean("kl_nats"), saving=mean("kl_nats") - diff * dims * math.log(2),
+                      probe=[mean(f"{f}_logreg_acc") for f in ("encoder", "random_encoder",
+                                                                "pixels")]))
+  if not drawn:
+    return drawn
+  fig, axes = plots.plt.subplots(1, 3, figsize=(16, 0.45 * len(drawn) + 2.5))
+  ys = list(range(len(drawn)))[::-1]
+  ax = axes[0]
+  ax.barh(ys, [d["diff"] for d in drawn], xerr=[d["err"] for d in drawn], color="tab:blue")
+  ax.axvline(0, color="k", lw=0.8)
+  ax.set_yticks(ys, [d["label"] for d in drawn])
+  ax.set_xlabel("ELBO - unconditional VDM, bits/dim (paired by seed; < 0: better)")
+  ax = axes[1]
+  kl, saving = [d["kl"] for d in drawn], [d["saving"] for d in drawn]
+  top = max(max(kl), max(saving), 1.0) * 1.1
+  ax.plot([0, top], [0, top], "k--", lw=0.8, label="saving = rate (the latent breaks even)")
+  ax.scatter(kl, saving)
+  for d in drawn:
+    ax.annotate(d["label"].split(" (n=")[0], (d["kl"], d["saving"]), fontsize=7)
+  ax.set_xlabel("rate: encoder KL, nats/image")
+  ax.set_ylabel("decoder saving vs unconditional, nats/image")
+  ax.legend(fontsize=8)
+  ax = axes[2]
+  for i, (name, marker) in enumerate([("w", "o"), ("random encoder", "x"), ("pixels", "|")]):
+    ax.scatter([d["probe"][i] for d in drawn], ys, marker=marker, label=name)
+  ax.set_yticks(ys, [""] * len(drawn))
+  ax.set_xlabel("logistic probe accuracy (test split)")
+  ax.legend(fontsize=8)
+  fig.suptitle("Study C: what each latent row costs at the ELBO, saves, and encodes")
+  fig.tight_layout(rect=(0, 0, 1, 0.92))
+  plots.save(fig, path)
+  return drawn
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--out", required=True, help="output directory (runs/, the table, study.log)")
@@ -294,6 +365,7 @@ def main(argv=None):
   p.add_argument("--parallel", type=int, default=2, help="runs trained at once")
   p.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
   p.add_argument("--table-only", action="store_true", help="only print the table")
+  p.add_argument("--figure", default="", help="also draw the latent rows' accounting (PNG path)")
   p.add_argument("--detach", action="store_true",
                  help="run in the background in its own session (log: OUT/study.log)")
   args = p.parse_args(argv)
@@ -349,6 +421,9 @@ def main(argv=None):
   with open(os.path.join(args.out, "study_c.md"), "w") as fh:
     fh.write(text)
   print(text)
+  if args.figure:
+    drawn = figure(args.out, rows, budget, args.figure)
+    print(f"figure: {args.figure} ({len(drawn)} latent rows)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 commands, skipped rows, resuming, the table from report files, curves from reports."""
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -118,6 +119,24 @@ def test_one_seed_pairs_over_images_and_band_columns_are_filled(tmp_path, capsys
     json.dump(rep, fh)
   sf.main(["--out", out, "--table-only", "--rows", "unconditional", "elbo"])
   assert "| +0.1000 (n=1 seed) |" in capsys.readouterr().out
+
+
+def test_figure_draws_the_accounting_of_latent_rows(tmp_path):
+  out = str(tmp_path)
+  for seed, (u, e) in enumerate([(3.10, 3.09), (3.20, 3.21)]):
+    suffix = "" if seed == 0 else f"_seed{seed}"
+    _write_report(out, "unconditional" + suffix, bpd=u)
+    # 784 dims: 5 nats/image is 5 / (784 ln 2) bits/dim.
+    _write_report(out, "elbo" + suffix, bpd=e, kl_nats=5.0, kl_bpd=5.0 / (784 * math.log(2)),
+                  encoder_logreg_acc=0.8, random_encoder_logreg_acc=0.7, pixels_logreg_acc=0.84)
+  path = os.path.join(out, "fig", "study_c.png")
+  drawn = sf.figure(out, sf.parse_rows(["unconditional:0,1", "elbo:0,1", "film"]), [], path)
+  assert [d["label"] for d in drawn] == ["ELBO (beta = 1), additive (n=2)"]  # unfinished film: none
+  (d,) = drawn
+  assert d["diff"] == pytest.approx(0.0) and d["err"] == pytest.approx(0.01 * math.sqrt(2))
+  # Paired difference 0 bits/dim: w saved the decoder exactly its rate.
+  assert d["saving"] == pytest.approx(5.0) and d["probe"] == pytest.approx([0.8, 0.7, 0.84])
+  assert os.path.getsize(path) > 10_000
 
 
 def test_learning_curves_from_reports_and_events(tmp_path, capsys):
