@@ -129,9 +129,16 @@ def test_figure_draws_the_accounting_of_latent_rows(tmp_path):
     # 784 dims: 5 nats/image is 5 / (784 ln 2) bits/dim.
     _write_report(out, "elbo" + suffix, bpd=e, kl_nats=5.0, kl_bpd=5.0 / (784 * math.log(2)),
                   encoder_logreg_acc=0.8, random_encoder_logreg_acc=0.7, pixels_logreg_acc=0.84)
+  _write_report(out, "vae", bpd=3.5, kl_nats=20.0, kl_bpd=0.04)
+  with open(os.path.join(out, "runs", "vae", "report.json")) as fh:
+    rep = json.load(fh)
+  rep["config"] = {"model": {"decoder": "conv_vae"}}
+  with open(os.path.join(out, "runs", "vae", "report.json"), "w") as fh:
+    json.dump(rep, fh)
   path = os.path.join(out, "fig", "study_c.png")
-  drawn = sf.figure(out, sf.parse_rows(["unconditional:0,1", "elbo:0,1", "film"]), [], path)
-  assert [d["label"] for d in drawn] == ["ELBO (beta = 1), additive (n=2)"]  # unfinished film: none
+  drawn = sf.figure(out, sf.parse_rows(["unconditional:0,1", "elbo:0,1", "film", "vae"]), [],
+                    path)
+  assert [d["label"] for d in drawn] == ["ELBO (beta = 1), additive (n=2)"]  # no film yet; no VAE
   (d,) = drawn
   assert d["diff"] == pytest.approx(0.0) and d["err"] == pytest.approx(0.01 * math.sqrt(2))
   # Paired difference 0 bits/dim: w saved the decoder exactly its rate.
