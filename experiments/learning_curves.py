@@ -7,9 +7,12 @@ the periodic evaluations runs write. Reads only run directories; trains nothing.
 Per run: every workdir/reports/step<N>.json gives (step, bpd, bpd_se, test images); wall
 minutes at a step are summed from the TensorBoard events the training writes (clu's
 `steps_per_sec` per logging interval: interval steps / rate), so time spent stopped
-between an interruption and its resume is not counted. Writes OUT_curves.png (bpd vs step
-and vs minutes), OUT_time_to_bpd.png (minutes and steps to first reach each target) and
-prints both as a markdown table.
+between an interruption and its resume is not counted. Runs that shared their cores with
+other jobs have inflated event rates: `--step-seconds LABEL=S ...` (for every run) replaces
+the minutes by step x S / 60, S a quiet machine's measured seconds per step (e.g. from
+`python -m benchmarks.decoder_step`), so the curves compare compute, not contention.
+Writes OUT_curves.png (bpd vs step and vs minutes), OUT_time_to_bpd.png (minutes and steps
+to first reach each target) and prints both as a markdown table.
 """
 from __future__ import annotations
 
@@ -89,7 +92,17 @@ def main(argv=None):
   p.add_argument("--targets", type=float, nargs="*", default=[3.3, 3.2, 3.1, 3.04])
   p.add_argument("--histogram", type=float, default=None,
                  help="a baseline bpd drawn as a line (e.g. the per-pixel histogram's)")
+  p.add_argument("--step-seconds", nargs="*", default=[],
+                 help="LABEL=SECONDS per run: minutes = step x SECONDS / 60 (quiet-machine "
+                 "compute) instead of the events' wall rates; give it for every run or none")
   args = p.parse_args(argv)
+  step_seconds = {}
+  for spec in args.step_seconds:
+    label, sep, sec = spec.partition("=")
+    try:
+      step_seconds[label] = float(sec)
+    except ValueError:
+      raise SystemExit(f"error: --step-seconds {spec!r}: expected LABEL=SECONDS") from None
   curves = {}
   for spec in args.runs:
     label, _, wd = spec.rpartition("=") if "=" in spec else (None, None, spec)
@@ -97,8 +110,19 @@ def main(argv=None):
     reps = read_reports(wd)
     if not reps:
       raise SystemExit(f"error: {wd}: no reports/step<N>.json with a bpd")
-    mins = minutes_at(read_rates(wd), [r[0] for r in reps])
+    if step_seconds:
+      if label not in step_seconds:
+        raise SystemExit(f"error: --step-seconds has no value for run {label!r} (give every "
+                         f"run one, or none)")
+      mins = [r[0] * step_seconds[label] / 60 for r in reps]
+    else:
+      mins = minutes_at(read_rates(wd), [r[0] for r in reps])
     curves[label] = [(s, m, b, se, n) for (s, b, se, n), m in zip(reps, mins)]
+  unknown = sorted(set(step_seconds) - set(curves))
+  if unknown:
+    raise SystemExit(f"error: --step-seconds names no run: {unknown}")
+  minutes_label = ("minutes at the quiet s/step (step x s/step)" if step_seconds
+                   else "training wall minutes")
 
   print("| run | step | train minutes | bpd | ± s.e. | test images |\n|---|---|---|---|---|---|")
   for label, pts in curves.items():
@@ -123,7 +147,7 @@ def main(argv=None):
     for ax, xs in zip(axes, (steps, mins)):
       ax.errorbar(xs, bpd, yerr=[2 * e if not math.isnan(e) else 0 for e in se], marker="o",
                   ms=3, capsize=2, label=label)
-  for ax, xl in zip(axes, ("training step", "training wall minutes")):
+  for ax, xl in zip(axes, ("training step", minutes_label)):
     for t in args.targets:
       ax.axhline(t, color="gray", lw=0.6, ls=":")
     if args.histogram is not None:
@@ -146,7 +170,7 @@ def main(argv=None):
         ys.append(m)
     ax.plot(xs, ys, marker="o", label=label)
   ax.set_xlabel("target held-out bpd")
-  ax.set_ylabel("training wall minutes to first reach it")
+  ax.set_ylabel(minutes_label + " to first reach it")
   ax.invert_xaxis()
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)

@@ -166,6 +166,12 @@ def test_learning_curves_from_reports_and_events(tmp_path, capsys):
   assert "| m | 200 / 1.2 | not reached |" in text
   assert os.path.exists(tmp_path / "fig_curves.png")
   assert os.path.exists(tmp_path / "fig_time_to_bpd.png")
+  # A quiet machine's seconds per step replace the shared machine's event rates.
+  learning_curves.main([f"m={wd}", "--out", str(tmp_path / "fig"), "--targets", "3.3",
+                        "--step-seconds", "m=0.3"])
+  assert "| m | 200 / 1.0 |" in capsys.readouterr().out  # 200 x 0.3 s
+  with pytest.raises(SystemExit, match="no value for run 'm'"):
+    learning_curves.main([f"m={wd}", "--out", str(tmp_path / "fig"), "--step-seconds", "x=1"])
 
 
 @pytest.mark.slow
