@@ -7,6 +7,7 @@ and the classic VAE, at one decoder and budget. One command per table; re-runnin
       --rows unconditional:0,1,2 free_bits:0,1,2 film:0,1,2 --detach             # 3 seeds
   python experiments/study_fashion.py --out experiments/out/study_c --table-only \\
       --figure experiments/figures/study_c.png                                  # + accounting
+  python experiments/study_fashion.py --out experiments/out/study_c --rank 3   # who gets seeds
 
 Each row is a variant of configs/fashion_mnist.py plus overrides, trained once per seed
 (`--rows NAME:SEEDS ...`; default every row, seed 0) into OUT/runs/<name>[_seed<s>]/ by
@@ -283,6 +284,32 @@ def table(out: str, rows, budget) -> str:
   return harness.markdown_table(header, lines)
 
 
+MIN_USED_KL = 1.0  # nats/image: below this a row's latent counts as unused
+
+
+def rank_promising(out: str, budget, seed: int = 0) -> list:
+  """The selection rule for more seeds, fixed before the rows finished: every finished
+  latent row at `seed` with the VDM decoder and a used latent (encoder KL >= MIN_USED_KL
+  nats/image), ordered by its ELBO minus the unconditional VDM's of the same seed (lowest
+  first; ties by more I(w; label)). -> [(row name, difference bpd, KL nats, I bits)]."""
+  base = harness.load_report(out, run_of(ROW_BY_NAME[BASELINE], seed, budget))
+  if base is None:
+    return []
+  ranked = []
+  for row in ROWS:
+    rep = None if row.name == BASELINE else harness.load_report(out, run_of(row, seed, budget))
+    if rep is None or rep.get("config", {}).get("model", {}).get("decoder", "vdm") != "vdm":
+      continue
+    m = rep["metrics"]
+    if (m.get("kl_nats") or 0.0) < MIN_USED_KL:
+      continue
+    info = m.get("encoder_label_info_bits")
+    ranked.append((row.name, m["bpd"] - base["metrics"]["bpd"], m["kl_nats"],
+                   float("nan") if info is None else info))
+  more_info_first = lambda info: -info if not math.isnan(info) else math.inf
+  return sorted(ranked, key=lambda r: (r[1], more_info_first(r[3])))
+
+
 def figure(out: str, rows, budget, path: str) -> list:
   """The accounting of each finished latent row, as a PNG at `path`: (a) its ELBO minus the
   unconditional VDM's, paired by seed (bits/dim; bars: sd over seeds, or with one seed the
@@ -369,6 +396,9 @@ def main(argv=None):
   p.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
   p.add_argument("--table-only", action="store_true", help="only print the table")
   p.add_argument("--figure", default="", help="also draw the latent rows' accounting (PNG path)")
+  p.add_argument("--rank", type=int, default=0, metavar="N",
+                 help="print the finished seed-0 latent rows in the order of the rule that "
+                 "picks the N most promising for seeds 1 and 2, and the command that runs them")
   p.add_argument("--detach", action="store_true",
                  help="run in the background in its own session (log: OUT/study.log)")
   args = p.parse_args(argv)
@@ -382,6 +412,28 @@ def main(argv=None):
     else:
       runs += [run_of(row, s, budget) for s in seeds]
 
+  if args.rank:
+    ranked = rank_promising(args.out, budget)
+    print("| rank | row | ELBO - unconditional, seed 0 (bpd) | KL nats | I(w; label) bits |\n"
+          "|---|---|---|---|---|")
+    for i, (name, diff, kl, info) in enumerate(ranked, 1):
+      print(f"| {i} | {name} | {diff:+.4f} | {kl:.2f} | {info:.2f} |")
+    top = [name for name, *_ in ranked[:args.rank]]
+    flags = [a for a in (argv if argv is not None else sys.argv[1:])
+             if a not in ("--table-only", "--detach")]
+    keep, skip = [], False
+    for a in flags:  # drop the --rows and --rank specs; keep the budget flags
+      if a in ("--rows", "--rank"):
+        skip = True
+        continue
+      if skip and not a.startswith("--"):
+        continue
+      skip = False
+      keep.append(a)
+    if top:
+      print("\npython experiments/study_fashion.py " + " ".join(keep) + " --rows "
+            + " ".join(f"{n}:1,2" for n in top) + " --detach")
+    return
   if args.dry_run:
     for run in runs:
       state = "finished" if harness.is_finished(args.out, run) else "to run"

@@ -146,6 +146,29 @@ def test_figure_draws_the_accounting_of_latent_rows(tmp_path):
   assert os.path.getsize(path) > 10_000
 
 
+def test_rank_orders_used_latents_by_paired_elbo_and_prints_the_seed_command(tmp_path, capsys):
+  out = str(tmp_path)
+  _write_report(out, "unconditional", bpd=3.0)
+  _write_report(out, "elbo", bpd=3.002, kl_nats=4.0, encoder_label_info_bits=2.0)
+  _write_report(out, "film", bpd=2.999, kl_nats=5.0, encoder_label_info_bits=1.0)
+  _write_report(out, "capped", bpd=3.002, kl_nats=3.0, encoder_label_info_bits=2.5)
+  _write_report(out, "free_bits", bpd=2.99, kl_nats=0.5)  # an unused latent: not a candidate
+  _write_report(out, "vae", bpd=2.5, kl_nats=20.0)
+  with open(os.path.join(out, "runs", "vae", "report.json")) as fh:
+    rep = json.load(fh)
+  rep["config"] = {"model": {"decoder": "conv_vae"}}  # another decoder: not a candidate
+  with open(os.path.join(out, "runs", "vae", "report.json"), "w") as fh:
+    json.dump(rep, fh)
+  ranked = sf.rank_promising(out, [])
+  assert [r[0] for r in ranked] == ["film", "capped", "elbo"]  # a tie goes to more I(w; label)
+  assert ranked[0][1] == pytest.approx(-0.001)
+  sf.main(["--out", out, "--steps", "50", "--rank", "2", "--rows", "elbo:0"])
+  text = capsys.readouterr().out
+  assert "| 1 | film | -0.0010 | 5.00 | 1.00 |" in text
+  assert text.splitlines()[-1] == (f"python experiments/study_fashion.py --out {out} --steps 50 "
+                                   "--rows film:1,2 capped:1,2 --detach")
+
+
 def test_learning_curves_from_reports_and_events(tmp_path, capsys):
   wd = tmp_path / "run"
   os.makedirs(wd / "reports")
