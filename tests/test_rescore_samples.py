@@ -36,10 +36,11 @@ def test_real_images_score_at_the_floor_and_noise_far_above(tmp_path, capsys):
   _run(out, "real", {"unconditional": ev[:200], "inputs": ev[:200], "guided": ev[:200]})
   _run(out, "noise", {"unconditional": noise, "inputs": ev[:200], "guided": noise})
   _run(out, "unfinished")
-  rescore_samples.main(["--out", out, "--classifier-steps", "300", "--floor-draws", "4"])
+  rescore_samples.main(["--out", out, "--classifier-steps", "150", "--classifier-batch", "32",
+                        "--floor-draws", "4"])
   text = capsys.readouterr().out
-  real = json.load(open(os.path.join(out, "runs", "real", "rescored_s300.json")))
-  noise = json.load(open(os.path.join(out, "runs", "noise", "rescored_s300.json")))
+  real = json.load(open(os.path.join(out, "runs", "real", "rescored_s150.json")))
+  noise = json.load(open(os.path.join(out, "runs", "noise", "rescored_s150.json")))
   assert real["classifier_test_accuracy"] > 0.8
   assert real["num_samples"] == 200 and real["floor_draws"] == 4
   # Held-out images are one more draw of the floor; noise is nothing like the data.
@@ -47,7 +48,7 @@ def test_real_images_score_at_the_floor_and_noise_far_above(tmp_path, capsys):
   assert noise["fd"] > 10 * real["fd"]
   assert real["guided_match"] == 1.0 and real["guided_match_shuffled"] < 0.5
   assert "| unfinished | no samples.npz |" in text
-  assert os.path.exists(os.path.join(out, "rescore_s300.md"))
+  assert os.path.exists(os.path.join(out, "rescore_s150.md"))
 
 
 def test_bad_flags_are_one_line_errors(tmp_path):
