@@ -247,7 +247,6 @@ def load_reports(out: str, rows, budget) -> dict:
 def table(out: str, rows, budget) -> str:
   rows = merge_rows(rows)
   reports = load_reports(out, rows, budget)
-  base_bpd = {s: r["metrics"]["bpd"] for s, r in reports.get(BASELINE, {}).items()}
   header = ["row", "seeds done", "ELBO bpd", "histogram bpd", "bpd - unconditional (paired)",
             "KL nats", "band saving / net nats", "I(w; label) bits", "active units",
             "logistic probe: w / random / pixels", "kNN probe: w / random / pixels",
