@@ -8,6 +8,7 @@ and the classic VAE, at one decoder and budget. One command per table; re-runnin
   python experiments/study_fashion.py --out experiments/out/study_c --table-only \\
       --figure experiments/figures/study_c.png                                  # + accounting
   python experiments/study_fashion.py --out experiments/out/study_c --rank 3   # who gets seeds
+  python experiments/study_fashion.py --out experiments/out/study_c --moonshot # the target
 
 Each row is a variant of configs/fashion_mnist.py plus overrides, trained once per seed
 (`--rows NAME:SEEDS ...`; default every row, seed 0) into OUT/runs/<name>[_seed<s>]/ by
@@ -309,6 +310,61 @@ def rank_promising(out: str, budget, seed: int = 0) -> list:
   return sorted(ranked, key=lambda r: (r[1], more_info_first(r[3])))
 
 
+MOONSHOT = "beta = 1, KL >= 5 nats, I(w; label) >= 1 bit, probe on w above random and pixels, " \
+    "ELBO better than the unconditional VDM paired over >= 3 seeds (mean + 2 s.e. < 0)"
+
+
+def moonshot(done: dict, base: dict) -> dict:
+  """The issue's target for one row, criterion by criterion. done, base: {seed: report} of
+  the row and of the unconditional VDM. Values are means over the row's seeds; the ELBO
+  criterion needs at least three seeds paired with the unconditional VDM's and their mean
+  difference plus two standard errors (sd / sqrt(n)) below zero. -> {criterion: (value
+  text, met)}."""
+  reps = [done[s]["metrics"] for s in sorted(done)]
+  mean = lambda k: statistics.mean(m[k] for m in reps) if all(m.get(k) is not None
+                                                              for m in reps) else None
+  out = {}
+  bound = all(m.get("objective_is_bound", False) for m in reps)
+  out["trained at beta = 1 (the ELBO)"] = ("yes" if bound else "no", bound)
+  kl, info = mean("kl_nats"), mean("encoder_label_info_bits")
+  out["KL >= 5 nats"] = ("-" if kl is None else f"{kl:.2f}", kl is not None and kl >= 5.0)
+  out["I(w; label) >= 1 bit"] = ("-" if info is None else f"{info:.2f}",
+                                 info is not None and info >= 1.0)
+  w, rnd, pix = (mean(f"{f}_logreg_acc") for f in ("encoder", "random_encoder", "pixels"))
+  probe_ok = None not in (w, rnd, pix) and w > rnd and w > pix
+  out["probe on w > random and pixels"] = (
+      "-" if not probe_ok and None in (w, rnd, pix) else f"{w:.3f} vs {rnd:.3f} / {pix:.3f}",
+      probe_ok)
+  diffs = paired_differences({s: r["metrics"]["bpd"] for s, r in done.items()},
+                             {s: r["metrics"]["bpd"] for s, r in base.items()})
+  if len(diffs) >= 2:
+    m, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+    text, ok = f"{m:+.4f} ± {se:.4f} (s.e., n={len(diffs)})", len(diffs) >= 3 and m + 2 * se < 0
+  else:
+    text, ok = ("-" if not diffs else f"{diffs[0]:+.4f} (n=1)"), False
+  out["ELBO better, paired over >= 3 seeds"] = (text, ok)
+  return out
+
+
+def moonshot_table(out: str, rows, budget) -> str:
+  rows = merge_rows(rows)
+  reports = load_reports(out, rows, budget)
+  base = reports.get(BASELINE, {})
+  lines, header = [], None
+  for row, _ in rows:
+    done = reports.get(row.name, {})
+    if row.name == BASELINE or not done or done[min(done)]["metrics"].get("kl_nats") is None:
+      continue
+    checks = moonshot(done, base)
+    header = header or ["row", "seeds"] + list(checks) + ["all met"]
+    lines.append([row.label, str(len(done))]
+                 + [f"{v} {'✓' if ok else '✗'}" for v, ok in checks.values()]
+                 + ["yes" if all(ok for _, ok in checks.values()) else "no"])
+  if header is None:
+    return "(no finished latent row)"
+  return harness.markdown_table(header, lines)
+
+
 def figure(out: str, rows, budget, path: str) -> list:
   """The accounting of each finished latent row, as a PNG at `path`: (a) its ELBO minus the
   unconditional VDM's, paired by seed (bits/dim; bars: sd over seeds, or with one seed the
@@ -395,6 +451,8 @@ def main(argv=None):
   p.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
   p.add_argument("--table-only", action="store_true", help="only print the table")
   p.add_argument("--figure", default="", help="also draw the latent rows' accounting (PNG path)")
+  p.add_argument("--moonshot", action="store_true",
+                 help="print each finished latent row against the target, criterion by criterion")
   p.add_argument("--rank", type=int, default=0, metavar="N",
                  help="print the finished seed-0 latent rows in the order of the rule that "
                  "picks the N most promising for seeds 1 and 2, and the command that runs them")
@@ -411,6 +469,9 @@ def main(argv=None):
     else:
       runs += [run_of(row, s, budget) for s in seeds]
 
+  if args.moonshot:
+    print(f"The target: {MOONSHOT}.\n\n" + moonshot_table(args.out, rows, budget))
+    return
   if args.rank:
     ranked = rank_promising(args.out, budget)
     print("| rank | row | ELBO - unconditional, seed 0 (bpd) | KL nats | I(w; label) bits |\n"

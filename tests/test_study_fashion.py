@@ -169,6 +169,33 @@ def test_rank_orders_used_latents_by_paired_elbo_and_prints_the_seed_command(tmp
                                    "--rows film:1,2 capped:1,2 --detach")
 
 
+def test_moonshot_needs_every_criterion_and_three_paired_seeds(tmp_path, capsys):
+  out = str(tmp_path)
+  probes = dict(encoder_logreg_acc=0.86, random_encoder_logreg_acc=0.80, pixels_logreg_acc=0.84)
+  for seed, (u, f, e) in enumerate([(3.10, 3.090, 3.09), (3.20, 3.188, 3.19), (3.00, 2.989, 2.99)]):
+    suffix = "" if seed == 0 else f"_seed{seed}"
+    _write_report(out, "unconditional" + suffix, bpd=u)
+    _write_report(out, "film" + suffix, bpd=f, kl_nats=6.0, encoder_label_info_bits=1.5,
+                  objective_is_bound=True, **probes)
+    if seed < 2:  # two seeds only: the ELBO criterion cannot be met
+      _write_report(out, "elbo" + suffix, bpd=e, kl_nats=6.0, encoder_label_info_bits=1.5,
+                    objective_is_bound=True, **probes)
+  _write_report(out, "free_bits", bpd=2.9, kl_nats=12.8, encoder_label_info_bits=2.0,
+                objective_is_bound=False, **probes)
+  sf.main(["--out", out, "--moonshot", "--rows", "unconditional:0,1,2", "film:0,1,2",
+           "elbo:0,1", "free_bits"])
+  rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
+          for l in capsys.readouterr().out.splitlines() if l.startswith("| ")}
+  film = rows["ELBO (beta = 1), FiLM"]
+  # Differences -0.010, -0.012, -0.011: mean -0.011, s.e. 0.0006.
+  assert film[5] == "-0.0110 ± 0.0006 (s.e., n=3) ✓" and film[-1] == "yes"
+  assert film[4] == "0.860 vs 0.800 / 0.840 ✓"
+  elbo = rows["ELBO (beta = 1), additive"]
+  assert elbo[5].endswith("(s.e., n=2) ✗") and elbo[-1] == "no"
+  free = rows["free bits (0.1 nats/dim)"]
+  assert free[1] == "no ✗" and free[-1] == "no"
+
+
 def test_learning_curves_from_reports_and_events(tmp_path, capsys):
   wd = tmp_path / "run"
   os.makedirs(wd / "reports")
