@@ -188,10 +188,11 @@ def test_moonshot_needs_every_criterion_and_three_paired_seeds(tmp_path, capsys)
           for l in capsys.readouterr().out.splitlines() if l.startswith("| ")}
   film = rows["ELBO (beta = 1), FiLM"]
   # Differences -0.010, -0.012, -0.011: mean -0.011, s.e. 0.0006.
-  assert film[5] == "-0.0110 ± 0.0006 (s.e., n=3) ✓" and film[-1] == "yes"
+  assert film[6] == "-0.0110 ± 0.0006 (s.e., n=3) ✓" and film[-1] == "yes"
+  assert film[5] == "- / - / -"  # k-NN shown beside, not judged
   assert film[4] == "0.860 vs 0.800 / 0.840 ✓"
   elbo = rows["ELBO (beta = 1), additive"]
-  assert elbo[5].endswith("(s.e., n=2) ✗") and elbo[-1] == "no"
+  assert elbo[6].endswith("(s.e., n=2) ✗") and elbo[-1] == "no"
   free = rows["free bits (0.1 nats/dim)"]
   assert free[1] == "no ✗" and free[-1] == "no"
 
