@@ -3,8 +3,8 @@
   python experiments/rescore_samples.py --out runs/study_c --classifier-steps 5000
 
 A run's own FD and guided class match use the feature classifier its evaluation trained
-(`config.sample.classifier_steps`, 500 by default: 0.67 test accuracy on Fashion-MNIST, below
-a logistic regression on the pixels). This script trains one classifier with more steps per
+(`config.sample.classifier_steps`, 500 by default: on Fashion-MNIST that classifier is less
+accurate than a logistic regression on the pixels). This script trains one classifier with more steps per
 data source (cached in OUT/rescore_s<steps>/), reads every OUT/runs/*/samples.npz, and scores
 all runs in that one feature space:
 
