@@ -98,7 +98,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   step_seconds = {}
   for spec in args.step_seconds:
-    label, sep, sec = spec.partition("=")
+    label, _, sec = spec.partition("=")
     try:
       step_seconds[label] = float(sec)
     except ValueError:

@@ -4,9 +4,9 @@
 
 A run's own FD and guided class match use the feature classifier its evaluation trained
 (`config.sample.classifier_steps`, 500 by default: on Fashion-MNIST that classifier is less
-accurate than a logistic regression on the pixels). This script trains one classifier with more steps per
-data source (cached in OUT/rescore_s<steps>/), reads every OUT/runs/*/samples.npz, and scores
-all runs in that one feature space:
+accurate than a logistic regression on the pixels). This script trains one classifier with
+more steps per data source (cached in OUT/rescore_s<steps>/), reads every
+OUT/runs/*/samples.npz, and scores all runs in that one feature space:
 
   FD        Frechet distance of the run's N unconditional samples to the training split.
   floor     the same distance for N held-out real images drawn from the eval split, the

@@ -192,23 +192,36 @@ def paired_differences(mine: dict, base: dict) -> list:
   return [mine[s] - base[s] for s in sorted(mine) if s in base]
 
 
+def bpd_differences(mine: dict, base: dict) -> list:
+  """paired_differences of two {seed: report} maps' held-out bpd."""
+  return paired_differences({s: r["metrics"]["bpd"] for s, r in mine.items()},
+                            {s: r["metrics"]["bpd"] for s, r in base.items()})
+
+
+def one_seed_se(mine: dict, base: dict):
+  """The standard error over the shared test images of the first seed both have (eval noise
+  only, report.paired_difference), or None when the reports cannot be paired over images."""
+  seed = next(s for s in sorted(mine) if s in base)
+  try:
+    return report_lib.paired_difference(mine[seed], base[seed])["se"]
+  except ValueError:
+    return None
+
+
 def paired_column(mine: dict, base: dict) -> str:
   """The row's bpd minus the unconditional VDM's, paired by training seed: mean +- sd over
   the seeds both have. With one seed the sd is unknown; the +- is then the standard error
-  over the shared test images (eval noise only, report.paired_difference), when both
-  reports carry per-image values for the same images. {seed: report} x2 -> cell text."""
-  diffs = paired_differences({s: r["metrics"]["bpd"] for s, r in mine.items()},
-                             {s: r["metrics"]["bpd"] for s, r in base.items()})
+  over the shared test images (eval noise only), when both reports carry per-image values
+  for the same images. {seed: report} x2 -> cell text."""
+  diffs = bpd_differences(mine, base)
   if not diffs:
     return "-"
   if len(diffs) > 1:
     return f"{statistics.mean(diffs):+.4f} ± {statistics.stdev(diffs):.4f} (sd, n={len(diffs)} seeds)"
-  seed = next(s for s in sorted(mine) if s in base)
-  try:
-    p = report_lib.paired_difference(mine[seed], base[seed])
-  except ValueError:
+  se = one_seed_se(mine, base)
+  if se is None:
     return f"{diffs[0]:+.4f} (n=1 seed)"
-  return f"{p['diff']:+.4f} ± {p['se']:.4f} (n=1 seed; s.e. over images)"
+  return f"{diffs[0]:+.4f} ± {se:.4f} (n=1 seed; s.e. over images)"
 
 
 def histogram_baseline(reports) -> str:
@@ -338,8 +351,7 @@ def moonshot(done: dict, base: dict) -> dict:
   knn = [mean(f"{f}_knn_acc") for f in ("encoder", "random_encoder", "pixels")]
   out["(beside it) kNN probe: w / random / pixels"] = (
       " / ".join("-" if v is None else f"{v:.3f}" for v in knn), None)
-  diffs = paired_differences({s: r["metrics"]["bpd"] for s, r in done.items()},
-                             {s: r["metrics"]["bpd"] for s, r in base.items()})
+  diffs = bpd_differences(done, base)
   if len(diffs) >= 2:
     m, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
     text, ok = f"{m:+.4f} ± {se:.4f} (s.e., n={len(diffs)})", len(diffs) >= 3 and m + 2 * se < 0
@@ -387,14 +399,9 @@ def figure(out: str, rows, budget, path: str) -> list:
       continue
     if done[seeds[0]].get("config", {}).get("model", {}).get("decoder", "vdm") != "vdm":
       continue  # another decoder: its difference from the VDM is no saving by w
-    diffs = [done[s]["metrics"]["bpd"] - base[s]["metrics"]["bpd"] for s in seeds]
-    if len(diffs) > 1:
-      err = statistics.stdev(diffs)
-    else:
-      try:
-        err = report_lib.paired_difference(done[seeds[0]], base[seeds[0]])["se"]
-      except ValueError:
-        err = float("nan")
+    diffs = bpd_differences(done, base)
+    err = statistics.stdev(diffs) if len(diffs) > 1 else one_seed_se(done, base)
+    err = float("nan") if err is None else err
     m = [done[s]["metrics"] for s in seeds]
     dims = m[0]["kl_nats"] / m[0]["kl_bpd"] / math.log(2) if m[0].get("kl_bpd") else float("nan")
     mean = lambda k: statistics.mean(x[k] for x in m) if all(x.get(k) is not None for x in m) \
