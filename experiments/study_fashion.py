@@ -23,7 +23,8 @@ error over test images; mean +- sd over seeds when there are several) beside the
 histogram baseline, the difference from the unconditional VDM paired by seed (mean +- sd
 over seeds; with one seed, +- the standard error over the shared test images), the encoder
 KL (nats/image), the saving (diffusion-loss rise when w is swapped, summed over the t
-bands) and net (saving - KL) in nats/image where the run reports them,
+bands; the classic VAE: the rise of its -log p(x | w)) and net (saving - KL) in nats/image
+where the run reports them,
 I(w; label) in bits, active units, logistic and k-NN probe accuracies on w / a random
 encoder / pixels, the Frechet distance of samples against the eval-vs-train floor, and the
 class match of guided samples.
@@ -539,7 +540,9 @@ def main(argv=None):
       "initial values but for the layer that reads w, so this s.e. omits the spread "
       "between seeds). KL: nats/image. Band "
       "saving: the rise of the diffusion loss when each image gets another image's w, "
-      "summed over the t bands; net: saving minus KL (nats/image). Probes: accuracy on the test split of a logistic regression / k-NN fit "
+      "summed over the t bands (the classic VAE: the rise of its decoder's -log p(x | w)); "
+      "net: saving minus KL (nats/image). Probes: accuracy on the test split of a "
+      "logistic regression / k-NN fit "
       "on training-split features. FD: Frechet distance of samples in the classifier's "
       "feature space, beside the same distance between test and training images.", ""])
   os.makedirs(args.out, exist_ok=True)

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from vdmrep import config_lib, losses, sampling
+from vdmrep import (config_lib, data, diagnostics, latent_diagnostics, losses, parallel,
+                    quality, sampling)
 from vdmrep.models import build_model
 from vdmrep.models.conv_vae import ConvVAE, categorical_nll
 
@@ -94,3 +95,55 @@ def test_samplers_decode_directly_and_config_errors():
   with pytest.raises(config_lib.ConfigError, match="divisible by 4"):
     config_lib.check_image_shape(_vae_config(), (6, 6, 1))
   assert config_lib.model_fingerprint(_vae_config())["decoder"] == "conv_vae"
+
+
+def test_sample_sets_and_pictures_of_a_vae_have_no_trajectories(tmp_path):
+  """The evaluation's sample section asks for trajectories; a VAE decoder has none, so its
+  sample sets carry images only and its pictures leave the trajectory figures out."""
+  cfg = _vae_config()
+  s = cfg.sample
+  s.num_steps, s.batch_size, s.num_guided, s.grid_size = 3, 8, 6, 4
+  s.trajectory_frames, s.num_trajectories, s.num_interpolations, s.interpolation_steps = 3, 2, 2, 3
+  model = build_model(cfg.model)
+  ds = data.load(cfg.data)
+  params = model.init(jax.random.key(0), ds.image_shape)
+  samples = quality.draw_samples(model, params, ds, cfg, None, jax.random.key(1),
+                                 num_unconditional=5)
+  assert samples["unconditional"].shape == (5, 8, 8, 1)
+  for mode in ("guided", "reconstruction"):
+    assert samples[mode].shape == (6, 8, 8, 1), mode
+    assert f"{mode}_frames" not in samples and f"{mode}_frame_t" not in samples
+  assert samples["interp"].shape == (2, 3, 8, 8, 1)
+  paths = quality.write_pictures(samples, cfg, str(tmp_path))
+  assert sorted(paths) == ["grid_guided", "grid_reconstruction", "grid_unconditional",
+                           "interpolation"]
+  for path in paths.values():
+    with open(path, "rb") as fh:
+      assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_usefulness_of_w_measures_the_vae_decoders_likelihood():
+  """A VAE decoder has no diffusion term: what w saves it is the rise of -log p(x | w) when
+  each image gets the next image's w (one t, as it does not depend on t)."""
+  model = build_model(_vae_config().model)
+  params = model.init(jax.random.key(0), (8, 8, 1))
+  # Random logits weights: a fresh decoder's zero-initialised logits ignore w.
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  params = jax.tree_util.tree_unflatten(
+      tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  x = jax.random.randint(jax.random.key(1), (6, 8, 8, 1), 0, 256)
+  key = jax.random.key(2)
+  mesh = parallel.make_mesh()
+  use = diagnostics.usefulness(diagnostics.make_usefulness_fn(model, mesh), params, np.asarray(x),
+                               key, num_t=1, batch_size=6, mesh=mesh, num_dims=64)
+  w = model.sample_posterior(params, x, jax.random.split(jax.random.fold_in(key, 0))[0])
+  own = model.elbo_terms(params, x, key, w=w).recon
+  swapped = model.elbo_terms(params, x, key, w=jnp.roll(w, -1, axis=0)).recon
+  gap_nats = float(jnp.mean(swapped - own))
+  assert abs(gap_nats) > 1e-3
+  np.testing.assert_allclose(use["gap_mean_bpd"] * 64 * math.log(2.0), gap_nats, rtol=1e-4)
+  bands = latent_diagnostics.band_savings(use, 2.0, 64, term="recon")
+  np.testing.assert_allclose(bands["saving_total_nats"], gap_nats, rtol=1e-4)
+  assert bands["net_nats"] == pytest.approx(bands["saving_total_nats"] - 2.0)
+  assert "-log p(x | w) rises" in "\n".join(latent_diagnostics.markdown(bands))

@@ -165,11 +165,14 @@ def mutual_information(mean, logvar, w, chunk: int = 1024) -> dict:
 
 # -- usefulness of w to the decoder ---------------------------------------------------
 def _usefulness_batch(params, x, other, key, ts, *, model, deterministic=False):
-  """Diffusion loss [T, B] nats at each t in `ts` with w of image i and with w of `other[i]`.
+  """Decoder loss [T, B] nats at each t in `ts` with w of image i and with w of `other[i]`.
 
-  Both passes share w's draw, t, eps and z_t; only the conditioning latent differs.
-  `deterministic`: w = the encoder mean (the w a deterministic encoder was trained with).
+  The decoder loss is the diffusion term; a decoder without one (the classic VAE) has
+  only its p(x | w) term, the same at every t. Both passes share w's draw, t, eps and
+  z_t; only the conditioning latent differs. `deterministic`: w = the encoder mean (the
+  w a deterministic encoder was trained with).
   """
+  term = "diffusion" if model.score_net is not None else "recon"
   k_w, k_t = jax.random.split(key)
   w = model.encode(params, x)[0] if deterministic else model.sample_posterior(params, x, k_w)
   w_other = w[other]
@@ -178,8 +181,8 @@ def _usefulness_batch(params, x, other, key, ts, *, model, deterministic=False):
   def at(args):
     t, k = args  # the same key k in both passes: same eps, a paired comparison
     tt = jnp.full((b,), t, jnp.float32)
-    own = model.elbo_terms(params, x, k, t=tt, w=w).diffusion
-    swapped = model.elbo_terms(params, x, k, t=tt, w=w_other).diffusion
+    own = getattr(model.elbo_terms(params, x, k, t=tt, w=w), term)
+    swapped = getattr(model.elbo_terms(params, x, k, t=tt, w=w_other), term)
     return own, swapped
   return jax.lax.map(at, (ts, jax.random.split(k_t, ts.shape[0])))
 

@@ -107,8 +107,9 @@ def categorical_mi(logq, codes) -> dict:
           "mi_samples": int(codes.shape[0])}
 
 
-def band_savings(use: dict, rate_nats: float, num_dims: int, gamma=None, bands: int = 0) -> dict:
-  """Per-band diffusion-loss saving of the own w over a swapped w, beside the rate.
+def band_savings(use: dict, rate_nats: float, num_dims: int, gamma=None, bands: int = 0,
+                 term: str = "diffusion") -> dict:
+  """Per-band decoder-loss saving of the own w over a swapped w, beside the rate.
 
   Args:
     use: `diagnostics.usefulness` output (t [T] bin midpoints of [0, 1], gap_bpd [T],
@@ -117,9 +118,11 @@ def band_savings(use: dict, rate_nats: float, num_dims: int, gamma=None, bands: 
     num_dims: H W C.
     gamma: optional t -> scalar gamma(t) to label each band with its log-SNR range.
     bands: groups of consecutive t bins (0 = one band per bin).
+    term: the decoder term `use` measured: "diffusion", or "recon" for a VAE decoder
+      (one band: its loss does not depend on t).
   Returns:
     t_lo, t_hi, logsnr_hi, logsnr_lo, saving_nats, saving_nats_se (lists over bands),
-    saving_total_nats, rate_nats, net_nats = saving_total - rate.
+    saving_total_nats, rate_nats, net_nats = saving_total - rate, and term.
   """
   t = np.asarray(use["t"], np.float64)
   n_t = len(t)
@@ -140,20 +143,23 @@ def band_savings(use: dict, rate_nats: float, num_dims: int, gamma=None, bands: 
     out["saving_nats_se"].append(float(se_bin[g].sum()))
   total = float(per_bin.sum())
   out.update(saving_total_nats=total, rate_nats=float(rate_nats),
-             net_nats=total - float(rate_nats))
+             net_nats=total - float(rate_nats), term=term)
   return out
 
 
 def markdown(bands: dict) -> list:
   """Markdown lines of the per-band table."""
+  diffusion = bands.get("term", "diffusion") == "diffusion"
+  what = ("the diffusion term rises when w is swapped for another image's, per band of t "
+          "(log-SNR range where the schedule is scalar)" if diffusion else
+          "the decoder's -log p(x | w) rises when w is swapped for another image's (no t)")
   lines = ["", "## Does w pay? (nats/image)", "",
-           "Saving: how much the diffusion term rises when w is swapped for another image's, "
-           "per band of t (log-SNR range where the schedule is scalar); rate: the bound's KL "
+           f"Saving: how much {what}; rate: the bound's KL "
            "term; net = total saving - rate (> 0: the latent pays for itself).", "",
            "| t | log-SNR | saving | s.e. |", "|---|---|---|---|"]
   for i in range(len(bands["t_lo"])):
     snr = (f"{bands['logsnr_hi'][i]:.2f} .. {bands['logsnr_lo'][i]:.2f}"
-           if math.isfinite(bands["logsnr_hi"][i]) else "per pixel")
+           if math.isfinite(bands["logsnr_hi"][i]) else "per pixel" if diffusion else "-")
     lines.append(f"| {bands['t_lo'][i]:.2f}-{bands['t_hi'][i]:.2f} | {snr} | "
                  f"{bands['saving_nats'][i]:.4g} | {bands['saving_nats_se'][i]:.2g} |")
   lines.append(f"| total | | {bands['saving_total_nats']:.4g} | |")

@@ -81,7 +81,8 @@ def draw_samples(model, params, ds, config, mesh, key, *, num_unconditional):
   N(0, I)) with its trajectory
   (`guided_frames` [K, n, ...], `guided_frame_t`), `reconstruction` (from t_start) with
   its trajectory; and `interp` [P, S, ...] with `interp_a`, `interp_b`, `interp_alpha`.
-  Guided and interpolation are absent for an unconditional model; guided and
+  A VAE decoder has no trajectories (its frame entries are absent). Guided and
+  interpolation are absent for an unconditional model; guided and
   reconstruction of a class-conditional model take the inputs' labels.
   """
   s = config.sample
@@ -107,8 +108,10 @@ def draw_samples(model, params, ds, config, mesh, key, *, num_unconditional):
                           labels=out["input_labels"] if labels is not None else None,
                           deterministic_encoder=config.collapse.deterministic_encoder,
                           **common)
-    out[mode], out[f"{mode}_frames"], out[f"{mode}_frame_t"] = (
-        r["images"], r["frames"][:, :s.num_trajectories], r["frame_t"])
+    out[mode] = r["images"]
+    if "frames" in r:  # a VAE decoder draws x from p(x | w) directly: no trajectory
+      out[f"{mode}_frames"] = r["frames"][:, :s.num_trajectories]
+      out[f"{mode}_frame_t"] = r["frame_t"]
   p = min(s.num_interpolations, len(ds.eval_images) // 2)
   if model.conditional and p > 0:
     a, b = ds.eval_images[:p], ds.eval_images[p:2 * p]
@@ -148,7 +151,7 @@ def write_pictures(samples, config, directory, *, writer=None, step=0) -> dict:
       f"reconstructions: inputs noised to t={s.t_start}, denoised with their own w",
       inputs=samples["inputs"][:n], vocab_size=v))
   for mode in ("guided", "reconstruction"):
-    if mode not in samples:
+    if f"{mode}_frames" not in samples:
       continue
     start = "z_1 ~ N(0, I)" if mode == "guided" else f"z_t ~ q(z_t|x) at t={s.t_start}"
     put(f"trajectory_{mode}", plots.trajectory(

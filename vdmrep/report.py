@@ -48,11 +48,12 @@ NOTES = {
                                "log p(w_i), log q by logsumexp over all N posteriors "
                                "(an upper estimate for the diffusion prior, whose log p is "
                                "a lower bound).",
-    "net_nats": "saving_nats (diffusion-loss rise when w is swapped, integrated over t, "
+    "net_nats": "saving_nats (decoder-loss rise when w is swapped, integrated over t, "
                 "nats/image) minus the rate kl_nats: > 0 when the latent pays for itself.",
-    "usefulness_gap_bpd": "diffusion loss with another image's w minus with the image's own "
-                          "w (same t, eps, z_t), averaged over the t grid, bits/dim; ~0 when "
-                          "the decoder ignores w.",
+    "usefulness_gap_bpd": "decoder loss (the diffusion term; a VAE decoder: its p(x | w) "
+                          "term) with another image's w minus with the image's own w (same "
+                          "t, eps, z_t), averaged over the t grid, bits/dim; ~0 when the "
+                          "decoder ignores w.",
     "probes": "logistic regression on standardised features (scaler fit on train; L2 "
               "strength C chosen by stratified cross-validation on train) and k-NN on the "
               "raw features, fit on train-split features, accuracy on the eval split; "
@@ -178,7 +179,7 @@ def markdown(rep: dict) -> str:
               f"- I_q(x; w): {_fmt(m['mi_nats'])} +- {_fmt(m['mi_nats_se'])} nats "
               f"(aggregate-posterior logsumexp estimator, {m['mi_samples']} draw(s)/image; "
               f"ceiling log N = {_fmt(m['mi_upper_nats'])})",
-              f"- usefulness of w: swapping w raises the diffusion loss by "
+              f"- usefulness of w: swapping w raises the decoder loss by "
               f"{_fmt(m['usefulness_gap_bpd'])} bits/dim (mean over the t grid)", "",
               "| t | own w (bpd) | other w (bpd) | gap | gap s.e. |", "|---|---|---|---|---|"]
     u = rep["usefulness"]

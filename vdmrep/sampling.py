@@ -338,13 +338,14 @@ def generate(model, params, key, *, mode, images=None, num=None, image_shape=Non
   Args:
     images: uint8 [N, H, W, C] inputs for `guided` / `reconstruction`.
     num, image_shape: how many unconditional samples, of shape (H, W, C).
-    num_frames: K > 0 also returns K recorded latents per sample (the trajectory).
+    num_frames: K > 0 also returns K recorded latents per sample (the trajectory) for a
+      diffusion decoder; a VAE decoder has no trajectory and returns none.
     sampler, guidance: see `denoise` and `guided_eps_fn`.
     labels: optional int [N] class labels (a class-conditional model).
     deterministic_encoder: guided / reconstruction modes condition on w = encoder mean.
   Returns:
-    dict: "images" uint8/int [N, H, W, C]; with num_frames, "frames" float [K, N, H, W, C]
-    (z in model scale) and "frame_t" [K] their times.
+    dict: "images" uint8/int [N, H, W, C]; with num_frames and a diffusion decoder,
+    "frames" float [K, N, H, W, C] (z in model scale) and "frame_t" [K] their times.
   """
   if mode == "unconditional":
     inputs = np.zeros((num,) + tuple(image_shape), np.uint8)
@@ -372,11 +373,11 @@ def generate(model, params, key, *, mode, images=None, num=None, image_shape=Non
                            guidance=float(guidance),
                            deterministic_encoder=bool(deterministic_encoder))
     outs.append(_to_host(x)[keep])
-    if frames is not None:
+    if rec is not None:
       recs.append(_to_host(rec)[:, keep])
   dtype = np.uint8 if model.vocab_size <= 256 else np.int32
   out = {"images": np.concatenate(outs).astype(dtype)}
-  if frames is not None:
+  if recs:
     out["frames"] = np.concatenate(recs, axis=1)
     out["frame_t"] = t0 * (1.0 - np.asarray(frames, np.float64) / n_run)
   return out

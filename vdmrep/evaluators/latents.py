@@ -104,11 +104,15 @@ def run(ctx) -> Section:
   use = diagnostics.usefulness(
       diagnostics.make_usefulness_fn(model, mesh, det), params,
       _head(ctx.images, e.usefulness_max_examples), jax.random.fold_in(ctx.key, USEFUL),
-      num_t=e.usefulness_num_t, batch_size=e.batch_size, mesh=mesh, num_dims=ctx.num_dims)
+      # a VAE decoder's loss does not depend on t: one grid point is exact
+      num_t=e.usefulness_num_t if model.score_net is not None else 1,
+      batch_size=e.batch_size, mesh=mesh, num_dims=ctx.num_dims)
   metrics["usefulness_gap_bpd"] = use["gap_mean_bpd"]
   gamma = None if (model.score_net is None or model.per_pixel_schedule) else (
       lambda t: model.gamma(params, np.asarray(t, np.float32)))
-  bands = latent_diagnostics.band_savings(use, metrics["kl_nats"], ctx.num_dims, gamma)
+  bands = latent_diagnostics.band_savings(
+      use, metrics["kl_nats"], ctx.num_dims, gamma,
+      term="diffusion" if model.score_net is not None else "recon")
   metrics.update(saving_nats=bands["saving_total_nats"], net_nats=bands["net_nats"])
   ctx.shared.update(mean=mean, logvar=logvar, usefulness=use)
   return Section(metrics=metrics,
