@@ -39,7 +39,8 @@ def is_finished(out: str, run: Run) -> bool:
 
 def execute(out: str, run: Run, log=print) -> float:
   """Trains + evaluates one run (resuming if interrupted); returns wall seconds."""
-  wd = run_dir(out, run)
+  # Absolute: the trainer runs from the repo root, `out` is relative to the caller's cwd.
+  wd = os.path.abspath(run_dir(out, run))
   os.makedirs(wd, exist_ok=True)
   cmd = [sys.executable, "-m", "vdmrep.main", "--config", os.path.join(ROOT, run.config),
          "--workdir", wd, *run.overrides]

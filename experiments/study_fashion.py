@@ -443,6 +443,19 @@ def figure(out: str, rows, budget, path: str) -> list:
   return drawn
 
 
+def _running_argv(argv) -> list:
+  """argv less the read-only flags (--table-only, --figure PATH): the command that runs."""
+  out, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a == "--figure":
+      skip = True
+    elif a != "--table-only" and not a.startswith("--figure="):
+      out.append(a)
+  return out
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--out", required=True, help="output directory (runs/, the table, study.log)")
@@ -461,7 +474,9 @@ def main(argv=None):
   p.add_argument("--parallel", type=int, default=2, help="runs trained at once")
   p.add_argument("--dry-run", action="store_true", help="print the commands; run nothing")
   p.add_argument("--table-only", action="store_true", help="only print the table")
-  p.add_argument("--figure", default="", help="also draw the latent rows' accounting (PNG path)")
+  p.add_argument("--figure", default="",
+                 help="draw the finished latent rows' accounting (PNG path) beside the table; "
+                 "trains nothing")
   p.add_argument("--moonshot", action="store_true",
                  help="print each finished latent row against the target, criterion by criterion")
   p.add_argument("--rank", type=int, default=0, metavar="N",
@@ -517,19 +532,20 @@ def main(argv=None):
     argv = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--detach"]
     log = os.path.join(args.out, "study.log")
     with open(log, "a") as fh:
+      # The caller's cwd: a relative --out means the same directory to the detached study.
       proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)] + argv,
-                              cwd=harness.ROOT, stdout=fh, stderr=subprocess.STDOUT,
+                              cwd=os.getcwd(), stdout=fh, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, start_new_session=True)
     print(f"study running in the background: pid {proc.pid}, log {log}")
     return
-  if not args.table_only:
+  if not (args.table_only or args.figure):
     for s in skipped:
       print(f"skipped {s}")
     harness.run_all(args.out, runs, parallel=args.parallel)
   text = "\n".join([
       "## Study C: Fashion-MNIST", "",
       "Command: `python experiments/study_fashion.py " + " ".join(
-          a for a in (argv if argv is not None else sys.argv[1:]) if a != "--table-only") + "`",
+          _running_argv(argv if argv is not None else sys.argv[1:])) + "`",
       "", table(args.out, rows, budget), "",
       "ELBO bpd: held-out negative ELBO at beta = 1 (bits/dim, ± standard error over test "
       "images; with several seeds the mean ± sd over seeds). histogram: an independent "

@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 import os
+import types
 import sys
 
 import pytest
@@ -257,3 +258,55 @@ def test_a_row_named_twice_is_tabulated_once_with_all_its_seeds():
   assert [r.name for r, _ in rows] == ["unconditional", "elbo", "unconditional", "elbo"]
   merged = sf.merge_rows(rows)
   assert [(r.name, s) for r, s in merged] == [("unconditional", [0, 1, 2]), ("elbo", [0, 1])]
+
+
+def test_figure_and_table_flags_train_nothing_and_stay_out_of_the_command(tmp_path, capsys,
+                                                                          monkeypatch):
+  """Drawing or tabulating reads finished runs; it must never start the unfinished ones."""
+  out = str(tmp_path)
+  _write_report(out, "unconditional", bpd=3.0)
+  _write_report(out, "elbo", bpd=3.002, kl_nats=4.0)
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("a read-only flag started training")
+  monkeypatch.setattr(sf.harness, "run_all", refuse)
+  path = str(tmp_path / "fig.png")
+  sf.main(["--out", out, "--steps", "7", "--rows", "unconditional", "elbo", "capped",
+           "--figure", path])
+  sf.main(["--out", out, "--table-only", "--steps", "7", "--rows", "unconditional", "elbo",
+           f"--figure={path}"])
+  text = capsys.readouterr().out
+  commands = [l for l in text.splitlines() if l.startswith("Command: ")]
+  assert commands == ["Command: `python experiments/study_fashion.py --out "
+                      f"{out} --steps 7 --rows unconditional elbo capped`",
+                      "Command: `python experiments/study_fashion.py --out "
+                      f"{out} --steps 7 --rows unconditional elbo`"]
+  assert os.path.getsize(path) > 10_000
+
+
+def test_a_relative_out_means_the_callers_directory_to_trainer_and_detached_study(
+    tmp_path, monkeypatch):
+  """The trainer and a detached study run from elsewhere (the repo root, a new session): a
+  relative --out must still name the directory below the caller's cwd."""
+  monkeypatch.chdir(tmp_path)
+  seen = {}
+
+  def fake_run(cmd, cwd, stdout, stderr):
+    seen.update(cmd=cmd, cwd=cwd)
+    return types.SimpleNamespace(returncode=0)
+  monkeypatch.setattr(sf.harness.subprocess, "run", fake_run)
+  run = sf.run_of(sf.ROW_BY_NAME["elbo"], 1, [])
+  sf.harness.execute("rel/out", run, log=lambda *_: None)
+  wd = seen["cmd"][seen["cmd"].index("--workdir") + 1]
+  assert wd == str(tmp_path / "rel" / "out" / "runs" / "elbo_seed1")
+  assert os.path.exists(os.path.join(wd, "command.txt"))
+
+  class FakePopen:
+    def __init__(self, cmd, cwd, **kwargs):
+      seen.update(detached_cmd=cmd, detached_cwd=cwd)
+      self.pid = 1
+  monkeypatch.setattr(sf.subprocess, "Popen", FakePopen)
+  sf.main(["--out", "rel/out", "--rows", "elbo:1", "--detach"])
+  assert seen["detached_cwd"] == str(tmp_path)
+  assert "--detach" not in seen["detached_cmd"] and "rel/out" in seen["detached_cmd"]
+  assert os.path.exists(tmp_path / "rel" / "out" / "study.log")
