@@ -50,11 +50,11 @@ def execute(out: str, run: Run, log=print) -> float:
   with open(os.path.join(wd, "stdout.log"), "a") as so, open(os.path.join(wd, "stderr.log"), "a") as se:
     proc = subprocess.run(cmd, cwd=ROOT, stdout=so, stderr=se)
   seconds = time.time() - start
+  with open(os.path.join(wd, "wall_seconds.txt"), "a") as fh:  # interrupted parts count too
+    fh.write(f"{seconds:.1f}\n")
   if proc.returncode != 0:
     log(f"[{run.name}] FAILED (exit {proc.returncode}); see {wd}/stderr.log")
   else:
-    with open(os.path.join(wd, "wall_seconds.txt"), "a") as fh:
-      fh.write(f"{seconds:.1f}\n")
     log(f"[{run.name}] done in {seconds / 60:.1f} min")
   return seconds
 

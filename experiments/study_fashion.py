@@ -560,7 +560,10 @@ def main(argv=None):
       "net: saving minus KL (nats/image). Probes: accuracy on the test split of a "
       "logistic regression / k-NN fit "
       "on training-split features. FD: Frechet distance of samples in the classifier's "
-      "feature space, beside the same distance between test and training images.", ""])
+      "feature space, beside the same distance between test and training images. Wall "
+      "min: minutes of the run's recorded invocations (training and final evaluation, on "
+      "cores shared with other runs); a resumed run may record only its last invocation, "
+      "so the budget is the step count, not this column.", ""])
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "study_c.md"), "w") as fh:
     fh.write(text)

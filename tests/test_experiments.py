@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -157,3 +158,14 @@ def test_seed_summary_is_mean_and_sample_sd_over_finished_seeds(tmp_path):
   with open(os.path.join(out, "t_seeds.md")) as fh:
     table = fh.read()
   assert "| remedy | seed | bpd (bound) |" in table and "Over training seeds 0, 1, 2" in table
+
+
+def test_an_interrupted_invocation_still_records_its_wall_time(tmp_path, monkeypatch):
+  monkeypatch.setattr(harness.subprocess, "run",
+                      lambda *a, **k: types.SimpleNamespace(returncode=-15))
+  run = harness.Run("r", "configs/digits.py", [])
+  harness.execute(str(tmp_path), run, log=lambda *_: None)
+  harness.execute(str(tmp_path), run, log=lambda *_: None)
+  with open(os.path.join(harness.run_dir(str(tmp_path), run), "wall_seconds.txt")) as fh:
+    assert len(fh.read().split()) == 2
+  assert harness.wall_minutes(str(tmp_path), run) >= 0.0
