@@ -46,12 +46,14 @@ def gaussian_log_aggregate(mean, logvar, w, chunk: int = 1024) -> np.ndarray:
   return out
 
 
-def categorical_log_aggregate(logq, codes) -> np.ndarray:
+def categorical_log_aggregate(logq, codes, chunk: int = 128) -> np.ndarray:
   """log q(c) = log (1/N) sum_j prod_m q_j(c_m) for codes [S, N, M] (ints): [S, N].
 
   Args:
     logq: [N, M, K] log-probabilities of each image's posterior.
     codes: [S, N, M] category indices drawn from them.
+    chunk: draws scored at once; memory is N x chunk x M float64 (all N draws at once
+      would be N^2 M: 24 GiB for 10,000 images of 32 groups).
   """
   logq = np.asarray(logq, np.float64)
   n, m, k = logq.shape
@@ -59,9 +61,10 @@ def categorical_log_aggregate(logq, codes) -> np.ndarray:
   out = np.empty(codes.shape[:2])
   for s in range(codes.shape[0]):
     idx = codes[s] + np.arange(m)[None] * k  # [N, M] flat indices of the chosen categories
-    mat = flat[:, idx].sum(-1).T  # [N_draws, N_components]
-    top = mat.max(1, keepdims=True)
-    out[s] = top[:, 0] + np.log(np.exp(mat - top).sum(1)) - math.log(n)
+    for a in range(0, idx.shape[0], chunk):
+      mat = flat[:, idx[a:a + chunk]].sum(-1).T  # [chunk draws, N components]
+      top = mat.max(1, keepdims=True)
+      out[s, a:a + chunk] = top[:, 0] + np.log(np.exp(mat - top).sum(1)) - math.log(n)
   return out
 
 
@@ -98,10 +101,12 @@ def mismatch(log_q_aggregate, log_p) -> dict:
   return {"aggregate_mismatch_nats": m, "aggregate_mismatch_nats_se": se}
 
 
-def categorical_mi(logq, codes) -> dict:
-  """I_q(x; w) in nats for a categorical latent (the aggregate logsumexp estimator)."""
-  per = np.mean(categorical_own_log_prob(logq, codes) - categorical_log_aggregate(logq, codes),
-                axis=0)
+def categorical_mi(logq, codes, log_aggregate=None) -> dict:
+  """I_q(x; w) in nats for a categorical latent (the aggregate logsumexp estimator);
+  `log_aggregate`: categorical_log_aggregate(logq, codes) when the caller has it."""
+  if log_aggregate is None:
+    log_aggregate = categorical_log_aggregate(logq, codes)
+  per = np.mean(categorical_own_log_prob(logq, codes) - log_aggregate, axis=0)
   m, se = _mean_se(per)
   return {"mi_nats": m, "mi_nats_se": se, "mi_upper_nats": math.log(len(per)),
           "mi_samples": int(codes.shape[0])}

@@ -59,8 +59,8 @@ def run(ctx) -> Section:
     logq = np.asarray(logvar, np.float64).reshape(len(mean), -1, model.categories)
     codes = latent_diagnostics.draw_codes(logq, e.mi_samples, seed=seed)
     w = np.eye(model.categories, dtype=np.float32)[codes].reshape(codes.shape[:2] + (-1,))
-    metrics.update(latent_diagnostics.categorical_mi(logq, codes))
     log_q_agg = latent_diagnostics.categorical_log_aggregate(logq, codes)
+    metrics.update(latent_diagnostics.categorical_mi(logq, codes, log_q_agg))
     kl_split = _categorical_kl(model, params, logq)  # per group
     kl_image, kind = kl_split.sum(-1), "encoder"
   else:
