@@ -172,7 +172,7 @@ def _usefulness_batch(params, x, other, key, ts, *, model, deterministic=False):
   z_t; only the conditioning latent differs. `deterministic`: w = the encoder mean (the
   w a deterministic encoder was trained with).
   """
-  term = "diffusion" if model.score_net is not None else "recon"
+  term = model.decoder_term
   k_w, k_t = jax.random.split(key)
   w = model.encode(params, x)[0] if deterministic else model.sample_posterior(params, x, k_w)
   w_other = w[other]

@@ -112,7 +112,7 @@ def run(ctx) -> Section:
       lambda t: model.gamma(params, np.asarray(t, np.float32)))
   bands = latent_diagnostics.band_savings(
       use, metrics["kl_nats"], ctx.num_dims, gamma,
-      term="diffusion" if model.score_net is not None else "recon")
+      term=model.decoder_term)
   metrics.update(saving_nats=bands["saving_total_nats"], net_nats=bands["net_nats"])
   ctx.shared.update(mean=mean, logvar=logvar, usefulness=use)
   return Section(metrics=metrics,

@@ -69,6 +69,7 @@ class ConvVAE:
 
   conditional = True
   score_net = None  # no diffusion decoder (code that reports it checks for None)
+  decoder_term = "recon"  # the ElboTerms field that holds -log p(x | w)
   # The latent interface of VAEVDM: a Gaussian latent with the N(0, I) prior.
   latent_kind = "gaussian"
   prior = None

@@ -124,6 +124,9 @@ class VAEVDM:
   num_classes: int = 0
   label_dropout: float = 0.0
 
+  # The ElboTerms field through which w helps the decoder (code comparing decoders reads it).
+  decoder_term = "diffusion"
+
   @property
   def conditional(self) -> bool:
     return self.encoder is not None
