@@ -325,14 +325,24 @@ def rank_promising(out: str, budget, seed: int = 0) -> list:
 
 
 MOONSHOT = "beta = 1, KL >= 5 nats, I(w; label) >= 1 bit, probe on w above random and pixels, " \
-    "ELBO better than the unconditional VDM paired over >= 3 seeds (mean + 2 s.e. < 0)"
+    "ELBO better than the unconditional VDM paired over >= 3 seeds (the upper end of the 95% " \
+    "t-interval of the mean difference below zero)"
+
+# Student's t 0.975 quantiles by degrees of freedom; past 10 the df = 10 value (conservative).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228}
+
+
+def t975(df: int) -> float:
+  return _T975[min(df, 10)]
 
 
 def moonshot(done: dict, base: dict) -> dict:
   """The issue's target for one row, criterion by criterion. done, base: {seed: report} of
   the row and of the unconditional VDM. Values are means over the row's seeds; the ELBO
-  criterion needs at least three seeds paired with the unconditional VDM's and their mean
-  difference plus two standard errors (sd / sqrt(n)) below zero. The k-NN probe is shown
+  criterion needs at least three seeds paired with the unconditional VDM's and the upper end
+  of the 95% t-interval of their mean difference (mean + t975(n - 1) sd / sqrt(n)) below
+  zero: with three seeds, two standard errors would claim far more than they support. The k-NN probe is shown
   beside the logistic one, not judged. -> {criterion: (value text, met or None)}."""
   reps = [done[s]["metrics"] for s in sorted(done)]
   mean = lambda k: statistics.mean(m[k] for m in reps) if all(m.get(k) is not None
@@ -355,7 +365,9 @@ def moonshot(done: dict, base: dict) -> dict:
   diffs = bpd_differences(done, base)
   if len(diffs) >= 2:
     m, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
-    text, ok = f"{m:+.4f} ± {se:.4f} (s.e., n={len(diffs)})", len(diffs) >= 3 and m + 2 * se < 0
+    upper = m + t975(len(diffs) - 1) * se
+    text = f"{m:+.4f} ± {se:.4f} (s.e., n={len(diffs)}; 95% upper {upper:+.4f})"
+    ok = len(diffs) >= 3 and upper < 0
   else:
     text, ok = ("-" if not diffs else f"{diffs[0]:+.4f} (n=1)"), False
   out["ELBO better, paired over >= 3 seeds"] = (text, ok)

@@ -178,22 +178,28 @@ def test_moonshot_needs_every_criterion_and_three_paired_seeds(tmp_path, capsys)
     _write_report(out, "unconditional" + suffix, bpd=u)
     _write_report(out, "film" + suffix, bpd=f, kl_nats=6.0, encoder_label_info_bits=1.5,
                   objective_is_bound=True, **probes)
+    # Differences -0.010, -0.004, -0.016: mean + 2 s.e. < 0, but not the t-interval's end.
+    _write_report(out, "capped" + suffix, bpd=u + (-0.010, -0.004, -0.016)[seed], kl_nats=6.0,
+                  encoder_label_info_bits=1.5, objective_is_bound=True, **probes)
     if seed < 2:  # two seeds only: the ELBO criterion cannot be met
       _write_report(out, "elbo" + suffix, bpd=e, kl_nats=6.0, encoder_label_info_bits=1.5,
                     objective_is_bound=True, **probes)
   _write_report(out, "free_bits", bpd=2.9, kl_nats=12.8, encoder_label_info_bits=2.0,
                 objective_is_bound=False, **probes)
   sf.main(["--out", out, "--moonshot", "--rows", "unconditional:0,1,2", "film:0,1,2",
-           "elbo:0,1", "free_bits"])
+           "capped:0,1,2", "elbo:0,1", "free_bits"])
   rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
           for l in capsys.readouterr().out.splitlines() if l.startswith("| ")}
   film = rows["ELBO (beta = 1), FiLM"]
-  # Differences -0.010, -0.012, -0.011: mean -0.011, s.e. 0.0006.
-  assert film[6] == "-0.0110 ± 0.0006 (s.e., n=3) ✓" and film[-1] == "yes"
+  # Differences -0.010, -0.012, -0.011: mean -0.011, s.e. 0.0006, upper -0.011 + 4.303 s.e.
+  assert film[6] == "-0.0110 ± 0.0006 (s.e., n=3; 95% upper -0.0085) ✓" and film[-1] == "yes"
+  capped = rows["capped latent (D = 16)"]
+  assert capped[6] == "-0.0100 ± 0.0035 (s.e., n=3; 95% upper +0.0049) ✗"
+  assert capped[-1] == "no"
   assert film[5] == "- / - / -"  # k-NN shown beside, not judged
   assert film[4] == "0.860 vs 0.800 / 0.840 ✓"
   elbo = rows["ELBO (beta = 1), additive"]
-  assert elbo[6].endswith("(s.e., n=2) ✗") and elbo[-1] == "no"
+  assert "(s.e., n=2;" in elbo[6] and elbo[6].endswith("✗") and elbo[-1] == "no"
   free = rows["free bits (0.1 nats/dim)"]
   assert free[1] == "no ✗" and free[-1] == "no"
 
