@@ -9,6 +9,7 @@ and the classic VAE, at one decoder and budget. One command per table; re-runnin
       --figure experiments/figures/study_c.png                                  # + accounting
   python experiments/study_fashion.py --out experiments/out/study_c --rank 3   # who gets seeds
   python experiments/study_fashion.py --out experiments/out/study_c --moonshot # the target
+  python experiments/study_fashion.py --out experiments/out/study_c --w-probes # older reports
 
 Each row is a variant of configs/fashion_mnist.py plus overrides, trained once per seed
 (`--rows NAME:SEEDS ...`; default every row, seed 0) into OUT/runs/<name>[_seed<s>]/ by
@@ -25,14 +26,15 @@ over seeds; with one seed, +- the standard error over the shared test images), t
 KL (nats/image), the saving (diffusion-loss rise when w is swapped, summed over the t
 bands; the classic VAE: the rise of its -log p(x | w)) and net (saving - KL) in nats/image
 where the run reports them,
-I(w; label) in bits, active units, logistic and k-NN probe accuracies on w / a random
-encoder / pixels, the Frechet distance of samples against the eval-vs-train floor, and the
+I(w; label) in bits (on one draw of w per image / on the encoder means), active units,
+logistic and k-NN probe accuracies on w (the encoder means) / a random encoder / pixels, the Frechet distance of samples against the eval-vs-train floor, and the
 class match of guided samples.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import statistics
@@ -248,12 +250,50 @@ def merge_rows(rows) -> list:
   return list(merged.values())
 
 
+W_PROBE_DIR = os.path.join("evals", "probe_w")  # in a run directory: the w probe, added later
+W_PROBE = "encoder_w_label_info_bits"
+
+
+def w_probe_command(out: str, run: harness.Run) -> list:
+  """Evaluates only the probe on one draw of w of a finished run into W_PROBE_DIR, for a
+  report written before its final evaluation had that probe (its report.json is kept)."""
+  wd = harness.run_dir(out, run)
+  return [sys.executable, "-m", "vdmrep.main", "--config", os.path.join(harness.ROOT, run.config),
+          "--workdir", wd, *run.overrides, "--mode", "eval",
+          "--eval_dir", os.path.join(wd, W_PROBE_DIR), "--config.eval.evaluators=probes",
+          "--config.eval.probe_features=encoder_w"]
+
+
+def complete_w_probes(out: str, runs, log=print) -> None:
+  """Runs w_probe_command for the finished latent runs whose report lacks the w probe."""
+  for run in runs:
+    rep = load_report(out, run)
+    if rep is None or rep["metrics"].get("kl_nats") is None or W_PROBE in rep["metrics"]:
+      continue
+    log(f"[{run.name}] probing one draw of w")
+    proc = subprocess.run(w_probe_command(out, run), cwd=harness.ROOT, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+      log(f"[{run.name}] w probe FAILED (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+
+
+def load_report(out: str, run: harness.Run):
+  """A run's report, with the w probe's metrics from W_PROBE_DIR when the report lacks them."""
+  rep = harness.load_report(out, run)
+  path = os.path.join(harness.run_dir(out, run), W_PROBE_DIR, "report.json")
+  if rep is not None and W_PROBE not in rep["metrics"] and os.path.exists(path):
+    with open(path) as fh:
+      extra = json.load(fh)["metrics"]
+    rep["metrics"].update({k: v for k, v in extra.items() if k.startswith("encoder_w_")})
+  return rep
+
+
 def load_reports(out: str, rows, budget) -> dict:
   """{row name: {seed: report}} for the finished runs among `rows` (merged)."""
   reports = {}
   for row, seeds in rows:
     for s in seeds:
-      rep = harness.load_report(out, run_of(row, s, budget))
+      rep = load_report(out, run_of(row, s, budget))
       if rep is not None:
         reports.setdefault(row.name, {})[s] = rep
   return reports
@@ -263,7 +303,7 @@ def table(out: str, rows, budget) -> str:
   rows = merge_rows(rows)
   reports = load_reports(out, rows, budget)
   header = ["row", "seeds done", "ELBO bpd", "histogram bpd", "bpd - unconditional (paired)",
-            "KL nats", "band saving / net nats", "I(w; label) bits", "active units",
+            "KL nats", "band saving / net nats", "I(w; label) bits: w / mean", "active units",
             "logistic probe: w / random / pixels", "kNN probe: w / random / pixels",
             "FD (eval-vs-train floor)", "guided class match", "wall min"]
   lines = []
@@ -288,7 +328,8 @@ def table(out: str, rows, budget) -> str:
         row.label, f"{len(reps)}/{len(seeds)}", bpd, histogram_baseline(reps), paired,
         _mean_sd(_metric(reps, "kl_nats"), 2),
         f"{_mean_sd(_metric(reps, 'saving_nats'), 1)} / {_mean_sd(_metric(reps, 'net_nats'), 1)}",
-        _mean_sd(_metric(reps, "encoder_label_info_bits"), 2),
+        f"{_mean_sd(_metric(reps, W_PROBE), 2)} / "
+        f"{_mean_sd(_metric(reps, 'encoder_label_info_bits'), 2)}",
         "-" if not au else f"{_mean_sd(au, 1)}/{m0.get('latent_dim', '?')}",
         probe("logreg"), probe("knn"),
         f"{_mean_sd(_metric(reps, 'fd_classifier'), 2)} "
@@ -350,13 +391,15 @@ def moonshot(done: dict, base: dict) -> dict:
   out = {}
   bound = all(m.get("objective_is_bound", False) for m in reps)
   out["trained at beta = 1 (the ELBO)"] = ("yes" if bound else "no", bound)
-  kl, info = mean("kl_nats"), mean("encoder_label_info_bits")
+  kl, info, info_mean = mean("kl_nats"), mean(W_PROBE), mean("encoder_label_info_bits")
   out["KL >= 5 nats"] = ("-" if kl is None else f"{kl:.2f}", kl is not None and kl >= 5.0)
-  out["I(w; label) >= 1 bit"] = ("-" if info is None else f"{info:.2f}",
-                                 info is not None and info >= 1.0)
+  out["I(w; label) >= 1 bit (w drawn from q)"] = (
+      ("-" if info is None else f"{info:.2f}")
+      + ("" if info_mean is None else f" (mean of q: {info_mean:.2f})"),
+      info is not None and info >= 1.0)
   w, rnd, pix = (mean(f"{f}_logreg_acc") for f in ("encoder", "random_encoder", "pixels"))
   probe_ok = None not in (w, rnd, pix) and w > rnd and w > pix
-  out["logistic probe on w > random and pixels"] = (
+  out["logistic probe on w (means of q) > random and pixels"] = (
       "-" if None in (w, rnd, pix) else f"{w:.3f} vs {rnd:.3f} / {pix:.3f}",
       probe_ok)
   knn = [mean(f"{f}_knn_acc") for f in ("encoder", "random_encoder", "pixels")]
@@ -494,6 +537,9 @@ def main(argv=None):
   p.add_argument("--rank", type=int, default=0, metavar="N",
                  help="print the finished seed-0 latent rows in the order of the rule that "
                  "picks the N most promising for seeds 1 and 2, and the command that runs them")
+  p.add_argument("--w-probes", action="store_true",
+                 help="only probe one draw of w for finished runs whose reports lack it "
+                 "(into <run>/evals/probe_w/); trains nothing")
   p.add_argument("--detach", action="store_true",
                  help="run in the background in its own session (log: OUT/study.log)")
   args = p.parse_args(argv)
@@ -507,6 +553,9 @@ def main(argv=None):
     else:
       runs += [run_of(row, s, budget) for s in seeds]
 
+  if args.w_probes:
+    complete_w_probes(args.out, runs)
+    return
   if args.moonshot:
     print(f"The target: {MOONSHOT}.\n\n" + moonshot_table(args.out, rows, budget))
     return
@@ -554,6 +603,7 @@ def main(argv=None):
     for s in skipped:
       print(f"skipped {s}")
     harness.run_all(args.out, runs, parallel=args.parallel)
+    complete_w_probes(args.out, runs)
   text = "\n".join([
       "## Study C: Fashion-MNIST", "",
       "Command: `python experiments/study_fashion.py " + " ".join(
@@ -569,9 +619,12 @@ def main(argv=None):
       "between seeds). KL: nats/image. Band "
       "saving: the rise of the diffusion loss when each image gets another image's w, "
       "summed over the t bands (the classic VAE: the rise of its decoder's -log p(x | w)); "
-      "net: saving minus KL (nats/image). Probes: accuracy on the test split of a "
-      "logistic regression / k-NN fit "
-      "on training-split features. FD: Frechet distance of samples in the classifier's "
+      "net: saving minus KL (nats/image). I(w; label): label entropy minus the held-out "
+      "cross-entropy of a logistic probe (a lower-bound estimate, bits) on one draw w ~ "
+      "q(w|x) per image, the latent the decoder sees (so at most I_q(x; w)), / on the "
+      "encoder means, which can carry more. Probes: accuracy on the test split of a "
+      "logistic regression / k-NN fit on training-split features (w: the encoder means). "
+      "FD: Frechet distance of samples in the classifier's "
       "feature space, beside the same distance between test and training images. Wall "
       "min: minutes of the run's recorded invocations (training and final evaluation, on "
       "cores shared with other runs); a resumed run may record only its last invocation, "

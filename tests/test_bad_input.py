@@ -132,11 +132,12 @@ CLI_CASES = [
     (["--config.training.batch_size=0"], "error: config.training.batch_size=0 must be > 0"),
     (["--config.data.source=npz:/nonexistent/x.npz"],
      "error: npz source: file '/nonexistent/x.npz' does not exist"),
+    (["--eval_dir=/tmp/x"], "error: --eval_dir is for --mode eval, not --mode train"),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("flags,expected", CLI_CASES, ids=["config", "data"])
+@pytest.mark.parametrize("flags,expected", CLI_CASES, ids=["config", "data", "eval_dir"])
 def test_cli_prints_error_and_exits_2(tmp_path, flags, expected):
   proc = subprocess.run(
       [sys.executable, "-m", "vdmrep.main", "--config", "configs/digits.py",

@@ -104,7 +104,8 @@ def test_hold_out_class_removes_it_from_training():
 
 @pytest.mark.parametrize("key,value", [("mi_samples", 0), ("usefulness_num_t", 0),
                                        ("active_threshold", 0.0), ("probe_max_train", -1),
-                                       ("ood_holdout_class", -2), ("ood_source", "bogus")])
+                                       ("ood_holdout_class", -2), ("ood_source", "bogus"),
+                                       ("probe_features", "encoder,latent")])
 def test_bad_eval_config_names_the_key(key, value):
   c = config_lib.base_config()
   c.eval[key] = value
@@ -205,3 +206,27 @@ def test_trained_objective_of_an_mmd_model_is_its_training_loss():
   terms = model.elbo_terms(params, jnp.asarray(images), k_terms, deterministic_encoder=True)
   want = float(collapse.objective(terms, 5, c, k_obj)[0]) / (64 * math.log(2))
   assert got["bpd"] == pytest.approx(want, rel=1e-5) and got["num_images"] == 8
+
+
+def test_w_probe_features_are_draws_from_q():
+  from types import SimpleNamespace
+  from vdmrep.evaluators import probes as probe_eval
+  rng = np.random.default_rng(0)
+  mean = rng.normal(size=(20000, 3)) * np.array([2.0, 0.5, 0.0])
+  logvar = np.log(np.array([[0.25, 1.0, 4.0]])).repeat(20000, 0)
+  w = probe_eval.draw_w(SimpleNamespace(latent_kind="gaussian"), mean, logvar, seed=(0, 7, 1))
+  assert w.shape == mean.shape and w.dtype == np.float32
+  z = (w - mean) / np.exp(0.5 * logvar)  # standard normal if w ~ N(mean, exp(logvar))
+  np.testing.assert_allclose(z.mean(0), 0.0, atol=0.03)  # 4 s.e.
+  np.testing.assert_allclose(z.std(0), 1.0, atol=0.025)  # 5 s.e.
+  again = probe_eval.draw_w(SimpleNamespace(latent_kind="gaussian"), mean, logvar, seed=(0, 7, 1))
+  np.testing.assert_array_equal(w, again)  # same seed, same draw
+  # categorical: M = 2 groups of K = 3; one-hot per group, frequencies follow q
+  probs = np.array([[0.7, 0.2, 0.1, 0.0, 0.5, 0.5]]).repeat(20000, 0)
+  with np.errstate(divide="ignore"):
+    logq = np.log(probs)
+  w = probe_eval.draw_w(SimpleNamespace(latent_kind="categorical", categories=3), probs, logq,
+                        seed=3)
+  assert w.shape == (20000, 6) and set(np.unique(w)) == {0.0, 1.0}
+  np.testing.assert_array_equal(w.reshape(-1, 2, 3).sum(-1), 1.0)
+  np.testing.assert_allclose(w.mean(0), probs[0], atol=0.015)

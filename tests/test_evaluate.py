@@ -169,3 +169,34 @@ def test_eval_mode_is_deterministic(run):
   with np.load(os.path.join(run["workdir"], "latents.npz")) as f:
     for k, v in before.items():
       np.testing.assert_array_equal(f[k], v)
+
+
+@pytest.mark.slow
+def test_eval_dir_writes_elsewhere_and_the_w_probe_repeats(run, tmp_path):
+  res = run["report"]["probes"]["results"]
+  assert set(res) == {"pixels", "encoder", "random_encoder", "encoder_w"}
+  m = run["report"]["metrics"]
+  # one draw of w carries no more label information than the encoder means it is drawn
+  # around, up to the probes' estimation error on 270 eval images
+  assert m["encoder_w_label_info_bits"] <= m["encoder_label_info_bits"] + 0.3
+  path = os.path.join(run["workdir"], "report.json")
+  with open(path, "rb") as fh:
+    before = fh.read()
+  cfg = run["config"]
+  with cfg.unlocked():
+    cfg.eval.evaluators, cfg.eval.probe_features = "probes", "encoder_w"
+  out = str(tmp_path / "probe_w")
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      train.evaluate_checkpoint(cfg, run["workdir"], out=out)
+  finally:
+    with cfg.unlocked():
+      cfg.eval.evaluators, cfg.eval.probe_features = eval_config().eval.evaluators, \
+          eval_config().eval.probe_features
+  with open(path, "rb") as fh:
+    assert fh.read() == before  # the run's own report is untouched
+  with open(os.path.join(out, "report.json")) as fh:
+    again = json.load(fh)
+  assert set(again["probes"]["results"]) == {"encoder_w"}
+  for k in ("encoder_w_logreg_acc", "encoder_w_knn_acc", "encoder_w_label_info_bits"):
+    assert again["metrics"][k] == m[k], k  # the same eval seed: the same draws and fits

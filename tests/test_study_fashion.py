@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import types
 import sys
 
@@ -85,7 +86,7 @@ def test_table_pairs_seeds_and_marks_skipped_and_unfinished_rows(tmp_path, capsy
   assert film[1] == "3.067 ± 0.086 (sd over seeds)"
   # Paired by seed: -0.05, -0.04, -0.01 -> mean -0.033, sd 0.021.
   assert film[3] == "-0.0333 ± 0.0208 (sd, n=3 seeds)"
-  assert film[4] == "6.00 ± 1.00" and film[6] == "1.50 ± 0.00" and film[7] == "11.0 ± 1.0/128"
+  assert film[4] == "6.00 ± 1.00" and film[6] == "- / 1.50 ± 0.00" and film[7] == "11.0 ± 1.0/128"
   assert film[8] == "0.800 ± 0.000 / 0.700 ± 0.000 / 0.840 ± 0.000"
   assert rows["unconditional VDM"][2] == "4.588 ± 0.010" and rows["unconditional VDM"][3] == "-"
   assert rows["free bits (0.1 nats/dim)"][0] == "0/1"
@@ -177,12 +178,16 @@ def test_moonshot_needs_every_criterion_and_three_paired_seeds(tmp_path, capsys)
     suffix = "" if seed == 0 else f"_seed{seed}"
     _write_report(out, "unconditional" + suffix, bpd=u)
     _write_report(out, "film" + suffix, bpd=f, kl_nats=6.0, encoder_label_info_bits=1.5,
+                  encoder_w_label_info_bits=1.2,
                   objective_is_bound=True, **probes)
     # Differences -0.010, -0.004, -0.016: mean + 2 s.e. < 0, but not the t-interval's end.
     _write_report(out, "capped" + suffix, bpd=u + (-0.010, -0.004, -0.016)[seed], kl_nats=6.0,
-                  encoder_label_info_bits=1.5, objective_is_bound=True, **probes)
+                  encoder_label_info_bits=1.5, encoder_w_label_info_bits=1.2,
+                  objective_is_bound=True, **probes)
     if seed < 2:  # two seeds only: the ELBO criterion cannot be met
+      # the encoder means carry 1.5 bits, one draw of w 0.6: the criterion reads the draw
       _write_report(out, "elbo" + suffix, bpd=e, kl_nats=6.0, encoder_label_info_bits=1.5,
+                    encoder_w_label_info_bits=0.6,
                     objective_is_bound=True, **probes)
   _write_report(out, "free_bits", bpd=2.9, kl_nats=12.8, encoder_label_info_bits=2.0,
                 objective_is_bound=False, **probes)
@@ -200,8 +205,44 @@ def test_moonshot_needs_every_criterion_and_three_paired_seeds(tmp_path, capsys)
   assert film[4] == "0.860 vs 0.800 / 0.840 ✓"
   elbo = rows["ELBO (beta = 1), additive"]
   assert "(s.e., n=2;" in elbo[6] and elbo[6].endswith("✗") and elbo[-1] == "no"
+  assert film[3] == "1.20 (mean of q: 1.50) ✓" and elbo[3] == "0.60 (mean of q: 1.50) ✗"
   free = rows["free bits (0.1 nats/dim)"]
   assert free[1] == "no ✗" and free[-1] == "no"
+
+
+def test_w_probe_fills_older_reports_from_its_own_directory(tmp_path, capsys):
+  out = str(tmp_path)
+  _write_report(out, "unconditional", bpd=3.1)
+  _write_report(out, "elbo", bpd=3.1, kl_nats=4.0, encoder_label_info_bits=2.5)
+  _write_report(out, "capped", bpd=3.0, kl_nats=6.0, encoder_label_info_bits=2.2,
+                encoder_w_label_info_bits=1.6)  # a report that has it: never re-probed
+  budget = []
+  elbo, capped = (sf.run_of(sf.ROW_BY_NAME[n], 0, budget) for n in ("elbo", "capped"))
+  cmd = sf.w_probe_command(out, elbo)
+  wd = os.path.join(out, "runs", "elbo")
+  assert cmd[cmd.index("--workdir") + 1] == wd and "--mode" in cmd and "eval" in cmd
+  assert cmd[cmd.index("--eval_dir") + 1] == os.path.join(wd, "evals", "probe_w")
+  assert cmd[-2:] == ["--config.eval.evaluators=probes", "--config.eval.probe_features=encoder_w"]
+  called = []
+  monkey_run = lambda c, **kw: called.append(c) or subprocess.CompletedProcess(c, 0, "", "")
+  original, sf.subprocess.run = sf.subprocess.run, monkey_run
+  try:
+    sf.main(["--out", out, "--w-probes", "--rows", "unconditional", "elbo", "capped"])
+  finally:
+    sf.subprocess.run = original
+  assert [c[c.index("--workdir") + 1] for c in called] == [wd]  # only the report lacking it
+  assert not os.path.exists(os.path.join(out, "study_c.md"))  # trains and tabulates nothing
+  os.makedirs(os.path.join(wd, "evals", "probe_w"))
+  with open(os.path.join(wd, "evals", "probe_w", "report.json"), "w") as fh:
+    json.dump({"metrics": {"encoder_w_label_info_bits": 1.1, "encoder_w_logreg_acc": 0.6,
+                           "encoder_label_info_bits": 9.9}}, fh)
+  m = sf.load_report(out, elbo)["metrics"]
+  assert m["encoder_w_label_info_bits"] == 1.1 and m["encoder_label_info_bits"] == 2.5
+  assert sf.load_report(out, capped)["metrics"]["encoder_w_label_info_bits"] == 1.6
+  sf.main(["--out", out, "--table-only", "--rows", "unconditional", "elbo"])
+  rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
+          for l in capsys.readouterr().out.splitlines() if l.startswith("| ")}
+  assert rows["ELBO (beta = 1), additive"][6] == "1.10 / 2.50"
 
 
 def test_learning_curves_from_reports_and_events(tmp_path, capsys):

@@ -143,6 +143,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.probe_cs = "0.001,0.01,0.1,1,10,100"  # logistic probe's C candidates (CV on train)
   c.eval.probe_cv_folds = 3         # stratified folds of that cross-validation
   c.eval.probe_max_iter = 1000
+  # feature sets probed: pixels | encoder (means of q(w|x)) | random_encoder (the same net at
+  # init) | encoder_w (one draw w ~ q(w|x) per image: what the decoder sees)
+  c.eval.probe_features = "pixels,encoder,random_encoder,encoder_w"
   c.eval.knn_k = 5
   c.eval.random_encoder_seed = 1    # init seed of the random-encoder baseline
   # pictures and OOD

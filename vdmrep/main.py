@@ -17,6 +17,8 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
                   "train (then evaluate), evaluate only, or sample (pictures + samples.npz).")
+flags.DEFINE_string("eval_dir", None, "--mode eval: write the report, pictures and logs here "
+                    "instead of the workdir (its report.json stays as it is).")
 flags.DEFINE_bool("verbose", False, "Also print absl INFO logs (every scalar written to "
                   "TensorBoard), TensorFlow's and JAX's notices and the full report.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -115,6 +117,8 @@ def resend_lost_interrupt(unraisable, default=sys.unraisablehook):
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.eval_dir and FLAGS.mode != "eval":
+    _fail(f"--eval_dir is for --mode eval, not --mode {FLAGS.mode}")
   from vdmrep import console
   console.quiet_libraries(FLAGS.verbose)  # before TensorFlow is imported
   from vdmrep import checkpoints, data, reliability, storage, train  # heavy, after flags
@@ -127,7 +131,7 @@ def main(argv):
         from vdmrep import sample_mode
         sample_mode.sample_checkpoint(FLAGS.config, FLAGS.workdir)
       else:
-        train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)
+        train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir, out=FLAGS.eval_dir)
   except (config_lib.ConfigError, data.DataError, checkpoints.CheckpointError) as err:
     storage.quiet_async_leftovers()
     _fail(err)

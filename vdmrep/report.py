@@ -58,8 +58,9 @@ NOTES = {
               "strength C chosen by stratified cross-validation on train) and k-NN on the "
               "raw features, fit on train-split features, accuracy on the eval split; "
               "label_info_bits = H(y) - held-out cross-entropy of the logistic probe, bits "
-              "(a lower-bound estimate of I(features; label)); features: encoder means, the "
-              "same architecture at random init, raw pixels / 255.",
+              "(a lower-bound estimate of I(features; label)); features: encoder means, one draw "
+              "w ~ q(w|x) per image (encoder_w: its I(w; label) <= I_q(x; w)), the same "
+              "architecture at random init, raw pixels / 255.",
     "histogram_bpd": "per-pixel categorical fitted on the training split (add-k smoothing, "
                      "k = histogram_k), bits/dim of the same eval images; uniform_bpd = "
                      "log2(levels_used), the uniform model over the levels the data uses.",
@@ -201,8 +202,9 @@ def markdown(rep: dict) -> str:
     p = rep["probes"]
     lines += ["", f"## Probes (fit on {p['num_train']} train, scored on {p['num_eval']} eval)",
               "", "Logistic: standardised features, C by cross-validation on train. "
-              "I(w; label): label entropy minus the logistic probe's held-out "
-              "cross-entropy, bits.", "",
+              "I(features; label): label entropy minus the logistic probe's held-out "
+              "cross-entropy, bits (a lower-bound estimate). encoder: the means of q(w|x); "
+              "encoder_w: one draw w ~ q(w|x) per image, whose I(w; label) <= I_q(x; w).", "",
               "| features | logistic acc (s.e.) | C | k-NN acc | I(features; label) bits |",
               "|---|---|---|---|---|"]
     for name, r in p["results"].items():

@@ -351,13 +351,14 @@ def _flat(d, prefix=""):
   return out
 
 
-def evaluate_checkpoint(config, workdir: str) -> dict:
+def evaluate_checkpoint(config, workdir: str, out: str | None = None) -> dict:
   """Evaluates the latest checkpoint in `workdir` (EMA parameters).
 
-  Reads checkpoints only (a trainer may own the workdir). If a trainer holds the workdir
-  when this starts, the evaluation of its latest complete checkpoint, step N, is written
-  to `<workdir>/evals/step<N>/` (report, pictures, TensorBoard events), so nothing the
-  trainer writes is overwritten or raced, even if it finishes first.
+  Reads checkpoints only (a trainer may own the workdir). The report, pictures and
+  TensorBoard events go to `out` when given (e.g. other evaluators on a finished run,
+  leaving its report as it is); else to the workdir, or, if a trainer holds the workdir
+  when this starts, to `<workdir>/evals/step<N>/` for its latest complete checkpoint, step
+  N, so nothing the trainer writes is overwritten or raced, even if it finishes first.
   """
   ds, model, tx, mesh = setup(config)
   trainer = reliability.training_pid(workdir)  # asked first: the answer holds to the end
@@ -367,14 +368,15 @@ def evaluate_checkpoint(config, workdir: str) -> dict:
   fingerprint = config_lib.model_fingerprint(config)
   if ckpt.check_latest_compatible(fingerprint, ds.image_shape) is None:  # before compiling
     raise checkpoints.CheckpointError(f"no checkpoint to evaluate in {ckpt.directory}")
-  reliability.check_workdir(workdir)  # the report, pictures and logs are written here
+  reliability.check_workdir(out or workdir)  # the report, pictures and logs are written here
   state = initial_state(model, tx, config, ds.image_shape, mesh)
   restored, _ = ckpt.restore_latest(checkpoints.abstract(state), fingerprint, ds.image_shape)
   if restored is None:
     raise checkpoints.CheckpointError(f"no checkpoint to evaluate in {ckpt.directory}")
   step = int(restored.step)
-  out = workdir
-  if trainer is not None:
+  if not out and trainer is None:
+    out = workdir
+  elif not out:
     out = os.path.join(workdir, "evals", f"step{step}")
     os.makedirs(out, exist_ok=True)
     parallel.main_print(f"note: workdir {workdir} is being trained (PID {trainer}); "

@@ -8,8 +8,9 @@ Each evaluator is a function `run(ctx: Context) -> Section`:
              bpd over the grey levels the data uses (baselines.py)
   latents    the rate (KL), active units, I_q(x; w), aggregate-posterior mismatch, usefulness
              of w and its per-band saving against the rate (latents.py)
-  probes     logistic (standardised, C by cross-validation) and k-NN probes, I(w; label)
-             in bits, on encoder means, a random encoder and raw pixels (probes.py)
+  probes     logistic (standardised, C by cross-validation) and k-NN probes, I(features;
+             label) in bits, on encoder means, one draw of w, a random encoder and raw
+             pixels (probes.py)
   ood        AUROC of the per-image ELBO against held-out sets (ood.py)
   samples    sample quality: Frechet distances, guided class match, sample pictures
   pictures   latent maps and the usefulness curve
@@ -36,8 +37,8 @@ import numpy as np
 
 from vdmrep import console, parallel, report
 from vdmrep.evaluators.base import (  # noqa: F401  (the evaluators' interface)
-    ELBO, FIT, MI, OBJECTIVE, OOD, SAMPLES, USEFUL, Context, Section, _head, _parse,
-    eval_seed)
+    ELBO, FIT, MI, OBJECTIVE, OOD, PROBE_FEATURES, PROBE_W, SAMPLES, USEFUL, Context,
+    Section, _head, _parse, eval_seed)
 
 PERIODIC_DEFAULT = "elbo,baselines,latents"
 FULL_DEFAULT = "elbo,baselines,latents,probes,ood,samples,pictures"
@@ -70,6 +71,10 @@ def validate(config) -> None:
       raise ConfigError(f"config.eval.{key}={e[key]!r}: 'ood' and 'baselines' need 'elbo'")
     if "pictures" in names and "latents" not in names:
       raise ConfigError(f"config.eval.{key}={e[key]!r}: 'pictures' needs 'latents'")
+  unknown = [n for n in _parse(e.get("probe_features", "")) if n not in PROBE_FEATURES]
+  if unknown:
+    raise ConfigError(f"config.eval.probe_features={e.probe_features!r}: unknown feature "
+                      f"set(s) {unknown}; choose from {list(PROBE_FEATURES)}")
   for key in ("mi_samples", "usefulness_num_t", "probe_max_iter", "knn_k", "probe_cv_folds",
               "tsne_perplexity", "histogram_k"):
     if not e[key] > 0:

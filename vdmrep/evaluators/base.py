@@ -8,7 +8,10 @@ from typing import Any, Optional
 import numpy as np
 
 # fold_in tags of the eval key for each random quantity of an eval
-ELBO, OBJECTIVE, MI, USEFUL, OOD, SAMPLES, FIT = range(7)
+ELBO, OBJECTIVE, MI, USEFUL, OOD, SAMPLES, FIT, PROBE_W = range(8)
+
+# the probes' feature sets (`config.eval.probe_features`; evaluators/probes.py)
+PROBE_FEATURES = ("pixels", "encoder", "random_encoder", "encoder_w")
 
 
 @dataclasses.dataclass
