@@ -606,7 +606,7 @@ import errno, sys
 sys.path.insert(0, {repo!r})
 from absl import app
 from vdmrep import main, train
-def evaluate_checkpoint(config, workdir):
+def evaluate_checkpoint(config, workdir, out=None):
   try:
     raise OSError({errno_!r}, "x", workdir + "/report.json")
   except OSError as err:
