@@ -46,7 +46,7 @@ def run(ctx) -> Section:
   ds, e, model, mesh = ctx.ds, ctx.config.eval, ctx.model, ctx.mesh
   if ctx.labels is None or ds.train_labels is None:
     return Section()
-  wanted = _parse(e.get("probe_features", "pixels,encoder,random_encoder,encoder_w"))
+  wanted = _parse(e.probe_features)
   tr_imgs = _head(ds.train_images, e.probe_max_train)
   tr_y = _head(ds.train_labels, e.probe_max_train)
   feats = {}
