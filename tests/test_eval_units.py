@@ -230,3 +230,10 @@ def test_w_probe_features_are_draws_from_q():
   assert w.shape == (20000, 6) and set(np.unique(w)) == {0.0, 1.0}
   np.testing.assert_array_equal(w.reshape(-1, 2, 3).sum(-1), 1.0)
   np.testing.assert_allclose(w.mean(0), probs[0], atol=0.015)
+
+
+def test_a_config_saved_before_probe_features_existed_still_validates():
+  import ml_collections
+  d = config_lib.base_config().to_dict()
+  del d["eval"]["probe_features"]  # a report's config from before the key
+  config_lib.validate(ml_collections.ConfigDict(d))

@@ -71,7 +71,7 @@ def validate(config) -> None:
       raise ConfigError(f"config.eval.{key}={e[key]!r}: 'ood' and 'baselines' need 'elbo'")
     if "pictures" in names and "latents" not in names:
       raise ConfigError(f"config.eval.{key}={e[key]!r}: 'pictures' needs 'latents'")
-  unknown = [n for n in _parse(e.probe_features) if n not in PROBE_FEATURES]
+  unknown = [n for n in _parse(e.get("probe_features", "")) if n not in PROBE_FEATURES]
   if unknown:
     raise ConfigError(f"config.eval.probe_features={e.probe_features!r}: unknown feature "
                       f"set(s) {unknown}; choose from {list(PROBE_FEATURES)}")

@@ -21,7 +21,8 @@ import numpy as np
 
 from vdmrep import diagnostics, latent_diagnostics
 from vdmrep import probes as probe_lib
-from vdmrep.evaluators.base import PROBE_W, Section, _head, _parse, eval_seed
+from vdmrep.evaluators.base import (PROBE_FEATURES, PROBE_W, Section, _head, _parse,
+                                   eval_seed)
 
 
 def random_encoder_params(model, config, image_shape) -> dict:
@@ -46,7 +47,8 @@ def run(ctx) -> Section:
   ds, e, model, mesh = ctx.ds, ctx.config.eval, ctx.model, ctx.mesh
   if ctx.labels is None or ds.train_labels is None:
     return Section()
-  wanted = _parse(e.probe_features)
+  # a config saved before the key existed (a report's) probes every feature set
+  wanted = _parse(e.get("probe_features", ",".join(PROBE_FEATURES)))
   tr_imgs = _head(ds.train_images, e.probe_max_train)
   tr_y = _head(ds.train_labels, e.probe_max_train)
   feats = {}
