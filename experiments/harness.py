@@ -37,13 +37,18 @@ def is_finished(out: str, run: Run) -> bool:
   return os.path.exists(os.path.join(run_dir(out, run), "report.json"))
 
 
+def main_argv(out: str, run: Run) -> list:
+  """The `python -m vdmrep.main` argv that trains + evaluates `run`. Its workdir is absolute:
+  the trainer runs from the repo root, `out` is relative to the caller's cwd."""
+  return [sys.executable, "-m", "vdmrep.main", "--config", os.path.join(ROOT, run.config),
+          "--workdir", os.path.abspath(run_dir(out, run)), *run.overrides]
+
+
 def execute(out: str, run: Run, log=print) -> float:
   """Trains + evaluates one run (resuming if interrupted); returns wall seconds."""
-  # Absolute: the trainer runs from the repo root, `out` is relative to the caller's cwd.
   wd = os.path.abspath(run_dir(out, run))
   os.makedirs(wd, exist_ok=True)
-  cmd = [sys.executable, "-m", "vdmrep.main", "--config", os.path.join(ROOT, run.config),
-         "--workdir", wd, *run.overrides]
+  cmd = main_argv(out, run)
   with open(os.path.join(wd, "command.txt"), "w") as fh:
     fh.write(" ".join(cmd[1:]) + "\n")
   start = time.time()

@@ -27,8 +27,9 @@ KL (nats/image), the saving (diffusion-loss rise when w is swapped, summed over 
 bands; the classic VAE: the rise of its -log p(x | w)) and net (saving - KL) in nats/image
 where the run reports them,
 I(w; label) in bits (on one draw of w per image / on the encoder means), active units,
-logistic and k-NN probe accuracies on w (the encoder means) / a random encoder / pixels, the Frechet distance of samples against the eval-vs-train floor, and the
-class match of guided samples.
+logistic and k-NN probe accuracies on w (the encoder means) / a random encoder / pixels,
+the Frechet distance of samples against the eval-vs-train floor, and the class match of
+guided samples.
 """
 from __future__ import annotations
 
@@ -257,11 +258,10 @@ W_PROBE = "encoder_w_label_info_bits"
 def w_probe_command(out: str, run: harness.Run) -> list:
   """Evaluates only the probe on one draw of w of a finished run into W_PROBE_DIR, for a
   report written before its final evaluation had that probe (its report.json is kept)."""
-  wd = harness.run_dir(out, run)
-  return [sys.executable, "-m", "vdmrep.main", "--config", os.path.join(harness.ROOT, run.config),
-          "--workdir", wd, *run.overrides, "--mode", "eval",
-          "--eval_dir", os.path.join(wd, W_PROBE_DIR), "--config.eval.evaluators=probes",
-          "--config.eval.probe_features=encoder_w"]
+  wd = os.path.abspath(harness.run_dir(out, run))
+  return harness.main_argv(out, run) + [
+      "--mode", "eval", "--eval_dir", os.path.join(wd, W_PROBE_DIR),
+      "--config.eval.evaluators=probes", "--config.eval.probe_features=encoder_w"]
 
 
 def complete_w_probes(out: str, runs, log=print) -> None:
@@ -383,8 +383,8 @@ def moonshot(done: dict, base: dict) -> dict:
   the row and of the unconditional VDM. Values are means over the row's seeds; the ELBO
   criterion needs at least three seeds paired with the unconditional VDM's and the upper end
   of the 95% t-interval of their mean difference (mean + t975(n - 1) sd / sqrt(n)) below
-  zero: with three seeds, two standard errors would claim far more than they support. The k-NN probe is shown
-  beside the logistic one, not judged. -> {criterion: (value text, met or None)}."""
+  zero: with three seeds, two standard errors would claim far more than they support. The
+  k-NN probe is shown beside the logistic one, not judged. -> {criterion: (value text, met or None)}."""
   reps = [done[s]["metrics"] for s in sorted(done)]
   mean = lambda k: statistics.mean(m[k] for m in reps) if all(m.get(k) is not None
                                                               for m in reps) else None
