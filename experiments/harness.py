@@ -64,12 +64,20 @@ def execute(out: str, run: Run, log=print) -> float:
   return seconds
 
 
-def run_all(out: str, runs: list, parallel: int = 1, log=print) -> None:
+def run_all(out: str, runs: list, parallel: int = 1, log=print, on_finish=None) -> None:
+  """Executes the unfinished `runs`, `parallel` at a time; `on_finish(run)` is called as each
+  one finishes (report.json written), e.g. to keep a record of it at once."""
   todo = [r for r in runs if not is_finished(out, r)]
   log(f"{len(runs) - len(todo)} of {len(runs)} runs already finished; running {len(todo)} "
       f"({parallel} at a time)")
+
+  def one(run):
+    execute(out, run, log)
+    if on_finish is not None and is_finished(out, run):
+      on_finish(run)
+
   with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-    list(pool.map(lambda r: execute(out, r, log), todo))
+    list(pool.map(one, todo))
 
 
 def load_report(out: str, run: Run):

@@ -10,6 +10,8 @@ and the classic VAE, at one decoder and budget. One command per table; re-runnin
   python experiments/study_fashion.py --out experiments/out/study_c --rank 3   # who gets seeds
   python experiments/study_fashion.py --out experiments/out/study_c --moonshot # the target
   python experiments/study_fashion.py --out experiments/out/study_c --w-probes # older reports
+  python experiments/study_fashion.py --out experiments/out/study_c \\
+      --records experiments/records/study_c ...           # finished runs kept in git too
 
 Each row is a variant of configs/fashion_mnist.py plus overrides, trained once per seed
 (`--rows NAME:SEEDS ...`; default every row, seed 0) into OUT/runs/<name>[_seed<s>]/ by
@@ -18,6 +20,9 @@ resume from their checkpoints, so an interrupted study is continued by the same 
 `--parallel` runs train at once (default 2); `--detach` starts the study in its own session
 (log: OUT/study.log) and returns. Rows whose config keys are not in this checkout (or that
 its validation refuses) are listed as skipped, with the reason, and never run.
+With `--records DIR` (records.py) every mode first restores the finished runs recorded in
+DIR into OUT, and a training study records each run in DIR as it finishes: the tables
+outlive the machine that trained them.
 
 The table (OUT/study_c.md, also printed): held-out negative ELBO (bits/dim, +- standard
 error over test images; mean +- sd over seeds when there are several) beside the per-pixel
@@ -44,6 +49,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
+import records as records_lib  # noqa: E402
 
 from vdmrep import report as report_lib  # noqa: E402
 
@@ -264,8 +270,9 @@ def w_probe_command(out: str, run: harness.Run) -> list:
       "--config.eval.evaluators=probes", "--config.eval.probe_features=encoder_w"]
 
 
-def complete_w_probes(out: str, runs, log=print) -> None:
-  """Runs w_probe_command for the finished latent runs whose report lacks the w probe."""
+def complete_w_probes(out: str, runs, log=print, on_finish=None) -> None:
+  """Runs w_probe_command for the finished latent runs whose report lacks the w probe;
+  `on_finish(run)` after each probe that succeeded."""
   for run in runs:
     rep = load_report(out, run)
     if rep is None or rep["metrics"].get("kl_nats") is None or W_PROBE in rep["metrics"]:
@@ -275,6 +282,8 @@ def complete_w_probes(out: str, runs, log=print) -> None:
                           text=True)
     if proc.returncode != 0:
       log(f"[{run.name}] w probe FAILED (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+    elif on_finish is not None:
+      on_finish(run)
 
 
 def load_report(out: str, run: harness.Run):
@@ -540,6 +549,9 @@ def main(argv=None):
   p.add_argument("--w-probes", action="store_true",
                  help="only probe one draw of w for finished runs whose reports lack it "
                  "(into <run>/evals/probe_w/); trains nothing")
+  p.add_argument("--records", default="",
+                 help="a records folder (experiments/records/...): restore its finished runs "
+                 "into OUT first; record each run there as it finishes")
   p.add_argument("--detach", action="store_true",
                  help="run in the background in its own session (log: OUT/study.log)")
   args = p.parse_args(argv)
@@ -553,8 +565,13 @@ def main(argv=None):
     else:
       runs += [run_of(row, s, budget) for s in seeds]
 
+  if args.records and os.path.isdir(args.records) and not args.detach:
+    records_lib.restore(args.records, args.out)
+  on_finish = None
+  if args.records:
+    on_finish = lambda run: records_lib.save_run(args.out, run.name, args.records)
   if args.w_probes:
-    complete_w_probes(args.out, runs)
+    complete_w_probes(args.out, runs, on_finish=on_finish)
     return
   if args.moonshot:
     print(f"The target: {MOONSHOT}.\n\n" + moonshot_table(args.out, rows, budget))
@@ -602,8 +619,8 @@ def main(argv=None):
   if not (args.table_only or args.figure):
     for s in skipped:
       print(f"skipped {s}")
-    harness.run_all(args.out, runs, parallel=args.parallel)
-    complete_w_probes(args.out, runs)
+    harness.run_all(args.out, runs, parallel=args.parallel, on_finish=on_finish)
+    complete_w_probes(args.out, runs, on_finish=on_finish)
   text = "\n".join([
       "## Study C: Fashion-MNIST", "",
       "Command: `python experiments/study_fashion.py " + " ".join(

@@ -357,3 +357,31 @@ def test_a_relative_out_means_the_callers_directory_to_trainer_and_detached_stud
   assert seen["detached_cwd"] == str(tmp_path)
   assert "--detach" not in seen["detached_cmd"] and "rel/out" in seen["detached_cmd"]
   assert os.path.exists(tmp_path / "rel" / "out" / "study.log")
+
+
+def test_records_keep_each_finished_run_and_restore_it_into_a_new_out(tmp_path, capsys,
+                                                                       monkeypatch):
+  """--records: each run is recorded as it finishes (a failed one is not), and a study on an
+  empty OUT with the same records finds it finished: it prints its row, trains nothing."""
+  rec = str(tmp_path / "records")
+  trained = []
+
+  def fake_execute(out, run, log=print):
+    trained.append(run.name)
+    if run.name == "unconditional":  # the other run fails: no report
+      _write_report(out, run.name, bpd=3.08, bpd_se=0.01)
+    return 1.0
+
+  monkeypatch.setattr(sf.harness, "execute", fake_execute)
+  argv = ["--rows", "unconditional", "elbo", "--steps", "5000", "--records", rec]
+  sf.main(["--out", str(tmp_path / "a")] + argv)
+  assert sorted(trained) == ["elbo", "unconditional"]
+  assert os.listdir(rec) == ["unconditional.json.gz"]
+  capsys.readouterr()
+  trained.clear()
+  sf.main(["--out", str(tmp_path / "b")] + argv)
+  text = capsys.readouterr().out
+  assert trained == ["elbo"]  # the recorded run is finished in the new OUT
+  assert "1 of 2 runs already finished" in text
+  row = next(l for l in text.splitlines() if l.startswith("| unconditional VDM"))
+  assert "3.080 ± 0.010" in row and "1/1" in row
