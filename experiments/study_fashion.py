@@ -568,8 +568,9 @@ def main(argv=None):
   if args.records and os.path.isdir(args.records) and not args.detach:
     records_lib.restore(args.records, args.out)
   on_finish = None
-  if args.records:
-    on_finish = lambda run: records_lib.save_run(args.out, run.name, args.records)
+  if args.records:  # a run this study just finished (or probed) is newer than its record
+    on_finish = lambda run: records_lib.save_run(args.out, run.name, args.records,
+                                                 replace=True)
   if args.w_probes:
     complete_w_probes(args.out, runs, on_finish=on_finish)
     return

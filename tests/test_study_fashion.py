@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import harness  # noqa: E402
 import learning_curves  # noqa: E402
+import records  # noqa: E402
 import study_fashion as sf  # noqa: E402
 
 from vdmrep import config_lib  # noqa: E402
@@ -385,3 +386,23 @@ def test_records_keep_each_finished_run_and_restore_it_into_a_new_out(tmp_path, 
   assert "1 of 2 runs already finished" in text
   row = next(l for l in text.splitlines() if l.startswith("| unconditional VDM"))
   assert "3.080 ± 0.010" in row and "1/1" in row
+
+
+def test_a_w_probe_added_to_a_recorded_run_updates_its_record(tmp_path, monkeypatch):
+  out, rec = str(tmp_path / "out"), str(tmp_path / "records")
+  _write_report(out, "elbo", bpd=3.1, kl_nats=4.0)
+  records.save(out, rec, log=lambda *_: None)
+  wd = os.path.join(out, "runs", "elbo")
+
+  def fake_probe(cmd, **kw):
+    os.makedirs(os.path.join(wd, "evals", "probe_w"))
+    with open(os.path.join(wd, "evals", "probe_w", "report.json"), "w") as fh:
+      json.dump({"metrics": {"encoder_w_label_info_bits": 1.1}}, fh)
+    return subprocess.CompletedProcess(cmd, 0, "", "")
+
+  monkeypatch.setattr(sf.subprocess, "run", fake_probe)
+  sf.main(["--out", out, "--w-probes", "--rows", "elbo", "--records", rec])
+  back = str(tmp_path / "back")
+  records.restore(rec, back, log=lambda *_: None)
+  m = sf.load_report(back, sf.run_of(sf.ROW_BY_NAME["elbo"], 0, []))["metrics"]
+  assert m["encoder_w_label_info_bits"] == 1.1
