@@ -60,7 +60,7 @@ def _write(path: str, data, replace: bool, log) -> bool:
       if fh.read() == data:
         return False
     if not replace:
-      log(f"kept {path}: it differs from the one to write (--replace overwrites it)")
+      log(f"kept {path}: it differs from the one to write (records.py --replace overwrites it)")
       return False
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp"
