@@ -398,8 +398,11 @@ def moonshot(done: dict, base: dict) -> dict:
   mean = lambda k: statistics.mean(m[k] for m in reps) if all(m.get(k) is not None
                                                               for m in reps) else None
   out = {}
+  # Training that ends at the ELBO (staged) meets it; the text says it was not the ELBO throughout.
   bound = all(m.get("objective_is_bound", False) for m in reps)
-  out["trained at beta = 1 (the ELBO)"] = ("yes" if bound else "no", bound)
+  throughout = all(m.get("run_trained_elbo_throughout", True) for m in reps)
+  out["trained at beta = 1 (the ELBO)"] = (
+      ("yes" if throughout else "at the end") if bound else "no", bound)
   kl, info, info_mean = mean("kl_nats"), mean(W_PROBE), mean("encoder_label_info_bits")
   out["KL >= 5 nats"] = ("-" if kl is None else f"{kl:.2f}", kl is not None and kl >= 5.0)
   out["I(w; label) >= 1 bit (w drawn from q)"] = (

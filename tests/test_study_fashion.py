@@ -192,8 +192,10 @@ def test_moonshot_needs_every_criterion_and_three_paired_seeds(tmp_path, capsys)
                     objective_is_bound=True, **probes)
   _write_report(out, "free_bits", bpd=2.9, kl_nats=12.8, encoder_label_info_bits=2.0,
                 objective_is_bound=False, **probes)
+  _write_report(out, "staged", bpd=3.05, kl_nats=6.0, encoder_label_info_bits=2.0,
+                objective_is_bound=True, run_trained_elbo_throughout=False, **probes)
   sf.main(["--out", out, "--moonshot", "--rows", "unconditional:0,1,2", "film:0,1,2",
-           "capped:0,1,2", "elbo:0,1", "free_bits"])
+           "capped:0,1,2", "elbo:0,1", "free_bits", "staged"])
   rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
           for l in capsys.readouterr().out.splitlines() if l.startswith("| ")}
   film = rows["ELBO (beta = 1), FiLM"]
@@ -209,6 +211,8 @@ def test_moonshot_needs_every_criterion_and_three_paired_seeds(tmp_path, capsys)
   assert film[3] == "1.20 (mean of q: 1.50) ✓" and elbo[3] == "0.60 (mean of q: 1.50) ✗"
   free = rows["free bits (0.1 nats/dim)"]
   assert free[1] == "no ✗" and free[-1] == "no"
+  assert rows[sf.ROW_BY_NAME["staged"].label][1] == "at the end ✓"  # ends at the ELBO
+  assert film[1] == "yes ✓"
 
 
 def test_w_probe_fills_older_reports_from_its_own_directory(tmp_path, capsys):
