@@ -44,10 +44,34 @@ def main_argv(out: str, run: Run) -> list:
           "--workdir", os.path.abspath(run_dir(out, run)), *run.overrides]
 
 
-def execute(out: str, run: Run, log=print) -> float:
-  """Trains + evaluates one run (resuming if interrupted); returns wall seconds."""
+def wait_for_other_trainer(wd: str, log=print, poll: float = 30.0) -> bool:
+  """Blocks while another process trains in `wd` (its workdir lock is held); True if it did.
+
+  Starting a second trainer there would only fail on the lock and be logged as a failure;
+  waiting keeps the slot taken for as long as the other trainer uses its core, so a study
+  restarted with a new row order can pick up runs a killed driver left running.
+  """
+  from vdmrep import reliability
+  holder = reliability.training_pid(wd)
+  if holder is None:
+    return False
+  log(f"[{os.path.basename(wd)}] already training under PID {holder}: waiting for it")
+  while reliability.training_pid(wd) is not None:
+    time.sleep(poll)
+  return True
+
+
+def execute(out: str, run: Run, log=print, poll: float = 30.0) -> float:
+  """Trains + evaluates one run (resuming if interrupted); returns wall seconds.
+
+  A run another process is training (its workdir lock held) is waited for, not started
+  twice; it is resumed here only if that process stops before finishing it.
+  """
   wd = os.path.abspath(run_dir(out, run))
   os.makedirs(wd, exist_ok=True)
+  if wait_for_other_trainer(wd, log, poll) and is_finished(out, run):
+    log(f"[{run.name}] finished by the other process")
+    return 0.0
   cmd = main_argv(out, run)
   with open(os.path.join(wd, "command.txt"), "w") as fh:
     fh.write(" ".join(cmd[1:]) + "\n")

@@ -17,6 +17,8 @@ Each row is a variant of configs/fashion_mnist.py plus overrides, trained once p
 (`--rows NAME:SEEDS ...`; default every row, seed 0) into OUT/runs/<name>[_seed<s>]/ by
 `python -m vdmrep.main`. A run is finished when its report.json exists; unfinished runs
 resume from their checkpoints, so an interrupted study is continued by the same command.
+A run still training under another process (a killed driver's, say, before restarting with
+the rows reordered) is waited for in its slot, not started twice.
 `--parallel` runs train at once (default 2); `--detach` starts the study in its own session
 (log: OUT/study.log) and returns. Rows whose config keys are not in this checkout (or that
 its validation refuses) are listed as skipped, with the reason, and never run.

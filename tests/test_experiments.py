@@ -3,6 +3,7 @@ skipped, and the table is built from the runs' report.json files only."""
 import argparse
 import json
 import os
+import subprocess
 import sys
 import types
 
@@ -169,3 +170,38 @@ def test_an_interrupted_invocation_still_records_its_wall_time(tmp_path, monkeyp
   with open(os.path.join(harness.run_dir(str(tmp_path), run), "wall_seconds.txt")) as fh:
     assert len(fh.read().split()) == 2
   assert harness.wall_minutes(str(tmp_path), run) >= 0.0
+
+
+HOLD_THEN_FINISH = (
+    "import os, sys, time; sys.path.insert(0, {repo!r})\n"
+    "from vdmrep import reliability\n"
+    "with reliability.workdir_lock({wd!r}):\n"
+    "  print('locked', flush=True); time.sleep(1.0)\n"
+    "  if {finish}: open(os.path.join({wd!r}, 'report.json'), 'w').write('{{}}')\n")
+
+
+@pytest.mark.parametrize("finish", [True, False])
+def test_a_run_another_process_trains_is_waited_for_not_started_twice(tmp_path, monkeypatch,
+                                                                        finish):
+  """A driver restarted while a run it had started still trains (e.g. to reorder the
+  queue) waits on that trainer's lock; it trains the run itself only if the other process
+  stopped before finishing it."""
+  from vdmrep import reliability
+  run = harness.Run("r", "configs/digits.py", [])
+  wd = harness.run_dir(str(tmp_path), run)
+  os.makedirs(wd)
+  started = []  # for each trainer started: was the workdir free then?
+  monkeypatch.setattr(harness.subprocess, "run", lambda *a, **k: started.append(
+      reliability.training_pid(wd) is None) or types.SimpleNamespace(returncode=0))
+  holder = subprocess.Popen(
+      [sys.executable, "-c", HOLD_THEN_FINISH.format(repo=ROOT, wd=wd, finish=finish)],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    logs = []
+    harness.execute(str(tmp_path), run, log=logs.append, poll=0.05)
+  finally:
+    holder.kill()
+    holder.wait()
+  assert "already training under PID" in logs[0]
+  assert started == ([] if finish else [True])
