@@ -226,6 +226,17 @@ def test_kl_balancing_keeps_the_value_and_splits_the_gradient():
   assert collapse.kl_balance(c) == alpha
 
 
+def test_kl_balancing_is_not_beta_one_for_the_encoder():
+  # Its value is the ELBO (is_bound), its encoder gradient is beta = 1 - alpha's.
+  c = tiny(latent_dim=4)
+  assert collapse.encoder_gradient_note(c) == ""
+  c.collapse.kl_balance = 0.8
+  assert collapse.is_bound(c)[0]
+  assert collapse.encoder_gradient_note(c).endswith("(beta = 0.2 for the encoder)")
+  c.collapse.kl_balance = 0.0  # all of the gradient on the encoder: the ELBO's
+  assert collapse.encoder_gradient_note(c) == ""
+
+
 def test_capped_posterior_std_commits_a_rate():
   c = tiny(latent_dim=6, posterior_std_max=0.5)
   validate(c)

@@ -194,8 +194,10 @@ def test_moonshot_needs_every_criterion_and_three_paired_seeds(tmp_path, capsys)
                 objective_is_bound=False, **probes)
   _write_report(out, "staged", bpd=3.05, kl_nats=6.0, encoder_label_info_bits=2.0,
                 objective_is_bound=True, run_trained_elbo_throughout=False, **probes)
+  _write_report(out, "kl_balance", bpd=3.0, kl_nats=19.0, encoder_label_info_bits=2.0,
+                objective_is_bound=True, **probes)
   sf.main(["--out", out, "--moonshot", "--rows", "unconditional:0,1,2", "film:0,1,2",
-           "capped:0,1,2", "elbo:0,1", "free_bits", "staged"])
+           "capped:0,1,2", "elbo:0,1", "free_bits", "staged", "kl_balance"])
   rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
           for l in capsys.readouterr().out.splitlines() if l.startswith("| ")}
   film = rows["ELBO (beta = 1), FiLM"]
@@ -213,6 +215,9 @@ def test_moonshot_needs_every_criterion_and_three_paired_seeds(tmp_path, capsys)
   assert free[1] == "no ✗" and free[-1] == "no"
   assert rows[sf.ROW_BY_NAME["staged"].label][1] == "at the end ✓"  # ends at the ELBO
   assert film[1] == "yes ✓"
+  # the ELBO's value with the encoder's KL gradient scaled by 0.2: not beta = 1
+  kl_bal = rows[sf.ROW_BY_NAME["kl_balance"].label]
+  assert kl_bal[1].startswith("value only: KL balancing alpha=0.8") and kl_bal[1].endswith("✗")
 
 
 def test_w_probe_fills_older_reports_from_its_own_directory(tmp_path, capsys):

@@ -392,6 +392,20 @@ def is_bound(config) -> tuple[bool, str]:
   return (not reasons), "; ".join(reasons)
 
 
+def encoder_gradient_note(config) -> str:
+  """'' when the encoder follows the gradient of its loss's value, else why not (one line).
+
+  `is_bound` judges the value trained; KL balancing keeps that value (the ELBO) and scales
+  the encoder's share of the KL gradient by 1 - alpha, so for the encoder it trains at
+  beta = 1 - alpha whatever the prior. A claim "at beta = 1" must check both.
+  """
+  a = kl_balance(config)
+  if a is None or a == 0.0 or config.model.encoder in ("none", "ue"):
+    return ""
+  return (f"KL balancing alpha={a:g}: the encoder's KL gradient is scaled by {1 - a:g} "
+          f"(beta = {1 - a:g} for the encoder)")
+
+
 def is_bound_at(config, step: int) -> tuple[bool, str]:
   """Whether the objective of step `step` (counting from 0) is the negative ELBO.
 
