@@ -396,11 +396,12 @@ def t975(df: int) -> float:
 def moonshot(done: dict, base: dict, gradient_note: str = "") -> dict:
   """The issue's target for one row, criterion by criterion. done, base: {seed: report} of
   the row and of the unconditional VDM; gradient_note: `collapse.encoder_gradient_note` of
-  its config (non-empty: the loss's value is the ELBO, the encoder's gradient is not). Values are means over the row's seeds; the ELBO
-  criterion needs at least three seeds paired with the unconditional VDM's and the upper end
-  of the 95% t-interval of their mean difference (mean + t975(n - 1) sd / sqrt(n)) below
-  zero: with three seeds, two standard errors would claim far more than they support. The
-  k-NN probe is shown beside the logistic one, not judged. -> {criterion: (value text, met or None)}."""
+  its config (non-empty: the loss's value is the ELBO, the encoder's gradient is not).
+  Values are means over the row's seeds; the ELBO criterion needs at least three seeds
+  paired with the unconditional VDM's and the upper end of the 95% t-interval of their mean
+  difference (mean + t975(n - 1) sd / sqrt(n)) below zero: with three seeds, two standard
+  errors would claim far more than they support. The k-NN probe is shown beside the
+  logistic one, not judged. -> {criterion: (value text, met or None)}."""
   reps = [done[s]["metrics"] for s in sorted(done)]
   mean = lambda k: statistics.mean(m[k] for m in reps) if all(m.get(k) is not None
                                                               for m in reps) else None
@@ -439,6 +440,7 @@ def moonshot(done: dict, base: dict, gradient_note: str = "") -> dict:
 
 
 def moonshot_table(out: str, rows, budget) -> str:
+  from vdmrep import collapse
   rows = merge_rows(rows)
   reports = load_reports(out, rows, budget)
   base = reports.get(BASELINE, {})
@@ -447,7 +449,6 @@ def moonshot_table(out: str, rows, budget) -> str:
     done = reports.get(row.name, {})
     if row.name == BASELINE or not done or done[min(done)]["metrics"].get("kl_nats") is None:
       continue
-    from vdmrep import collapse
     config = build_config(variant_of(row, budget), list(row.overrides) + budget)
     checks = moonshot(done, base, collapse.encoder_gradient_note(config))
     header = header or ["row", "seeds"] + list(checks) + ["all met"]
